@@ -1,0 +1,131 @@
+#pragma once
+/// Datasets (IDX, CIFAR binary, synthetic), the deterministic search split, augmentation and a
+/// prefetching batch stream (SPEC 4).
+#include <torch/torch.h>
+#include <cstdint>
+#include <deque>
+#include <future>
+#include <string>
+#include <vector>
+
+namespace noisydarts {
+
+/// A whole dataset held in memory.
+struct Dataset {
+  std::string name;
+  torch::Tensor images;  ///< uint8 [N, C, H, W]
+  torch::Tensor labels;  ///< int64 [N], values in [0, num_classes)
+  int64_t num_classes = 0;
+  std::vector<float> mean;  ///< per-channel mean of the training images, in [0, 1]
+  std::vector<float> std;   ///< per-channel std of the training images, in [0, 1]
+  int64_t size() const { return images.defined() ? images.size(0) : 0; }
+};
+
+struct DatasetPair {
+  Dataset train;
+  Dataset test;
+};
+
+/// Input geometry of a named dataset, known without reading any file (used by `profile`).
+struct DataShape {
+  int64_t channels = 0, height = 0, width = 0, classes = 0;
+};
+/// Shape of `name` in {fashion-mnist, mnist, cifar10, cifar100, synthetic, imagenet}.
+/// Throws UsageError for unknown names.
+DataShape dataset_shape(const std::string& name);
+
+/// Default directory of a named dataset (fashion-mnist: /usr/share/datasets/fashion-mnist from
+/// Debian's dataset-fashion-mnist package). Empty when there is none.
+std::string default_data_dir(const std::string& name);
+
+/// Loads train and test sets. `name` in {fashion-mnist, mnist, cifar10, cifar100, synthetic}.
+/// IDX files may be raw or gzip (`train-images-idx3-ubyte[.gz]` etc.). CIFAR: the binary
+/// version's files (`data_batch_1..5.bin`, `test_batch.bin`; CIFAR-100 `train.bin`, `test.bin`,
+/// fine labels), searched in `dir` and `dir/cifar-10-batches-bin` / `dir/cifar-100-binary`.
+/// synthetic: `synthetic_train` + `synthetic_train/5` images of 1x28x28, 10 classes, generated
+/// from `seed`, learnable (class-dependent patterns plus noise).
+/// Throws DataError naming the file on missing, empty, truncated, wrong-magic or inconsistent files.
+DatasetPair load_dataset(const std::string& name, const std::string& dir, uint64_t seed = 0,
+                         int64_t synthetic_train = 1024);
+
+/// Reads one IDX image file (magic 2051, ubyte, 3 dims) and its label file (magic 2049).
+Dataset load_idx(const std::string& images_path, const std::string& labels_path);
+/// Reads CIFAR binary files: each record = `label_bytes` label bytes (the last one is used) +
+/// 3072 pixel bytes.
+Dataset load_cifar_bin(const std::vector<std::string>& files, int64_t num_classes,
+                       int64_t label_bytes);
+/// A learnable synthetic dataset: n images [channels, size, size], `classes` classes.
+Dataset make_synthetic(int64_t n, int64_t channels, int64_t size, int64_t classes, uint64_t seed);
+/// Sets mean/std from the images (per channel, scaled to [0, 1]).
+void compute_normalization(Dataset& d);
+/// Keeps the first n examples of a seeded permutation (n <= 0 or n >= size: unchanged).
+Dataset subset(const Dataset& d, int64_t n, uint64_t seed);
+
+/// Splits [0, n) into a weight half (first `portion` of a permutation by `seed`) and an
+/// architecture half (the rest). Deterministic given (n, portion, seed).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> split_indices(int64_t n, double portion,
+                                                                    uint64_t seed);
+
+struct AugmentOptions {
+  int64_t crop_padding = 0;  ///< random crop of the original size after zero-padding; 0 = off
+  bool flip = false;          ///< random horizontal flip
+  int64_t cutout = 0;         ///< side of a zeroed square (after normalisation); 0 = off
+  bool normalize = true;      ///< (x - mean) / std per channel
+};
+
+struct Batch {
+  torch::Tensor x;  ///< float32 [B, C, H, W]
+  torch::Tensor y;  ///< int64 [B]
+};
+
+/// Where a BatchStream stands; stored in checkpoints.
+struct StreamPosition {
+  int64_t pass = 0;   ///< completed passes over the indices
+  int64_t batch = 0;  ///< next batch within the current pass
+};
+
+/// A persistent, deterministic stream of batches over a fixed index set. Each pass visits every
+/// index once (a permutation seeded by (seed, pass) when shuffling); when a pass ends the next
+/// begins. Batch content (order and augmentation) is a pure function of (seed, pass, batch), so
+/// results do not depend on the number of worker threads, and seek() restores a position
+/// exactly. `workers` threads prepare up to `prefetch` batches ahead of the consumer.
+/// Sharding for data parallelism: with (rank, world) each rank gets the rank-th slice of every
+/// global batch of size batch_size*world.
+class BatchStream {
+ public:
+  struct Options {
+    int64_t batch_size = 64;
+    bool shuffle = true;
+    bool drop_last = false;  ///< drop a final partial batch in each pass
+    AugmentOptions augment;
+    uint64_t seed = 0;
+    int workers = 1;     ///< threads preparing batches (>= 1)
+    int prefetch = 2;    ///< batches prepared ahead (>= 0; 0 = synchronous)
+    int rank = 0, world = 1;
+  };
+  BatchStream(const Dataset& data, std::vector<int64_t> indices, Options opt);
+  ~BatchStream();
+  BatchStream(const BatchStream&) = delete;
+  BatchStream& operator=(const BatchStream&) = delete;
+
+  /// The next batch; advances the position (and the pass at the end of one).
+  Batch next();
+  /// Batches per pass (with drop_last, full batches only; at least 1 when indices non-empty).
+  int64_t batches_per_pass() const;
+  int64_t num_examples() const { return static_cast<int64_t>(indices_.size()); }
+  StreamPosition position() const { return pos_; }
+  /// Jumps to `p`; discards prefetched batches.
+  void seek(StreamPosition p);
+
+ private:
+  Batch make_batch(StreamPosition p) const;
+  void fill_queue();
+  const Dataset& data_;
+  std::vector<int64_t> indices_;
+  Options opt_;
+  StreamPosition pos_;          // position of the next batch returned by next()
+  StreamPosition queued_end_;   // position after the last batch in queue_
+  std::deque<std::future<Batch>> queue_;
+};
+
+}  // namespace noisydarts

@@ -1,0 +1,53 @@
+#pragma once
+/// Candidate operations of the DARTS cell space (SPEC 2.1). Registered submodule names follow
+/// the reference implementation so state dicts interoperate with PyTorch (SPEC 6).
+#include <torch/torch.h>
+#include <string>
+#include <vector>
+
+namespace noisydarts {
+
+/// Every op name this library can build.
+const std::vector<std::string>& all_op_names();
+/// True when `name` is in all_op_names().
+bool is_known_op(const std::string& name);
+/// NoisyDARTS' 7 candidates (no `none`), in the reference order.
+const std::vector<std::string>& noisydarts_primitives();
+/// DARTS' 8 candidates (`none` first), in the reference order.
+const std::vector<std::string>& darts_primitives();
+
+/// ReLU -> conv(k, stride, pad) -> BN, registered as `op.{0,1,2}`.
+struct ReLUConvBNImpl : torch::nn::Module {
+  ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride, int64_t pad, bool affine);
+  torch::Tensor forward(const torch::Tensor& x) { return op->forward(x); }
+  torch::nn::Sequential op{nullptr};
+};
+TORCH_MODULE(ReLUConvBN);
+
+/// ReLU, two 1x1 stride-2 convs (on x and on x shifted by one pixel), concat, BN.
+/// Registered as `conv_1`, `conv_2`, `bn`.
+struct FactorizedReduceImpl : torch::nn::Module {
+  FactorizedReduceImpl(int64_t c_in, int64_t c_out, bool affine);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Conv2d conv_1{nullptr}, conv_2{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
+};
+TORCH_MODULE(FactorizedReduce);
+
+/// `none`: zeros of the (strided) output shape.
+struct ZeroImpl : torch::nn::Module {
+  explicit ZeroImpl(int64_t stride) : stride(stride) {}
+  torch::Tensor forward(const torch::Tensor& x);
+  int64_t stride;
+};
+TORCH_MODULE(Zero);
+
+/// Builds candidate `name` with `c` channels and `stride` (1 or 2). `affine` selects affine BN
+/// (evaluation network) or non-affine (search network). Throws ConfigError for unknown names.
+torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride, bool affine);
+
+/// Per-sample drop-path: zeroes each sample with probability p and scales the rest by
+/// 1/(1-p). Not in place. p == 0 returns x.
+torch::Tensor drop_path(const torch::Tensor& x, double p);
+
+}  // namespace noisydarts

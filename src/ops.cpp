@@ -1,0 +1,159 @@
+#include "noisydarts/ops.h"
+
+#include <algorithm>
+
+#include "noisydarts/error.h"
+
+namespace noisydarts {
+namespace nn = torch::nn;
+
+const std::vector<std::string>& all_op_names() {
+  static const std::vector<std::string> k{
+      "none",         "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+      "sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3",
+      "dil_conv_5x5", "conv_7x1_1x7"};
+  return k;
+}
+
+bool is_known_op(const std::string& name) {
+  const auto& k = all_op_names();
+  return std::find(k.begin(), k.end(), name) != k.end();
+}
+
+const std::vector<std::string>& noisydarts_primitives() {
+  static const std::vector<std::string> k{"max_pool_3x3", "avg_pool_3x3", "skip_connect",
+                                          "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+                                          "dil_conv_5x5"};
+  return k;
+}
+
+const std::vector<std::string>& darts_primitives() {
+  static const std::vector<std::string> k{"none",         "max_pool_3x3", "avg_pool_3x3",
+                                          "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+                                          "dil_conv_3x3", "dil_conv_5x5"};
+  return k;
+}
+
+namespace {
+nn::BatchNorm2d bn(int64_t c, bool affine) {
+  return nn::BatchNorm2d(nn::BatchNorm2dOptions(c).affine(affine));
+}
+nn::Conv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad,
+                int64_t dilation = 1, int64_t groups = 1) {
+  return nn::Conv2d(nn::Conv2dOptions(in, out, k)
+                        .stride(stride)
+                        .padding(pad)
+                        .dilation(dilation)
+                        .groups(groups)
+                        .bias(false));
+}
+nn::ReLU relu() { return nn::ReLU(nn::ReLUOptions(false)); }
+
+// Sequential wrapper registering its layers as `op.{j}` like the reference's modules.
+struct SeqOpImpl : nn::Module {
+  explicit SeqOpImpl(nn::Sequential s) : op(register_module("op", std::move(s))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return op->forward(x); }
+  nn::Sequential op;
+};
+TORCH_MODULE(SeqOp);
+
+// Pools have no parameters; the reference registers them directly as `_ops.{k}`.
+struct MaxPoolOpImpl : nn::Module {
+  explicit MaxPoolOpImpl(int64_t stride) : stride(stride) {}
+  torch::Tensor forward(const torch::Tensor& x) { return torch::max_pool2d(x, {3, 3}, {stride, stride}, {1, 1}); }
+  int64_t stride;
+};
+TORCH_MODULE(MaxPoolOp);
+
+struct AvgPoolOpImpl : nn::Module {
+  explicit AvgPoolOpImpl(int64_t stride) : stride(stride) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    // count_include_pad = false: border averages divide by the valid pixels only.
+    return torch::avg_pool2d(x, {3, 3}, {stride, stride}, {1, 1}, false, false);
+  }
+  int64_t stride;
+};
+TORCH_MODULE(AvgPoolOp);
+
+struct IdentityOpImpl : nn::Module {
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+};
+TORCH_MODULE(IdentityOp);
+}  // namespace
+
+ReLUConvBNImpl::ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride,
+                               int64_t pad, bool affine) {
+  op = register_module("op", nn::Sequential(relu(), conv(c_in, c_out, k, stride, pad),
+                                            bn(c_out, affine)));
+}
+
+FactorizedReduceImpl::FactorizedReduceImpl(int64_t c_in, int64_t c_out, bool affine) {
+  TORCH_CHECK_VALUE(c_out % 2 == 0, "FactorizedReduce needs an even c_out, got ", c_out);
+  conv_1 = register_module("conv_1", conv(c_in, c_out / 2, 1, 2, 0));
+  conv_2 = register_module("conv_2", conv(c_in, c_out / 2, 1, 2, 0));
+  bn = register_module("bn", noisydarts::bn(c_out, affine));
+}
+
+torch::Tensor FactorizedReduceImpl::forward(const torch::Tensor& x) {
+  auto r = torch::relu(x);
+  using torch::indexing::Slice;
+  auto shifted = r.index({Slice(), Slice(), Slice(1, torch::indexing::None), Slice(1, torch::indexing::None)});
+  auto a = conv_1->forward(r);
+  auto b = conv_2->forward(shifted);
+  // Odd sizes: the shifted branch is one pixel smaller; pad it so both halves align (the
+  // reference fails there, we keep odd inputs such as 7x7 working).
+  if (b.size(2) != a.size(2) || b.size(3) != a.size(3))
+    b = torch::constant_pad_nd(b, {0, a.size(3) - b.size(3), 0, a.size(2) - b.size(2)});
+  return bn->forward(torch::cat({a, b}, 1));
+}
+
+torch::Tensor ZeroImpl::forward(const torch::Tensor& x) {
+  using torch::indexing::Slice;
+  if (stride == 1) return x.mul(0.);
+  return x.index({Slice(), Slice(), Slice(torch::indexing::None, torch::indexing::None, stride),
+                  Slice(torch::indexing::None, torch::indexing::None, stride)})
+      .mul(0.);
+}
+
+torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride, bool affine) {
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "op stride must be 1 or 2, got ", stride);
+  auto sep = [&](int64_t k) {
+    const int64_t p = k / 2;
+    return nn::AnyModule(SeqOp(nn::Sequential(
+        relu(), conv(c, c, k, stride, p, 1, c), conv(c, c, 1, 1, 0), bn(c, affine), relu(),
+        conv(c, c, k, 1, p, 1, c), conv(c, c, 1, 1, 0), bn(c, affine))));
+  };
+  auto dil = [&](int64_t k) {
+    const int64_t p = (k / 2) * 2;
+    return nn::AnyModule(SeqOp(nn::Sequential(relu(), conv(c, c, k, stride, p, 2, c),
+                                              conv(c, c, 1, 1, 0), bn(c, affine))));
+  };
+  if (name == "none") return nn::AnyModule(Zero(stride));
+  if (name == "max_pool_3x3") return nn::AnyModule(MaxPoolOp(stride));
+  if (name == "avg_pool_3x3") return nn::AnyModule(AvgPoolOp(stride));
+  if (name == "skip_connect")
+    return stride == 1 ? nn::AnyModule(IdentityOp()) : nn::AnyModule(FactorizedReduce(c, c, affine));
+  if (name == "sep_conv_3x3") return sep(3);
+  if (name == "sep_conv_5x5") return sep(5);
+  if (name == "sep_conv_7x7") return sep(7);
+  if (name == "dil_conv_3x3") return dil(3);
+  if (name == "dil_conv_5x5") return dil(5);
+  if (name == "conv_7x1_1x7") {
+    return nn::AnyModule(SeqOp(nn::Sequential(
+        relu(),
+        nn::Conv2d(nn::Conv2dOptions(c, c, {1, 7}).stride({1, stride}).padding({0, 3}).bias(false)),
+        nn::Conv2d(nn::Conv2dOptions(c, c, {7, 1}).stride({stride, 1}).padding({3, 0}).bias(false)),
+        bn(c, affine))));
+  }
+  throw ConfigError("unknown op '" + name + "'");
+}
+
+torch::Tensor drop_path(const torch::Tensor& x, double p) {
+  if (p <= 0.0) return x;
+  TORCH_CHECK_VALUE(p < 1.0, "drop-path probability must be in [0, 1), got ", p);
+  const double keep = 1.0 - p;
+  auto mask = torch::empty({x.size(0), 1, 1, 1}, x.options()).bernoulli_(keep);
+  return x * mask / keep;
+}
+
+}  // namespace noisydarts
