@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <deque>
 #include <future>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -90,7 +91,11 @@ struct StreamPosition {
 /// results do not depend on the number of worker threads, and seek() restores a position
 /// exactly. `workers` threads prepare up to `prefetch` batches ahead of the consumer.
 /// Sharding for data parallelism: with (rank, world) each rank gets the rank-th slice of every
-/// global batch of size batch_size*world.
+/// global batch of size batch_size*world. A final partial global batch is split over the ranks
+/// as evenly as possible; one with fewer examples than ranks is skipped (so no rank ever gets an
+/// empty batch and all ranks agree on batches_per_pass). Needs indices.size() >= world.
+/// Augmentation randomness is drawn per example from (seed, pass, position in the pass), so the
+/// ranks' batches are exactly the slices of the single-process global batch.
 class BatchStream {
  public:
   struct Options {
@@ -126,6 +131,8 @@ class BatchStream {
   StreamPosition pos_;          // position of the next batch returned by next()
   StreamPosition queued_end_;   // position after the last batch in queue_
   std::deque<std::future<Batch>> queue_;
+  struct Impl;                  // worker threads, pass-order cache, normalisation tables
+  std::unique_ptr<Impl> impl_;  // declared last: destroyed (threads joined) first
 };
 
 }  // namespace noisydarts

@@ -1,0 +1,14 @@
+#pragma once
+// Each subcommand lives in its own apps/cmd_<name>.cpp: it adds its options to `app` and sets
+// `run` to the action main() calls when that subcommand was given. Actions throw the
+// noisydarts::Error family; main() turns them into one stderr line and the exit code.
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace noisydarts::cli {
+
+using Action = std::function<int()>;
+
+void add_search_command(CLI::App& app, Action& run);
+
+}  // namespace noisydarts::cli

@@ -1,0 +1,34 @@
+#pragma once
+/// Checkpoints: a versioned LibTorch archive holding everything needed to resume a search
+/// (docs/checkpoint.md lists every key). Written to a temporary file, flushed and renamed.
+#include <torch/torch.h>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace noisydarts {
+
+constexpr int64_t kCheckpointFormatVersion = 1;
+
+/// Writes `archive` to `path` atomically (temp file + fsync + rename). Throws IoError.
+void save_archive_atomic(torch::serialize::OutputArchive& archive, const std::string& path);
+/// Opens `path` as a checkpoint of `kind` ("search" | "train"); checks format version and kind.
+/// Throws CheckpointError naming the file.
+void open_checkpoint(const std::string& path, const std::string& kind,
+                     torch::serialize::InputArchive& archive);
+
+/// Small typed helpers over IValues stored in archives.
+void write_int(torch::serialize::OutputArchive& a, const std::string& key, int64_t v);
+void write_double(torch::serialize::OutputArchive& a, const std::string& key, double v);
+void write_string(torch::serialize::OutputArchive& a, const std::string& key, const std::string& v);
+int64_t read_int(torch::serialize::InputArchive& a, const std::string& key);
+double read_double(torch::serialize::InputArchive& a, const std::string& key);
+std::string read_string(torch::serialize::InputArchive& a, const std::string& key);
+
+/// State of the default CPU generator (noise, drop-path, alpha init draw from it).
+torch::Tensor get_cpu_rng_state();
+void set_cpu_rng_state(const torch::Tensor& state);
+
+/// The config JSON stored in a checkpoint (to rebuild the network before loading it).
+nlohmann::json read_checkpoint_config(const std::string& path, const std::string& kind);
+
+}  // namespace noisydarts

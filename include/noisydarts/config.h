@@ -1,0 +1,63 @@
+#pragma once
+/// Search configuration: one options tree, resolved from preset -> scale -> config file -> flags,
+/// validated once and written back as `config.json` (SPEC 1.3).
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "noisydarts/data.h"
+#include "noisydarts/noise.h"
+
+namespace noisydarts {
+
+struct SearchConfig {
+  // Identity of the run.
+  std::string preset = "noisydarts";  ///< noisydarts | darts
+  std::string scale = "small";        ///< small (~10 min on 2 cores) | paper (SPEC 1.3 sizes)
+  std::string out;                    ///< run directory
+  // Data.
+  std::string dataset = "fashion-mnist";
+  std::string data_dir;               ///< empty: the dataset's default directory
+  int64_t subset = 0;                 ///< use only this many training images (0 = all)
+  double train_portion = 0.5;         ///< weight half / architecture half split
+  int64_t batch_size = 128;
+  AugmentOptions augment{};
+  int workers = 1;                    ///< data threads preparing batches
+  // Network.
+  int64_t channels = 16;
+  int64_t layers = 8;
+  int64_t steps = 4;
+  int64_t multiplier = 4;
+  std::vector<std::string> primitives;
+  double alpha_init_std = 1e-3;
+  NoiseOptions noise{};
+  // Weight optimiser (SGD, cosine lr per epoch).
+  int64_t epochs = 50;
+  double lr = 0.05, lr_min = 0.001, momentum = 0.9, weight_decay = 3e-4, grad_clip = 5.0;
+  // Architecture optimiser (Adam).
+  double arch_lr = 3e-4, arch_beta1 = 0.5, arch_beta2 = 0.999, arch_weight_decay = 1e-3;
+  std::string order = "first";        ///< first | second
+  double unrolled_xi = -1;            ///< virtual-step lr for --order second; < 0: current lr
+  // Running.
+  uint64_t seed = 0;
+  int threads = 0;                    ///< 0 = all cores
+  std::string device = "cpu";
+  bool eval_valid = true;             ///< eval-mode accuracy on the architecture half each epoch
+  double checkpoint_every_min = 0;    ///< also checkpoint every N minutes (0 = epoch ends only)
+  int keep_checkpoints = 2;           ///< newest checkpoints kept
+  int64_t max_steps = 0;              ///< stop after this many steps per epoch (0 = whole epoch)
+
+  /// Defaults of a preset (noisydarts | darts) at a scale (small | paper). Throws UsageError.
+  static SearchConfig preset_defaults(const std::string& preset, const std::string& scale);
+  nlohmann::json to_json() const;
+  /// Overrides the fields present in `j` (same keys as to_json()); unknown keys or wrong types
+  /// throw ConfigError naming the key (`where` names the source, e.g. the file).
+  void merge_json(const nlohmann::json& j, const std::string& where);
+  /// Range checks; throws UsageError naming the option.
+  void validate() const;
+};
+
+/// Reads a JSON file; ConfigError naming the file on missing/malformed content.
+nlohmann::json read_json_file(const std::string& path);
+
+}  // namespace noisydarts

@@ -1,0 +1,208 @@
+#include "noisydarts/config.h"
+
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "noisydarts/error.h"
+#include "noisydarts/ops.h"
+
+namespace noisydarts {
+using nlohmann::json;
+
+SearchConfig SearchConfig::preset_defaults(const std::string& preset, const std::string& scale) {
+  SearchConfig c;
+  c.preset = preset;
+  c.scale = scale;
+  if (preset == "noisydarts") {
+    c.primitives = noisydarts_primitives();
+    c.noise = NoiseOptions{};  // gaussian additive relative, lambda 0.2, mu 0
+    c.noise.skip_drop_path = 0.3;
+    c.batch_size = 128;
+    c.lr = 0.05;
+  } else if (preset == "darts") {
+    c.primitives = darts_primitives();
+    c.noise.type = NoiseType::kNone;
+    c.noise.skip_drop_path = 0.0;
+    c.batch_size = 64;
+    c.lr = 0.025;
+  } else {
+    throw UsageError("--preset must be noisydarts or darts, got '" + preset + "'");
+  }
+  c.augment.crop_padding = 4;
+  c.augment.flip = true;
+  if (scale == "small") {
+    // Sized so that `noisydarts search` completes on Fashion-MNIST in about 10 minutes on 2
+    // cores (docs/search.md has the measurement): 5 cells of 8 channels, 4000 images (2000 per
+    // half), 10 epochs. Batch and optimiser settings stay the preset's.
+    c.channels = 8;
+    c.layers = 5;
+    c.epochs = 10;
+    c.subset = 4000;
+    c.batch_size = 64;
+  } else if (scale != "paper") {
+    throw UsageError("--scale must be small or paper, got '" + scale + "'");
+  }
+  return c;
+}
+
+json SearchConfig::to_json() const {
+  return json{{"preset", preset},
+              {"scale", scale},
+              {"out", out},
+              {"dataset", dataset},
+              {"data_dir", data_dir},
+              {"subset", subset},
+              {"train_portion", train_portion},
+              {"batch_size", batch_size},
+              {"augment",
+               {{"crop_padding", augment.crop_padding},
+                {"flip", augment.flip},
+                {"cutout", augment.cutout},
+                {"normalize", augment.normalize}}},
+              {"workers", workers},
+              {"channels", channels},
+              {"layers", layers},
+              {"steps", steps},
+              {"multiplier", multiplier},
+              {"primitives", primitives},
+              {"alpha_init_std", alpha_init_std},
+              {"noise", noise_to_json(noise)},
+              {"epochs", epochs},
+              {"lr", lr},
+              {"lr_min", lr_min},
+              {"momentum", momentum},
+              {"weight_decay", weight_decay},
+              {"grad_clip", grad_clip},
+              {"arch_lr", arch_lr},
+              {"arch_beta1", arch_beta1},
+              {"arch_beta2", arch_beta2},
+              {"arch_weight_decay", arch_weight_decay},
+              {"order", order},
+              {"unrolled_xi", unrolled_xi},
+              {"seed", seed},
+              {"threads", threads},
+              {"device", device},
+              {"eval_valid", eval_valid},
+              {"checkpoint_every_min", checkpoint_every_min},
+              {"keep_checkpoints", keep_checkpoints},
+              {"max_steps", max_steps}};
+}
+
+namespace {
+// Merges `src` into `dst` key by key; every key of src must exist in dst with a compatible type.
+void merge_into(json& dst, const json& src, const std::string& prefix, const std::string& where) {
+  if (!src.is_object()) throw ConfigError(where + ": expected a JSON object" + (prefix.empty() ? "" : " at '" + prefix + "'"));
+  for (auto it = src.begin(); it != src.end(); ++it) {
+    const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
+    if (!dst.contains(it.key())) throw ConfigError(where + ": unknown key '" + key + "'");
+    json& d = dst[it.key()];
+    const json& s = it.value();
+    if (d.is_object()) {
+      merge_into(d, s, key, where);
+      continue;
+    }
+    const bool ok = (d.is_number() && s.is_number()) || (d.is_boolean() && s.is_boolean()) ||
+                    (d.is_string() && s.is_string()) || (d.is_array() && s.is_array());
+    if (!ok) throw ConfigError(where + ": key '" + key + "' has the wrong type (expected like " + d.dump() + ")");
+    if (d.is_number_integer() && !s.is_number_integer())
+      throw ConfigError(where + ": key '" + key + "' must be an integer, got " + s.dump());
+    d = s;
+  }
+}
+}  // namespace
+
+void SearchConfig::merge_json(const json& j, const std::string& where) {
+  json cur = to_json();
+  merge_into(cur, j, "", where);
+  try {
+    preset = cur["preset"];
+    scale = cur["scale"];
+    out = cur["out"];
+    dataset = cur["dataset"];
+    data_dir = cur["data_dir"];
+    subset = cur["subset"];
+    train_portion = cur["train_portion"];
+    batch_size = cur["batch_size"];
+    augment.crop_padding = cur["augment"]["crop_padding"];
+    augment.flip = cur["augment"]["flip"];
+    augment.cutout = cur["augment"]["cutout"];
+    augment.normalize = cur["augment"]["normalize"];
+    workers = cur["workers"];
+    channels = cur["channels"];
+    layers = cur["layers"];
+    steps = cur["steps"];
+    multiplier = cur["multiplier"];
+    primitives = cur["primitives"].get<std::vector<std::string>>();
+    alpha_init_std = cur["alpha_init_std"];
+    noise = noise_from_json(cur["noise"]);
+    epochs = cur["epochs"];
+    lr = cur["lr"];
+    lr_min = cur["lr_min"];
+    momentum = cur["momentum"];
+    weight_decay = cur["weight_decay"];
+    grad_clip = cur["grad_clip"];
+    arch_lr = cur["arch_lr"];
+    arch_beta1 = cur["arch_beta1"];
+    arch_beta2 = cur["arch_beta2"];
+    arch_weight_decay = cur["arch_weight_decay"];
+    order = cur["order"];
+    unrolled_xi = cur["unrolled_xi"];
+    seed = cur["seed"];
+    threads = cur["threads"];
+    device = cur["device"];
+    eval_valid = cur["eval_valid"];
+    checkpoint_every_min = cur["checkpoint_every_min"];
+    keep_checkpoints = cur["keep_checkpoints"];
+    max_steps = cur["max_steps"];
+  } catch (const json::exception& e) {
+    throw ConfigError(where + ": " + e.what());
+  }
+}
+
+void SearchConfig::validate() const {
+  auto need = [](bool ok, const std::string& msg) {
+    if (!ok) throw UsageError(msg);
+  };
+  need(epochs >= 1, "--epochs must be >= 1, got " + std::to_string(epochs));
+  need(batch_size >= 2, "--batch-size must be >= 2, got " + std::to_string(batch_size));
+  need(channels >= 2 && channels % 2 == 0, "--channels must be even and >= 2, got " + std::to_string(channels));
+  need(layers >= 1, "--layers must be >= 1, got " + std::to_string(layers));
+  need(steps >= 1 && multiplier >= 1 && multiplier <= steps, "steps/multiplier must satisfy 1 <= multiplier <= steps");
+  need(subset >= 0, "--subset must be >= 0, got " + std::to_string(subset));
+  need(train_portion > 0 && train_portion < 1, "--train-portion must be in (0, 1), got " + std::to_string(train_portion));
+  need(lr > 0 && lr_min >= 0 && lr_min <= lr, "--lr must be > 0 and --lr-min in [0, lr]");
+  need(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1)");
+  need(weight_decay >= 0 && arch_weight_decay >= 0, "weight decays must be >= 0");
+  need(grad_clip > 0, "--grad-clip must be > 0");
+  need(arch_lr >= 0, "--arch-lr must be >= 0");
+  need(arch_beta1 >= 0 && arch_beta1 < 1 && arch_beta2 >= 0 && arch_beta2 < 1, "Adam betas must be in [0, 1)");
+  need(order == "first" || order == "second", "--order must be first or second, got '" + order + "'");
+  need(threads >= 0, "--threads must be >= 0 (0 = all cores)");
+  need(workers >= 1 && workers <= 64, "--workers must be in [1, 64]");
+  need(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1");
+  need(checkpoint_every_min >= 0, "--checkpoint-every must be >= 0 minutes");
+  need(max_steps >= 0, "--max-steps must be >= 0");
+  need(augment.crop_padding >= 0 && augment.cutout >= 0, "augmentation sizes must be >= 0");
+  need(!primitives.empty(), "the op list (primitives) is empty");
+  for (const auto& p : primitives) need(is_known_op(p), "unknown op '" + p + "' in primitives");
+  need(std::find(primitives.begin(), primitives.end(), "none") == primitives.end() || primitives.size() >= 2,
+       "primitives must contain an op other than none");
+  need(alpha_init_std >= 0, "alpha_init_std must be >= 0");
+  noise.validate();
+  for (const auto& p : noise.ops) need(is_known_op(p), "unknown op '" + p + "' in --noise-ops");
+}
+
+json read_json_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw ConfigError("cannot open config file " + path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  try {
+    return json::parse(ss.str());
+  } catch (const json::exception& e) {
+    throw ConfigError("malformed JSON in " + path + ": " + e.what());
+  }
+}
+
+}  // namespace noisydarts

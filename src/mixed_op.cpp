@@ -1,0 +1,46 @@
+#include "noisydarts/mixed_op.h"
+
+#include "noisydarts/ops.h"
+
+namespace noisydarts {
+
+MixedOpImpl::MixedOpImpl(int64_t c, int64_t stride, std::vector<std::string> primitives,
+                         std::shared_ptr<NoiseState> noise)
+    : primitives_(std::move(primitives)), noise_(std::move(noise)) {
+  ops_list_ = register_module("_ops", torch::nn::ModuleList());
+  for (const auto& p : primitives_) {
+    ops_.push_back(make_op(p, c, stride, /*affine=*/false));
+    ops_list_->push_back(ops_.back().ptr());
+    if (p == "max_pool_3x3")
+      bn1_ = register_module("bn1", torch::nn::BatchNorm2d(torch::nn::BatchNorm2dOptions(c).affine(false)));
+    if (p == "avg_pool_3x3")
+      bn2_ = register_module("bn2", torch::nn::BatchNorm2d(torch::nn::BatchNorm2dOptions(c).affine(false)));
+  }
+}
+
+torch::Tensor MixedOpImpl::forward(const torch::Tensor& x, const torch::Tensor& weights) {
+  torch::Tensor sum;
+  for (size_t k = 0; k < ops_.size(); ++k) {
+    const auto& name = primitives_[k];
+    // `none` outputs zeros: its term w * 0 and its contribution to every gradient are exactly
+    // zero, so it is skipped (alpha_none still receives its softmax-normalisation gradient).
+    if (name == "none") continue;
+    auto y = ops_[k].forward(x);
+    if (name == "max_pool_3x3") y = bn1_->forward(y);
+    else if (name == "avg_pool_3x3") y = bn2_->forward(y);
+    if (is_training()) {
+      const auto& opt = noise_->options;
+      if (opt.applies_to(name)) y = apply_noise(y, opt, noise_->decay);
+      if (name == "skip_connect") y = drop_path(y, opt.skip_drop_path);
+    }
+    auto term = weights[k] * y;
+    sum = sum.defined() ? sum + term : term;
+  }
+  if (!sum.defined()) {  // every candidate is `none`
+    auto z = ops_[0].forward(x);
+    return z * weights[0];
+  }
+  return sum;
+}
+
+}  // namespace noisydarts

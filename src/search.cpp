@@ -1,0 +1,466 @@
+#include "noisydarts/search.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "noisydarts/architect.h"
+#include "noisydarts/checkpoint.h"
+#include "noisydarts/data.h"
+#include "noisydarts/error.h"
+#include "noisydarts/search_network.h"
+
+namespace noisydarts {
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const auto total = static_cast<int64_t>(s + 0.5);
+  std::ostringstream o;
+  if (total >= 3600) o << total / 3600 << "h";
+  if (total >= 60) o << (total / 60) % 60 << "m";
+  o << total % 60 << "s";
+  return o.str();
+}
+
+/// PyTorch CosineAnnealingLR in closed form: the lr of epoch `e` of `T`.
+double cosine_lr(double lr_max, double lr_min, int64_t e, int64_t T) {
+  return lr_min + (lr_max - lr_min) * (1.0 + std::cos(M_PI * static_cast<double>(e) / T)) / 2.0;
+}
+
+torch::Device parse_device(const std::string& d) {
+  try {
+    torch::Device dev(d);
+    if (dev.is_cuda() && !torch::cuda::is_available())
+      throw UsageError("--device " + d + ": this LibTorch build or machine has no CUDA device");
+    if (!dev.is_cpu() && !dev.is_cuda()) throw UsageError("--device must be cpu or cuda[:N], got '" + d + "'");
+    return dev;
+  } catch (const c10::Error&) {
+    throw UsageError("--device must be cpu or cuda[:N], got '" + d + "'");
+  }
+}
+
+json softmax_table(const torch::Tensor& alphas) {
+  auto w = torch::softmax(alphas.detach().to(torch::kCPU, torch::kDouble), -1).contiguous();
+  json rows = json::array();
+  for (int64_t i = 0; i < w.size(0); ++i) {
+    json row = json::array();
+    for (int64_t k = 0; k < w.size(1); ++k) row.push_back(w[i][k].item<double>());
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+/// Live progress on stderr: rewritten in place on a terminal, one line every few seconds
+/// otherwise (logs, CI).
+class Progress {
+ public:
+  explicit Progress(bool enabled) : enabled_(enabled), tty_(::isatty(2) != 0) {}
+  void update(const std::string& line, bool force = false) {
+    if (!enabled_) return;
+    const double interval = tty_ ? 0.5 : 15.0;
+    if (!force && seconds_since(last_) < interval) return;
+    last_ = Clock::now();
+    if (tty_) std::fprintf(stderr, "\r\033[K%s", line.c_str());
+    else std::fprintf(stderr, "%s\n", line.c_str());
+    std::fflush(stderr);
+    shown_ = true;
+  }
+  void finish() {
+    if (enabled_ && tty_ && shown_) std::fprintf(stderr, "\n");
+    shown_ = false;
+  }
+
+ private:
+  bool enabled_, tty_;
+  bool shown_ = false;
+  Clock::time_point last_ = Clock::now() - std::chrono::hours(1);
+};
+
+/// Running sums of one epoch; part of the checkpoint so a mid-epoch resume reports the same.
+struct EpochAccum {
+  double train_loss = 0, arch_loss = 0;
+  int64_t train_correct = 0, arch_correct = 0, train_seen = 0, arch_seen = 0;
+  double seconds = 0;  // compute time spent in this epoch before the last checkpoint
+  json to_json() const {
+    return {{"train_loss", train_loss}, {"arch_loss", arch_loss}, {"train_correct", train_correct},
+            {"arch_correct", arch_correct}, {"train_seen", train_seen}, {"arch_seen", arch_seen},
+            {"seconds", seconds}};
+  }
+  static EpochAccum from_json(const json& j) {
+    EpochAccum a;
+    a.train_loss = j.at("train_loss");
+    a.arch_loss = j.at("arch_loss");
+    a.train_correct = j.at("train_correct");
+    a.arch_correct = j.at("arch_correct");
+    a.train_seen = j.at("train_seen");
+    a.arch_seen = j.at("arch_seen");
+    a.seconds = j.at("seconds");
+    return a;
+  }
+};
+
+std::string checkpoint_dir(const std::string& run) { return (fs::path(run) / "checkpoints").string(); }
+
+void write_text(const std::string& path, const std::string& s) { write_file_atomic(path, s); }
+
+}  // namespace
+
+std::string latest_checkpoint(const std::string& run_dir) {
+  const fs::path latest = fs::path(checkpoint_dir(run_dir)) / "latest";
+  std::ifstream f(latest);
+  std::string name;
+  if (f && std::getline(f, name) && !name.empty()) {
+    const auto p = fs::path(checkpoint_dir(run_dir)) / name;
+    if (fs::exists(p)) return p.string();
+  }
+  return "";
+}
+
+SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb) {
+  auto info = [&](const std::string& s) {
+    if (cb.info) cb.info(s);
+  };
+  const auto t_start = Clock::now();
+  if (cfg.out.empty()) throw UsageError("--out is required: the run directory to write");
+
+  // ---- Resume: the stored configuration wins (it defines the network being resumed).
+  std::string resume_from;
+  if (resume) {
+    resume_from = latest_checkpoint(cfg.out);
+    if (resume_from.empty())
+      throw CheckpointError("no checkpoint to resume in " + cfg.out + "/checkpoints (start a new search without --resume)");
+    const std::string out = cfg.out;
+    const int threads = cfg.threads;
+    cfg = SearchConfig::preset_defaults("noisydarts", "paper");
+    cfg.merge_json(read_checkpoint_config(resume_from, "search"), resume_from);
+    cfg.out = out;
+    cfg.threads = threads;
+  }
+  cfg.validate();
+  if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
+  const torch::Device device = parse_device(cfg.device);
+  if (cfg.order != "first")
+    throw UsageError("--order second is not available in this build yet (first-order only)");
+
+  const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(threads);
+
+  // ---- Data: everything is validated before the run directory is touched.
+  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
+  Dataset train = subset(data.train, cfg.subset, cfg.seed);
+  auto [w_idx, a_idx] = split_indices(train.size(), cfg.train_portion, cfg.seed);
+  if (static_cast<int64_t>(w_idx.size()) < 2 || static_cast<int64_t>(a_idx.size()) < 2)
+    throw UsageError("--subset/--train-portion leave fewer than 2 images in a half");
+
+  // ---- Run directory.
+  std::error_code ec;
+  fs::create_directories(checkpoint_dir(cfg.out), ec);
+  if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
+  if (!resume && !latest_checkpoint(cfg.out).empty())
+    throw UsageError("run directory " + cfg.out + " already holds a search: pass --resume to continue it or choose another --out");
+  write_text((fs::path(cfg.out) / "config.json").string(), cfg.to_json().dump(2) + "\n");
+
+  // ---- Network and optimisers.
+  torch::manual_seed(cfg.seed);
+  SearchNetworkOptions nopt(cfg.channels, train.num_classes, cfg.layers);
+  nopt.in_channels(train.images.size(1)).steps(cfg.steps).multiplier(cfg.multiplier)
+      .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std);
+  SearchNetwork net(nopt);
+  net->to(device);
+  auto weights = net->weight_parameters();
+  torch::optim::SGD sgd(weights, torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum).weight_decay(cfg.weight_decay));
+  Architect architect(net, ArchitectOptions{cfg.arch_lr, cfg.arch_beta1, cfg.arch_beta2, cfg.arch_weight_decay});
+
+  BatchStream::Options so;
+  so.batch_size = cfg.batch_size;
+  so.shuffle = true;
+  so.augment = cfg.augment;
+  so.workers = cfg.workers;
+  so.prefetch = 2;
+  so.seed = cfg.seed * 2 + 1;
+  BatchStream train_stream(train, w_idx, so);
+  so.seed = cfg.seed * 2 + 2;
+  BatchStream valid_stream(train, a_idx, so);  // persistent: never reset between epochs
+  BatchStream::Options eo = so;
+  eo.shuffle = false;
+  eo.augment = AugmentOptions{};
+  eo.augment.normalize = cfg.augment.normalize;
+  BatchStream eval_stream(train, a_idx, eo);
+
+  int64_t start_epoch = 0, start_step = 0;
+  EpochAccum acc;
+  std::vector<json> history;
+  const int64_t steps_per_epoch = cfg.max_steps > 0 ? std::min(cfg.max_steps, train_stream.batches_per_pass())
+                                                    : train_stream.batches_per_pass();
+
+  if (resume) {
+    torch::serialize::InputArchive a;
+    open_checkpoint(resume_from, "search", a);
+    try {
+      torch::serialize::InputArchive m, ws, as;
+      a.read("model", m);
+      net->load(m);
+      a.read("weight_optimizer", ws);
+      sgd.load(ws);
+      a.read("arch_optimizer", as);
+      architect.optimizer().load(as);
+      start_epoch = read_int(a, "epoch");
+      start_step = read_int(a, "step");
+      train_stream.seek({read_int(a, "train_pass"), read_int(a, "train_batch")});
+      valid_stream.seek({read_int(a, "valid_pass"), read_int(a, "valid_batch")});
+      torch::Tensor rng;
+      a.read("rng_cpu", rng);
+      set_cpu_rng_state(rng);
+      acc = EpochAccum::from_json(json::parse(read_string(a, "epoch_accum")));
+      for (auto& j : json::parse(read_string(a, "metrics"))) history.push_back(j);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw CheckpointError("checkpoint " + resume_from + " does not match this search network: " + std::string(e.what()).substr(0, 200));
+    }
+    info("resuming " + cfg.out + " from " + fs::path(resume_from).filename().string() + " (epoch " +
+         std::to_string(start_epoch + 1) + ", step " + std::to_string(start_step) + ")");
+  }
+
+  int64_t n_params = 0;
+  for (auto& p : weights) n_params += p.numel();
+  {
+    std::ostringstream o;
+    o << "search: " << cfg.preset << " preset, " << cfg.dataset << " (" << w_idx.size() << " weight / "
+      << a_idx.size() << " architecture images), " << cfg.layers << " cells x " << cfg.channels
+      << " channels, " << cfg.primitives.size() << " ops, " << n_params << " weights, noise "
+      << to_string(cfg.noise.type);
+    if (cfg.noise.enabled())
+      o << " " << to_string(cfg.noise.mixture) << " lambda " << cfg.noise.lambda << " mu " << cfg.noise.mean;
+    o << ", " << cfg.epochs << " epochs x " << steps_per_epoch << " steps, " << threads << " threads, " << device.str();
+    info(o.str());
+  }
+
+  // ---- Checkpointing.
+  auto save_checkpoint = [&](int64_t epoch, int64_t step) {
+    torch::serialize::OutputArchive a;
+    write_int(a, "format_version", kCheckpointFormatVersion);
+    write_string(a, "kind", "search");
+    write_string(a, "config", cfg.to_json().dump());
+    torch::serialize::OutputArchive m, ws, as;
+    net->save(m);
+    a.write("model", m);
+    sgd.save(ws);
+    a.write("weight_optimizer", ws);
+    architect.optimizer().save(as);
+    a.write("arch_optimizer", as);
+    write_int(a, "epoch", epoch);
+    write_int(a, "step", step);
+    write_int(a, "train_pass", train_stream.position().pass);
+    write_int(a, "train_batch", train_stream.position().batch);
+    write_int(a, "valid_pass", valid_stream.position().pass);
+    write_int(a, "valid_batch", valid_stream.position().batch);
+    a.write("rng_cpu", get_cpu_rng_state());
+    write_string(a, "epoch_accum", acc.to_json().dump());
+    write_string(a, "metrics", json(history).dump());
+    char name[64];
+    std::snprintf(name, sizeof name, "search-e%04lld-s%06lld.pt", static_cast<long long>(epoch),
+                  static_cast<long long>(step));
+    const auto dir = fs::path(checkpoint_dir(cfg.out));
+    save_archive_atomic(a, (dir / name).string());
+    write_text((dir / "latest").string(), std::string(name) + "\n");
+    // Keep the newest `keep_checkpoints` (names sort chronologically).
+    std::vector<std::string> all;
+    for (auto& e : fs::directory_iterator(dir))
+      if (e.path().extension() == ".pt" && e.path().filename().string().rfind("search-", 0) == 0)
+        all.push_back(e.path().string());
+    std::sort(all.begin(), all.end());
+    for (size_t i = 0; i + cfg.keep_checkpoints < all.size(); ++i) fs::remove(all[i], ec);
+  };
+
+  Progress progress(cb.progress);
+  auto last_ckpt = Clock::now();
+  SearchResult result;
+  const double total_steps = static_cast<double>(cfg.epochs * steps_per_epoch);
+  double run_compute_seconds = 0;
+  for (const auto& h : history) run_compute_seconds += h.value("seconds", 0.0);
+
+  for (int64_t epoch = start_epoch; epoch < cfg.epochs; ++epoch) {
+    const double lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
+    for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+    const double decay = noise_decay_factor(cfg.noise, static_cast<double>(epoch), static_cast<double>(cfg.epochs));
+    net->set_noise_decay(decay);
+    net->train();
+    const int64_t first_step = (epoch == start_epoch) ? start_step : 0;
+    if (first_step == 0) acc = EpochAccum{};
+    auto t_epoch = Clock::now();
+    const double seconds_before = acc.seconds;
+
+    for (int64_t step = first_step; step < steps_per_epoch; ++step) {
+      // 1. Architecture step on the architecture half (noise on, training mode).
+      Batch vb = valid_stream.next();
+      vb.x = vb.x.to(device);
+      vb.y = vb.y.to(device);
+      const auto ar = architect.step(vb);
+      // 2. Weight step on the weight half.
+      Batch tb = train_stream.next();
+      tb.x = tb.x.to(device);
+      tb.y = tb.y.to(device);
+      sgd.zero_grad();
+      auto logits = net->forward(tb.x);
+      auto loss = torch::nn::functional::cross_entropy(logits, tb.y);
+      const double loss_v = loss.item<double>();
+      if (!std::isfinite(loss_v) || !std::isfinite(ar.loss)) {
+        progress.finish();
+        const auto last = latest_checkpoint(cfg.out);
+        throw DivergedError("loss became " + std::string(std::isnan(loss_v) || std::isnan(ar.loss) ? "NaN" : "Inf") +
+                            " at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(step + 1) +
+                            "; last good checkpoint: " + (last.empty() ? "none" : last) +
+                            " (lower --lr or --arch-lr)");
+      }
+      torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
+      torch::nn::utils::clip_grad_norm_(weights, cfg.grad_clip);
+      sgd.step();
+
+      const int64_t b = tb.y.size(0);
+      acc.train_loss += loss_v * b;
+      acc.train_correct += logits.argmax(1).eq(tb.y).sum().item<int64_t>();
+      acc.train_seen += b;
+      acc.arch_loss += ar.loss * vb.y.size(0);
+      acc.arch_correct += ar.correct;
+      acc.arch_seen += vb.y.size(0);
+
+      const double ep_sec = seconds_before + seconds_since(t_epoch);
+      const double done = static_cast<double>(epoch * steps_per_epoch + step + 1);
+      const double steps_this_process = static_cast<double>(step + 1 - first_step);
+      const double sec_per_step = (ep_sec - seconds_before) / std::max(1.0, steps_this_process);
+      char line[256];
+      std::snprintf(line, sizeof line,
+                    "epoch %lld/%lld step %lld/%lld  loss %.4f  acc %.1f%%  arch loss %.4f  %.0f img/s  ETA %s",
+                    static_cast<long long>(epoch + 1), static_cast<long long>(cfg.epochs),
+                    static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch),
+                    acc.train_loss / acc.train_seen, 100.0 * acc.train_correct / acc.train_seen,
+                    acc.arch_loss / acc.arch_seen,
+                    2.0 * b / std::max(1e-9, sec_per_step),
+                    format_duration(sec_per_step * (total_steps - done)).c_str());
+      progress.update(line);
+
+      if (cfg.checkpoint_every_min > 0 && step + 1 < steps_per_epoch &&
+          seconds_since(last_ckpt) >= cfg.checkpoint_every_min * 60.0) {
+        acc.seconds = seconds_before + seconds_since(t_epoch);
+        save_checkpoint(epoch, step + 1);
+        last_ckpt = Clock::now();
+      }
+    }
+    progress.finish();
+
+    // ---- Epoch end: eval-mode accuracy on the architecture half, metrics, checkpoint.
+    double valid_loss = -1, valid_acc = -1;
+    if (cfg.eval_valid) {
+      torch::NoGradGuard ng;
+      net->eval();
+      eval_stream.seek({0, 0});
+      double l = 0;
+      int64_t c = 0, n = 0;
+      for (int64_t i = 0; i < eval_stream.batches_per_pass(); ++i) {
+        Batch eb = eval_stream.next();
+        auto lg = net->forward(eb.x.to(device));
+        auto y = eb.y.to(device);
+        l += torch::nn::functional::cross_entropy(lg, y).item<double>() * y.size(0);
+        c += lg.argmax(1).eq(y).sum().item<int64_t>();
+        n += y.size(0);
+      }
+      net->train();
+      valid_loss = l / n;
+      valid_acc = 100.0 * c / n;
+    }
+    const double epoch_seconds = seconds_before + seconds_since(t_epoch);
+    run_compute_seconds += epoch_seconds;
+    const Genotype g = net->genotype();
+    json m{{"epoch", epoch + 1},
+           {"lr", lr},
+           {"noise_decay", decay},
+           {"noise_scale", cfg.noise.enabled() ? cfg.noise.lambda * decay : 0.0},
+           {"train_loss", acc.train_loss / acc.train_seen},
+           {"train_acc", 100.0 * acc.train_correct / acc.train_seen},
+           {"arch_loss", acc.arch_loss / acc.arch_seen},
+           {"arch_acc", 100.0 * acc.arch_correct / acc.arch_seen},
+           {"valid_loss", valid_loss},
+           {"valid_acc", valid_acc},
+           {"seconds", epoch_seconds},
+           {"images_per_sec", (acc.train_seen + acc.arch_seen) / std::max(1e-9, epoch_seconds)},
+           {"skip_normal", count_op(g.normal, "skip_connect")},
+           {"skip_reduce", count_op(g.reduce, "skip_connect")},
+           {"genotype", genotype_to_text(g)},
+           {"primitives", cfg.primitives},
+           {"alphas_normal", softmax_table(net->alphas_normal())},
+           {"alphas_reduce", softmax_table(net->alphas_reduce())}};
+    history.push_back(m);
+    std::string lines;
+    for (const auto& h : history) lines += h.dump() + "\n";
+    write_text((fs::path(cfg.out) / "metrics.jsonl").string(), lines);
+    {
+      std::ostringstream o;
+      o.setf(std::ios::fixed);
+      o.precision(2);
+      o << "epoch " << epoch + 1 << "/" << cfg.epochs << "  train loss " << m["train_loss"].get<double>()
+        << " acc " << m["train_acc"].get<double>() << "%  arch loss " << m["arch_loss"].get<double>();
+      if (cfg.eval_valid) o << "  valid acc " << valid_acc << "%";
+      o << "  skips normal/reduce " << m["skip_normal"] << "/" << m["skip_reduce"] << "  "
+        << format_duration(epoch_seconds);
+      info(o.str());
+    }
+    acc = EpochAccum{};
+    save_checkpoint(epoch + 1, 0);
+    last_ckpt = Clock::now();
+    result.valid_acc = valid_acc;
+    result.epochs_done = epoch + 1;
+  }
+
+  // ---- Results.
+  const Genotype g = net->genotype();
+  result.genotype = g;
+  result.seconds = seconds_since(t_start);
+  const fs::path out(cfg.out);
+  write_text((out / "genotype.json").string(), genotype_to_json(g).dump(2) + "\n");
+  write_text((out / "genotype.txt").string(), genotype_to_text(g) + "\n");
+  std::vector<std::string> diagrams = write_cell_diagram(g.normal, g.normal_concat, "normal cell", (out / "normal").string());
+  for (auto& f : write_cell_diagram(g.reduce, g.reduce_concat, "reduction cell", (out / "reduce").string()))
+    diagrams.push_back(f);
+  if (!history.empty() && result.valid_acc < 0) result.valid_acc = history.back().value("valid_acc", -1.0);
+  std::ostringstream s;
+  s << "NoisyDARTS search finished\n"
+    << "  run directory     " << cfg.out << "\n"
+    << "  preset            " << cfg.preset << " (scale " << cfg.scale << "), noise " << to_string(cfg.noise.type);
+  if (cfg.noise.enabled())
+    s << " " << to_string(cfg.noise.mixture) << " lambda " << cfg.noise.lambda << " mu " << cfg.noise.mean
+      << " decay " << to_string(cfg.noise.decay);
+  s << "\n  dataset           " << cfg.dataset << ", " << cfg.epochs << " epochs\n"
+    << "  genotype          " << genotype_to_text(g) << "\n"
+    << "  skip connections  normal " << count_op(g.normal, "skip_connect") << "/" << g.normal.size()
+    << ", reduce " << count_op(g.reduce, "skip_connect") << "/" << g.reduce.size() << "\n";
+  if (result.valid_acc >= 0) {
+    char b[64];
+    std::snprintf(b, sizeof b, "%.2f%%", result.valid_acc);
+    s << "  supernet valid acc " << b << " (eval mode, architecture half)\n";
+  }
+  s << "  search time       " << format_duration(run_compute_seconds) << " compute, "
+    << format_duration(result.seconds) << " this process\n"
+    << "  files             config.json metrics.jsonl genotype.json genotype.txt";
+  for (auto& d : diagrams) s << " " << fs::path(d).filename().string();
+  s << " checkpoints/\n";
+  write_text((out / "summary.txt").string(), s.str());
+  info(s.str());
+  return result;
+}
+
+}  // namespace noisydarts

@@ -1,0 +1,232 @@
+// Candidate ops and the NoisyDARTS noise (SPEC 1.2, 2.1).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "noisydarts/mixed_op.h"
+#include "noisydarts/noise.h"
+#include "noisydarts/ops.h"
+#include "noisydarts/search_network.h"
+
+using namespace noisydarts;
+
+namespace {
+int64_t count_params(const torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  return n;
+}
+}  // namespace
+
+TEST(Ops, EveryOpHasTheRightShapeAtStride1And2) {
+  torch::manual_seed(0);
+  const int64_t C = 8;
+  auto x = torch::randn({2, C, 9, 10});  // odd and even sides
+  for (const auto& name : all_op_names()) {
+    for (int64_t stride : {1, 2}) {
+      auto op = make_op(name, C, stride, /*affine=*/false);
+      auto y = op.forward(x);
+      const int64_t h = stride == 1 ? 9 : 5, w = stride == 1 ? 10 : 5;
+      EXPECT_EQ(y.sizes(), torch::IntArrayRef({2, C, h, w})) << name << " stride " << stride;
+    }
+  }
+}
+
+TEST(Ops, ParameterCountsMatchTheReferenceFormulas) {
+  const int64_t C = 16;
+  // sep_conv_kxk: 2 x (C*k*k depthwise + C*C pointwise) + 2 affine BNs (2C each).
+  EXPECT_EQ(count_params(*make_op("sep_conv_3x3", C, 1, true).ptr()), 2 * (C * 9 + C * C) + 4 * C);
+  EXPECT_EQ(count_params(*make_op("sep_conv_5x5", C, 1, true).ptr()), 2 * (C * 25 + C * C) + 4 * C);
+  EXPECT_EQ(count_params(*make_op("dil_conv_3x3", C, 1, true).ptr()), C * 9 + C * C + 2 * C);
+  EXPECT_EQ(count_params(*make_op("dil_conv_5x5", C, 2, false).ptr()), C * 25 + C * C);
+  EXPECT_EQ(count_params(*make_op("skip_connect", C, 2, true).ptr()), 2 * (C * C / 2) + 2 * C);
+  EXPECT_EQ(count_params(*make_op("skip_connect", C, 1, true).ptr()), 0);
+  EXPECT_EQ(count_params(*make_op("conv_7x1_1x7", C, 1, true).ptr()), 2 * C * C * 7 + 2 * C);
+  EXPECT_EQ(count_params(*make_op("max_pool_3x3", C, 2, true).ptr()), 0);
+}
+
+TEST(Ops, ReferenceSubmoduleNamesAreKept) {
+  auto sep = make_op("sep_conv_3x3", 4, 1, false);
+  auto names = sep.ptr()->named_parameters().keys();
+  ASSERT_EQ(names.size(), 4u);  // non-affine BNs have no parameters
+  EXPECT_EQ(names[0], "op.1.weight");
+  EXPECT_EQ(names[1], "op.2.weight");
+  EXPECT_EQ(names[2], "op.5.weight");
+  EXPECT_EQ(names[3], "op.6.weight");
+  auto fr = make_op("skip_connect", 4, 2, true);
+  auto frn = fr.ptr()->named_parameters().keys();
+  EXPECT_EQ(frn, (std::vector<std::string>{"conv_1.weight", "conv_2.weight", "bn.weight", "bn.bias"}));
+}
+
+TEST(Ops, AvgPoolExcludesPaddingFromTheCount) {
+  auto x = torch::ones({1, 1, 4, 4});
+  auto y = make_op("avg_pool_3x3", 1, 1, false).forward(x);
+  EXPECT_TRUE(torch::allclose(y, torch::ones_like(y)));  // corners average 4 ones, not 4/9
+}
+
+TEST(Ops, DropPathZeroesWholeSamplesAndRescales) {
+  torch::manual_seed(3);
+  auto x = torch::ones({4000, 2, 2, 2});
+  auto y = drop_path(x, 0.25);
+  auto per_sample = y.flatten(1);
+  // every sample is all 0 or all 1/0.75
+  auto zero = per_sample.eq(0).all(1);
+  auto kept = per_sample.sub(1.0 / 0.75).abs().lt(1e-6).all(1);
+  EXPECT_TRUE(zero.logical_or(kept).all().item<bool>());
+  EXPECT_NEAR(zero.to(torch::kFloat).mean().item<double>(), 0.25, 0.03);
+  EXPECT_TRUE(x.eq(1).all().item<bool>());  // not in place
+  EXPECT_TRUE(drop_path(x, 0.0).equal(x));
+}
+
+// ---------------------------------------------------------------- noise
+
+TEST(Noise, GaussianAdditiveHasMeanMuAndStdLambdaTimesStdOfInput) {
+  torch::manual_seed(1);
+  auto y = torch::randn({64, 8, 16, 16}) * 3.0 + 1.0;  // std 3
+  NoiseOptions o;
+  o.lambda = 0.2;
+  o.mean = 0.5;
+  auto n = sample_noise(y, o, 1.0);
+  EXPECT_NEAR(n.mean().item<double>(), 0.5, 0.01);
+  EXPECT_NEAR(n.std().item<double>(), 0.2 * y.std().item<double>(), 0.01);
+}
+
+TEST(Noise, UniformMatchesGaussianMeanAndStdWithinItsBounds) {
+  torch::manual_seed(2);
+  auto y = torch::randn({64, 8, 16, 16}) * 2.0;
+  NoiseOptions o;
+  o.type = NoiseType::kUniform;
+  o.lambda = 0.3;
+  auto n = sample_noise(y, o, 1.0);
+  const double sigma = 0.3 * y.std().item<double>();
+  EXPECT_NEAR(n.mean().item<double>(), 0.0, 0.01);
+  EXPECT_NEAR(n.std().item<double>(), sigma, 0.01);
+  EXPECT_LE(n.abs().max().item<double>(), std::sqrt(3.0) * sigma + 1e-6);
+  EXPECT_GT(n.abs().max().item<double>(), 0.99 * std::sqrt(3.0) * sigma);
+}
+
+TEST(Noise, AbsoluteScaleIgnoresTheInputMagnitude) {
+  torch::manual_seed(4);
+  auto y = torch::randn({32, 4, 16, 16}) * 100.0;
+  NoiseOptions o;
+  o.scale = NoiseScale::kAbsolute;
+  o.lambda = 0.5;
+  EXPECT_NEAR(sample_noise(y, o, 1.0).std().item<double>(), 0.5, 0.01);
+}
+
+TEST(Noise, MultiplicativeScalesTheOutputByNoiseAroundMu) {
+  torch::manual_seed(5);
+  auto y = torch::full({32, 4, 16, 16}, 2.0);
+  NoiseOptions o;
+  o.mixture = NoiseMixture::kMultiplicative;
+  o.scale = NoiseScale::kAbsolute;
+  o.mean = 1.0;
+  o.lambda = 0.1;
+  auto out = apply_noise(y, o, 1.0);
+  EXPECT_NEAR(out.mean().item<double>(), 2.0, 0.01);
+  EXPECT_NEAR(out.std().item<double>(), 0.2, 0.01);
+}
+
+TEST(Noise, LambdaZeroIsExact) {
+  auto y = torch::randn({4, 3, 5, 5});
+  NoiseOptions o;
+  o.lambda = 0.0;
+  EXPECT_TRUE(apply_noise(y, o, 1.0).equal(y));
+}
+
+TEST(Noise, GradientIsOneToTheInputAndNoneToTheScale) {
+  torch::manual_seed(6);
+  auto y = torch::randn({4, 3, 5, 5}, torch::requires_grad());
+  NoiseOptions o;
+  o.lambda = 0.5;
+  auto out = apply_noise(y, o, 1.0);
+  out.sum().backward();
+  // d(sum(y + n))/dy = 1 exactly: no path through sigma = lambda * std(y).
+  EXPECT_TRUE(y.grad().equal(torch::ones_like(y)));
+}
+
+TEST(Noise, CosineDecayFollowsTheSchedule) {
+  NoiseOptions o;
+  o.decay = NoiseDecay::kCosine;
+  EXPECT_DOUBLE_EQ(noise_decay_factor(o, 0, 50), 1.0);
+  EXPECT_NEAR(noise_decay_factor(o, 25, 50), 0.5, 1e-12);
+  EXPECT_NEAR(noise_decay_factor(o, 50, 50), 0.0, 1e-12);
+  EXPECT_NEAR(noise_decay_factor(o, 10, 50), (1 + std::cos(M_PI * 0.2)) / 2, 1e-12);
+  o.decay = NoiseDecay::kNone;
+  EXPECT_DOUBLE_EQ(noise_decay_factor(o, 25, 50), 1.0);
+  // The whole noise term, mean included, is scaled.
+  o.decay = NoiseDecay::kCosine;
+  o.scale = NoiseScale::kAbsolute;
+  o.mean = 2.0;
+  o.lambda = 0.0;
+  auto y = torch::zeros({2, 2});
+  EXPECT_TRUE(torch::allclose(sample_noise(y, o, noise_decay_factor(o, 25, 50)), torch::ones({2, 2})));
+}
+
+TEST(Noise, OnlyTrainingModeMixedOpsAreNoisy) {
+  torch::manual_seed(7);
+  auto state = std::make_shared<NoiseState>();
+  state->options.lambda = 0.5;
+  MixedOp m(4, 1, {"skip_connect"}, state);
+  auto x = torch::randn({2, 4, 6, 6});
+  auto w = torch::ones({1});
+  m->eval();
+  EXPECT_TRUE(m->forward(x, w).equal(x));  // eval: exact skip
+  m->train();
+  auto y = m->forward(x, w);
+  EXPECT_FALSE(y.equal(x));
+  EXPECT_NEAR((y - x).std().item<double>(), 0.5 * x.std().item<double>(), 0.15);
+}
+
+TEST(Noise, OtherCandidatesGetNoiseOnlyWhenListed) {
+  torch::manual_seed(8);
+  auto state = std::make_shared<NoiseState>();
+  state->options.lambda = 0.5;
+  MixedOp m(4, 1, {"avg_pool_3x3"}, state);
+  m->train();
+  auto x = torch::randn({2, 4, 6, 6});
+  auto w = torch::ones({1});
+  torch::manual_seed(9);
+  auto clean = m->forward(x, w);
+  state->options.ops = {"skip_connect", "avg_pool_3x3"};
+  torch::manual_seed(9);
+  auto noisy = m->forward(x, w);
+  EXPECT_FALSE(noisy.equal(clean));
+}
+
+// The paper's argument: zero-mean additive noise leaves the alpha gradient unbiased. On a tiny
+// network, the average alpha gradient over many noise draws equals the noiseless gradient.
+TEST(Noise, AlphaGradientIsUnbiasedOverManyDraws) {
+  torch::manual_seed(10);
+  SearchNetworkOptions opt(4, 3, 1);
+  opt.in_channels(1).steps(2).multiplier(2).stem_multiplier(1)
+      .primitives({"avg_pool_3x3", "skip_connect", "sep_conv_3x3"});
+  NoiseOptions noise;
+  noise.lambda = 0.5;
+  noise.skip_drop_path = 0.0;
+  opt.noise(noise).alpha_init_std(0.5);
+  SearchNetwork net(opt);
+  net->train();
+  auto x = torch::randn({8, 1, 6, 6});
+  auto y = torch::tensor({0, 1, 2, 0, 1, 2, 0, 1});
+  auto alpha_grad = [&](double lambda) {
+    auto& n = const_cast<NoiseState&>(net->noise());
+    n.options.lambda = lambda;
+    auto loss = torch::nn::functional::cross_entropy(net->forward(x), y);
+    auto g = torch::autograd::grad({loss}, {net->alphas_normal()});
+    return g[0].detach().clone();
+  };
+  auto clean = alpha_grad(0.0);
+  const int draws = 2000;
+  auto sum = torch::zeros_like(clean);
+  for (int i = 0; i < draws; ++i) sum += alpha_grad(0.5);
+  auto mean = sum / draws;
+  // The noise perturbs a nonlinear network, so only the first-order bias vanishes exactly; the
+  // average must agree with the clean gradient far better than a single draw does.
+  auto single = alpha_grad(0.5);
+  const double err_mean = (mean - clean).norm().item<double>();
+  const double err_single = (single - clean).norm().item<double>();
+  EXPECT_LT(err_mean, 0.1 * clean.norm().item<double>());
+  EXPECT_LT(err_mean, err_single);
+}

@@ -1,0 +1,290 @@
+// The search network, the architect, the search loop and the `noisydarts search` command.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "noisydarts/architect.h"
+#include "noisydarts/config.h"
+#include "noisydarts/genotype.h"
+#include "noisydarts/ops.h"
+#include "noisydarts/search_network.h"
+
+using namespace noisydarts;
+namespace fs = std::filesystem;
+
+namespace {
+
+SearchNetwork tiny_network(const std::vector<std::string>& ops, int64_t layers = 3) {
+  SearchNetworkOptions o(4, 5, layers);
+  o.in_channels(1).primitives(ops);
+  return SearchNetwork(o);
+}
+
+struct CommandResult {
+  int code;
+  std::string out;  // stdout + stderr
+};
+
+CommandResult run_cli(const std::string& args) {
+  const std::string cmd = std::string(NOISYDARTS_CLI) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WEXITSTATUS(status), out};
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+fs::path fresh_dir(const std::string& name) {
+  auto d = fs::temp_directory_path() / ("noisydarts_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  return d;
+}
+
+}  // namespace
+
+TEST(SearchNetwork, ParameterCountEqualsTheReferenceImplementation) {
+  // Counted with the reference PyTorch model_search.Network (3 input channels, 10 classes).
+  SearchNetworkOptions o(16, 10, 8);
+  SearchNetwork net(o);
+  int64_t n = 0;
+  for (auto& p : net->weight_parameters()) n += p.numel();
+  EXPECT_EQ(n, 1930618);
+  SearchNetworkOptions small(8, 10, 5);
+  SearchNetwork net2(small);
+  n = 0;
+  for (auto& p : net2->weight_parameters()) n += p.numel();
+  EXPECT_EQ(n, 394210);
+  EXPECT_EQ(net2->alphas_normal().sizes(), torch::IntArrayRef({14, 7}));
+  EXPECT_EQ(net2->alphas_reduce().sizes(), torch::IntArrayRef({14, 7}));
+}
+
+TEST(SearchNetwork, StateDictKeysFollowTheReferenceLayout) {
+  SearchNetworkOptions o(8, 10, 5);
+  SearchNetwork net(o);
+  auto params = net->named_parameters();
+  auto buffers = net->named_buffers();
+  EXPECT_TRUE(params.contains("stem.0.weight"));
+  EXPECT_TRUE(params.contains("stem.1.weight"));
+  EXPECT_TRUE(params.contains("cells.0.preprocess0.op.1.weight"));
+  EXPECT_TRUE(params.contains("cells.1._ops.0._ops.2.conv_1.weight"));  // reduction skip
+  EXPECT_TRUE(params.contains("cells.1._ops.0._ops.3.op.6.weight"));
+  EXPECT_TRUE(params.contains("cells.2.preprocess0.conv_1.weight"));    // after a reduction
+  EXPECT_TRUE(buffers.contains("cells.1._ops.0.bn1.running_mean"));
+  EXPECT_TRUE(buffers.contains("cells.1._ops.0.bn2.running_var"));
+  EXPECT_TRUE(params.contains("classifier.weight"));
+  EXPECT_TRUE(params.contains("alphas_normal"));
+  EXPECT_TRUE(params.contains("alphas_reduce"));
+  EXPECT_EQ(params["stem.0.weight"].sizes(), torch::IntArrayRef({24, 3, 3, 3}));
+  EXPECT_EQ(params["cells.0.preprocess0.op.1.weight"].sizes(), torch::IntArrayRef({8, 24, 1, 1}));
+}
+
+TEST(SearchNetwork, OutputShapeForGrayAndColourInputs) {
+  auto net = tiny_network(noisydarts_primitives());
+  EXPECT_EQ(net->forward(torch::randn({3, 1, 28, 28})).sizes(), torch::IntArrayRef({3, 5}));
+  SearchNetworkOptions o(4, 10, 2);
+  SearchNetwork c(o);
+  EXPECT_EQ(c->forward(torch::randn({2, 3, 32, 32})).sizes(), torch::IntArrayRef({2, 10}));
+}
+
+TEST(SearchNetwork, GradientsReachEveryWeightAndEveryAlpha) {
+  torch::manual_seed(0);
+  auto net = tiny_network(darts_primitives());
+  net->train();
+  auto loss = torch::nn::functional::cross_entropy(net->forward(torch::randn({4, 1, 12, 12})),
+                                                   torch::tensor({0, 1, 2, 3}));
+  loss.backward();
+  for (auto& p : net->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_GT(p.value().grad().abs().sum().item<double>(), 0.0) << p.key();
+  }
+  // every alpha entry, `none` included (through the softmax normalisation)
+  EXPECT_TRUE(net->alphas_normal().grad().ne(0).all().item<bool>());
+  EXPECT_TRUE(net->alphas_reduce().grad().ne(0).all().item<bool>());
+}
+
+TEST(SearchNetwork, WeightAndArchParametersPartitionAllParameters) {
+  auto net = tiny_network(noisydarts_primitives());
+  EXPECT_EQ(net->weight_parameters().size() + 2, net->parameters().size());
+  for (auto& w : net->weight_parameters()) {
+    EXPECT_FALSE(w.is_same(net->alphas_normal()));
+    EXPECT_FALSE(w.is_same(net->alphas_reduce()));
+  }
+}
+
+TEST(SearchNetwork, EvalModeIsDeterministicTrainModeIsNoisy) {
+  torch::manual_seed(1);
+  SearchNetworkOptions o(4, 5, 2);
+  NoiseOptions n;
+  n.lambda = 0.5;
+  o.in_channels(1).primitives({"skip_connect"}).noise(n);
+  SearchNetwork net(o);
+  auto x = torch::randn({2, 1, 8, 8});
+  net->eval();
+  EXPECT_TRUE(net->forward(x).equal(net->forward(x)));
+  net->train();
+  EXPECT_FALSE(net->forward(x).equal(net->forward(x)));
+}
+
+TEST(SearchNetwork, GenotypeFollowsTheAlphas) {
+  auto net = tiny_network(noisydarts_primitives());
+  {
+    torch::NoGradGuard g;
+    net->alphas_normal().zero_();
+    net->alphas_reduce().zero_();
+    // node 0: edges 0,1 -> sep_conv_3x3 (index 3) on input 1, skip (2) on input 0
+    net->alphas_normal()[1][3] = 5.0;
+    net->alphas_normal()[0][2] = 4.0;
+  }
+  auto g = net->genotype();
+  ASSERT_EQ(g.normal.size(), 8u);
+  EXPECT_EQ(g.normal[0], GeneEdge("sep_conv_3x3", 1));
+  EXPECT_EQ(g.normal[1], GeneEdge("skip_connect", 0));
+  EXPECT_EQ(g.normal_concat, (std::vector<int>{2, 3, 4, 5}));
+}
+
+TEST(Architect, FirstOrderStepMovesOnlyTheAlphasAlongAdam) {
+  torch::manual_seed(2);
+  auto net = tiny_network(noisydarts_primitives(), 2);
+  NoiseOptions none;
+  none.type = NoiseType::kNone;
+  const_cast<NoiseState&>(net->noise()).options = none;
+  net->train();
+  Architect arch(net, ArchitectOptions{0.1, 0.5, 0.999, 0.0});
+  Batch b{torch::randn({4, 1, 8, 8}), torch::tensor({0, 1, 2, 3})};
+  std::vector<torch::Tensor> w_before;
+  for (auto& w : net->weight_parameters()) w_before.push_back(w.detach().clone());
+  auto a_before = net->alphas_normal().detach().clone();
+  // expected first Adam step: lr * sign(g) (m/(sqrt(v)+eps) = g/|g| at step 1)
+  auto loss = torch::nn::functional::cross_entropy(net->forward(b.x), b.y);
+  auto g = torch::autograd::grad({loss}, {net->alphas_normal()})[0];
+  // BN running stats moved during that forward; the arch step's forward is in train mode
+  // too and uses batch statistics, so the gradient is the same.
+  arch.step(b);
+  auto delta = net->alphas_normal().detach() - a_before;
+  EXPECT_TRUE(torch::allclose(delta, -0.1 * g.sign(), 1e-4, 1e-5));
+  auto w_after = net->weight_parameters();
+  for (size_t i = 0; i < w_after.size(); ++i) {
+    EXPECT_TRUE(w_after[i].equal(w_before[i]));
+    EXPECT_FALSE(w_after[i].grad().defined() && w_after[i].grad().abs().sum().item<double>() > 0);
+  }
+}
+
+TEST(Config, PresetsHaveThePaperSettings) {
+  auto n = SearchConfig::preset_defaults("noisydarts", "paper");
+  EXPECT_EQ(n.primitives, noisydarts_primitives());
+  EXPECT_EQ(n.noise.type, NoiseType::kGaussian);
+  EXPECT_DOUBLE_EQ(n.noise.lambda, 0.2);
+  EXPECT_DOUBLE_EQ(n.noise.mean, 0.0);
+  EXPECT_DOUBLE_EQ(n.noise.skip_drop_path, 0.3);
+  EXPECT_EQ(n.batch_size, 128);
+  EXPECT_DOUBLE_EQ(n.lr, 0.05);
+  EXPECT_DOUBLE_EQ(n.lr_min, 0.001);
+  EXPECT_EQ(n.epochs, 50);
+  EXPECT_EQ(n.layers, 8);
+  EXPECT_EQ(n.channels, 16);
+  EXPECT_DOUBLE_EQ(n.arch_lr, 3e-4);
+  EXPECT_DOUBLE_EQ(n.arch_beta1, 0.5);
+  EXPECT_DOUBLE_EQ(n.arch_weight_decay, 1e-3);
+  auto d = SearchConfig::preset_defaults("darts", "paper");
+  EXPECT_EQ(d.primitives, darts_primitives());
+  EXPECT_EQ(d.noise.type, NoiseType::kNone);
+  EXPECT_EQ(d.batch_size, 64);
+  EXPECT_DOUBLE_EQ(d.lr, 0.025);
+  EXPECT_DOUBLE_EQ(d.noise.skip_drop_path, 0.0);
+}
+
+TEST(Config, JsonRoundTripsAndRejectsUnknownKeys) {
+  auto c = SearchConfig::preset_defaults("noisydarts", "small");
+  c.noise.lambda = 0.1;
+  c.epochs = 3;
+  auto j = c.to_json();
+  auto d = SearchConfig::preset_defaults("darts", "paper");
+  d.merge_json(j, "test");
+  EXPECT_EQ(d.to_json(), j);
+  EXPECT_THROW(d.merge_json(nlohmann::json{{"epochz", 3}}, "test"), ConfigError);
+  EXPECT_THROW(d.merge_json(nlohmann::json{{"epochs", "three"}}, "test"), ConfigError);
+  EXPECT_THROW(d.merge_json(nlohmann::json{{"epochs", 2.5}}, "test"), ConfigError);
+  EXPECT_THROW(d.merge_json(nlohmann::json{{"noise", {{"lambdaa", 1}}}}, "test"), ConfigError);
+}
+
+TEST(Config, ValidateNamesTheBadOption) {
+  auto c = SearchConfig::preset_defaults("noisydarts", "small");
+  c.epochs = 0;
+  try {
+    c.validate();
+    FAIL();
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("--epochs"), std::string::npos);
+  }
+}
+
+TEST(Cli, OneEpochSearchOnSyntheticDataWritesTheRunDirectory) {
+  const auto dir = fresh_dir("cli_search");
+  auto r = run_cli("search --dataset synthetic --epochs 1 --channels 4 --layers 2 --batch-size 16 "
+                   "--subset 128 --threads 1 --seed 3 -q --out " + dir.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (auto f : {"config.json", "metrics.jsonl", "genotype.json", "genotype.txt", "summary.txt",
+                 "normal.dot", "reduce.dot"})
+    EXPECT_TRUE(fs::exists(dir / f)) << f;
+  auto g = nlohmann::json::parse(read_file(dir / "genotype.json"));
+  ASSERT_EQ(g["normal"].size(), 8u);
+  ASSERT_EQ(g["reduce"].size(), 8u);
+  EXPECT_EQ(g["normal_concat"], nlohmann::json({2, 3, 4, 5}));
+  for (auto& e : g["normal"]) EXPECT_TRUE(is_known_op(e[0].get<std::string>()));
+  auto genotype = genotype_from_json(g);
+  EXPECT_EQ(genotype_to_text(genotype) + "\n", read_file(dir / "genotype.txt"));
+  // stdout is the genotype text
+  EXPECT_NE(r.out.find(genotype_to_text(genotype)), std::string::npos);
+  // one metrics line with softmax(alpha) rows summing to 1
+  std::ifstream m(dir / "metrics.jsonl");
+  std::string line;
+  int lines = 0;
+  while (std::getline(m, line)) {
+    ++lines;
+    auto j = nlohmann::json::parse(line);
+    EXPECT_EQ(j["epoch"], 1);
+    ASSERT_EQ(j["alphas_normal"].size(), 14u);
+    double s = 0;
+    for (auto& v : j["alphas_normal"][0]) s += v.get<double>();
+    EXPECT_NEAR(s, 1.0, 1e-9);
+    for (auto k : {"train_loss", "train_acc", "arch_loss", "valid_acc", "lr", "noise_scale", "seconds"})
+      EXPECT_TRUE(j.contains(k)) << k;
+  }
+  EXPECT_EQ(lines, 1);
+  auto cfg = nlohmann::json::parse(read_file(dir / "config.json"));
+  EXPECT_EQ(cfg["epochs"], 1);
+  EXPECT_EQ(cfg["noise"]["type"], "gaussian");
+  fs::remove_all(dir);
+}
+
+TEST(Cli, BadOptionsFailWithOneLineAndNonZeroExit) {
+  const auto dir = fresh_dir("cli_bad");
+  auto r = run_cli("search --dataset synthetic --epochs 0 -q --out " + dir.string());
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--epochs"), std::string::npos);
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+  EXPECT_FALSE(fs::exists(dir));
+  r = run_cli("search --dataset mnist --data-dir /nonexistent -q --out " + dir.string());
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.out.find("/nonexistent"), std::string::npos);
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+  EXPECT_FALSE(fs::exists(dir));
+  r = run_cli("search --dataset imagenet -q --out " + dir.string());
+  EXPECT_EQ(r.code, 2);
+  r = run_cli("search --dataset synthetic --noise-lambda abc -q --out " + dir.string());
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--noise-lambda"), std::string::npos);
+}
