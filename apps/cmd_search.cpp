@@ -103,6 +103,7 @@ int run_search_command(const std::string& preset, const std::string& scale, cons
     }
   }
   cfg.merge_json(overrides, "command line");
+  if (resume && !overrides.contains("threads")) cfg.threads = -1;  // keep the run's own
   if (cfg.noise.mixture == nd::NoiseMixture::kMultiplicative) cfg.noise.scale = nd::NoiseScale::kAbsolute;
   nd::SearchCallbacks cb;
   cb.progress = !quiet;

@@ -10,5 +10,12 @@ namespace noisydarts::cli {
 using Action = std::function<int()>;
 
 void add_search_command(CLI::App& app, Action& run);
+void add_train_command(CLI::App& app, Action& run);
+void add_eval_command(CLI::App& app, Action& run);
+void add_profile_command(CLI::App& app, Action& run);
+void add_export_command(CLI::App& app, Action& run);
+void add_predict_command(CLI::App& app, Action& run);
+void add_report_command(CLI::App& app, Action& run);
+void add_compare_command(CLI::App& app, Action& run);
 
 }  // namespace noisydarts::cli

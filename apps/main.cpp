@@ -24,6 +24,13 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "noisydarts 0.1.0");
   nd::cli::Action run;
   nd::cli::add_search_command(app, run);
+  nd::cli::add_train_command(app, run);
+  nd::cli::add_eval_command(app, run);
+  nd::cli::add_profile_command(app, run);
+  nd::cli::add_export_command(app, run);
+  nd::cli::add_predict_command(app, run);
+  nd::cli::add_report_command(app, run);
+  nd::cli::add_compare_command(app, run);
 
   try {
     app.parse(argc, argv);

@@ -59,6 +59,75 @@ void open_checkpoint(const std::string& path, const std::string& kind,
     throw CheckpointError("checkpoint " + path + " is a '" + k + "' checkpoint, expected '" + kind + "'");
 }
 
+namespace {
+std::string key(const char* name, size_t i) { return std::string(name) + "_" + std::to_string(i); }
+void check_count(torch::serialize::InputArchive& a, size_t n) {
+  if (read_int(a, "num_params") != static_cast<int64_t>(n))
+    throw CheckpointError("optimizer state holds " + std::to_string(read_int(a, "num_params")) +
+                          " parameters, the network has " + std::to_string(n));
+}
+}  // namespace
+
+void save_optimizer_state(torch::serialize::OutputArchive& a, torch::optim::SGD& opt,
+                          const std::vector<torch::Tensor>& params) {
+  write_int(a, "num_params", static_cast<int64_t>(params.size()));
+  auto& state = opt.state();
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto it = state.find(c10::guts::to_string(params[i].unsafeGetTensorImpl()));
+    if (it == state.end()) continue;
+    auto& s = static_cast<torch::optim::SGDParamState&>(*it->second);
+    if (s.momentum_buffer().defined()) a.write(key("momentum", i), s.momentum_buffer(), true);
+  }
+}
+
+void load_optimizer_state(torch::serialize::InputArchive& a, torch::optim::SGD& opt,
+                          const std::vector<torch::Tensor>& params) {
+  check_count(a, params.size());
+  auto& state = opt.state();
+  state.clear();
+  for (size_t i = 0; i < params.size(); ++i) {
+    torch::Tensor m;
+    if (!a.try_read(key("momentum", i), m, true)) continue;
+    auto s = std::make_unique<torch::optim::SGDParamState>();
+    s->momentum_buffer(m.to(params[i].device()));
+    state[c10::guts::to_string(params[i].unsafeGetTensorImpl())] = std::move(s);
+  }
+}
+
+void save_optimizer_state(torch::serialize::OutputArchive& a, torch::optim::Adam& opt,
+                          const std::vector<torch::Tensor>& params) {
+  write_int(a, "num_params", static_cast<int64_t>(params.size()));
+  auto& state = opt.state();
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto it = state.find(c10::guts::to_string(params[i].unsafeGetTensorImpl()));
+    if (it == state.end()) continue;
+    auto& s = static_cast<torch::optim::AdamParamState&>(*it->second);
+    write_int(a, key("step", i), s.step());
+    a.write(key("exp_avg", i), s.exp_avg(), true);
+    a.write(key("exp_avg_sq", i), s.exp_avg_sq(), true);
+    if (s.max_exp_avg_sq().defined()) a.write(key("max_exp_avg_sq", i), s.max_exp_avg_sq(), true);
+  }
+}
+
+void load_optimizer_state(torch::serialize::InputArchive& a, torch::optim::Adam& opt,
+                          const std::vector<torch::Tensor>& params) {
+  check_count(a, params.size());
+  auto& state = opt.state();
+  state.clear();
+  for (size_t i = 0; i < params.size(); ++i) {
+    torch::Tensor avg, sq, mx;
+    if (!a.try_read(key("exp_avg", i), avg, true)) continue;
+    if (!a.try_read(key("exp_avg_sq", i), sq, true))
+      throw CheckpointError("Adam state of parameter " + std::to_string(i) + " is incomplete");
+    auto s = std::make_unique<torch::optim::AdamParamState>();
+    s->step(read_int(a, key("step", i)));
+    s->exp_avg(avg.to(params[i].device()));
+    s->exp_avg_sq(sq.to(params[i].device()));
+    if (a.try_read(key("max_exp_avg_sq", i), mx, true)) s->max_exp_avg_sq(mx.to(params[i].device()));
+    state[c10::guts::to_string(params[i].unsafeGetTensorImpl())] = std::move(s);
+  }
+}
+
 torch::Tensor get_cpu_rng_state() {
   auto gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());

@@ -926,6 +926,7 @@ std::string cell_to_dot(const std::vector<GeneEdge>& cell, const std::vector<int
     << "  label=\"" << dot_escape(title) << "\";\n"
     << "  labelloc=t;\n"
     << "  fontname=\"times\";\n"
+    << "  fontsize=24;\n"
     << "  node [style=filled, shape=rect, align=center, fontsize=20, height=0.5, width=0.5, "
        "penwidth=2, fontname=\"times\"];\n"
     << "  edge [fontsize=20, fontname=\"times\"];\n"

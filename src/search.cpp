@@ -13,6 +13,7 @@
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/data.h"
 #include "noisydarts/error.h"
+#include "noisydarts/report.h"
 #include "noisydarts/search_network.h"
 
 namespace noisydarts {
@@ -148,7 +149,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     cfg = SearchConfig::preset_defaults("noisydarts", "paper");
     cfg.merge_json(read_checkpoint_config(resume_from, "search"), resume_from);
     cfg.out = out;
-    cfg.threads = threads;
+    // The stored thread count is kept unless the caller overrides it: results are bitwise
+    // reproducible only with the same number of threads (docs/reproducibility.md).
+    if (threads >= 0) cfg.threads = threads;
   }
   cfg.validate();
   if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
@@ -215,9 +218,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
       a.read("model", m);
       net->load(m);
       a.read("weight_optimizer", ws);
-      sgd.load(ws);
+      load_optimizer_state(ws, sgd, weights);
       a.read("arch_optimizer", as);
-      architect.optimizer().load(as);
+      load_optimizer_state(as, architect.optimizer(), net->arch_parameters());
       start_epoch = read_int(a, "epoch");
       start_step = read_int(a, "step");
       train_stream.seek({read_int(a, "train_pass"), read_int(a, "train_batch")});
@@ -259,9 +262,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     torch::serialize::OutputArchive m, ws, as;
     net->save(m);
     a.write("model", m);
-    sgd.save(ws);
+    save_optimizer_state(ws, sgd, weights);
     a.write("weight_optimizer", ws);
-    architect.optimizer().save(as);
+    save_optimizer_state(as, architect.optimizer(), net->arch_parameters());
     a.write("arch_optimizer", as);
     write_int(a, "epoch", epoch);
     write_int(a, "step", step);
@@ -458,6 +461,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     << "  files             config.json metrics.jsonl genotype.json genotype.txt";
   for (auto& d : diagrams) s << " " << fs::path(d).filename().string();
   s << " checkpoints/\n";
+  try { write_report(cfg.out); } catch (const std::exception& e) { info(std::string("warning: report.html not written: ") + e.what()); }
   write_text((out / "summary.txt").string(), s.str());
   info(s.str());
   return result;

@@ -6,9 +6,12 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "noisydarts/architect.h"
 #include "noisydarts/config.h"
+#include "noisydarts/error.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/search_network.h"
@@ -157,7 +160,7 @@ TEST(SearchNetwork, GenotypeFollowsTheAlphas) {
 
 TEST(Architect, FirstOrderStepMovesOnlyTheAlphasAlongAdam) {
   torch::manual_seed(2);
-  auto net = tiny_network(noisydarts_primitives(), 2);
+  auto net = tiny_network(noisydarts_primitives(), 3);
   NoiseOptions none;
   none.type = NoiseType::kNone;
   const_cast<NoiseState&>(net->noise()).options = none;

@@ -24,6 +24,19 @@ int64_t read_int(torch::serialize::InputArchive& a, const std::string& key);
 double read_double(torch::serialize::InputArchive& a, const std::string& key);
 std::string read_string(torch::serialize::InputArchive& a, const std::string& key);
 
+/// Optimizer state by parameter position. LibTorch 1.13's own Optimizer::save/load keys the
+/// state by printed pointers that its loader cannot parse back (the state is silently lost on
+/// resume), so we store it ourselves: tensors `momentum_<i>` (SGD) or `step_<i>`, `exp_avg_<i>`,
+/// `exp_avg_sq_<i>`, `max_exp_avg_sq_<i>` (Adam), i = index in `params`.
+void save_optimizer_state(torch::serialize::OutputArchive& a, torch::optim::SGD& opt,
+                          const std::vector<torch::Tensor>& params);
+void load_optimizer_state(torch::serialize::InputArchive& a, torch::optim::SGD& opt,
+                          const std::vector<torch::Tensor>& params);
+void save_optimizer_state(torch::serialize::OutputArchive& a, torch::optim::Adam& opt,
+                          const std::vector<torch::Tensor>& params);
+void load_optimizer_state(torch::serialize::InputArchive& a, torch::optim::Adam& opt,
+                          const std::vector<torch::Tensor>& params);
+
 /// State of the default CPU generator (noise, drop-path, alpha init draw from it).
 torch::Tensor get_cpu_rng_state();
 void set_cpu_rng_state(const torch::Tensor& state);

@@ -24,7 +24,9 @@ struct SearchResult {
   int64_t epochs_done = 0;
 };
 
-/// Runs (or, with `resume`, continues) a search. `cfg.out` is the run directory. Throws the
+/// Runs (or, with `resume`, continues) a search. `cfg.out` is the run directory. On resume the
+/// configuration stored in the checkpoint is used; only `cfg.out` and, when >= 0, `cfg.threads`
+/// come from `cfg`. Throws the
 /// Error family on bad input, DivergedError on NaN/Inf loss (last good checkpoint kept).
 SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb = {});
 
