@@ -151,7 +151,7 @@ void add_search_command(CLI::App& app, Action& run) {
   bind("--dataset", "dataset", "fashion-mnist (default) | mnist | cifar10 | cifar100 | synthetic")
       ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"}));
   bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
-  bind("--subset", "subset", "Use only N training images (0 = all; small scale: 4000)");
+  bind("--subset", "subset", "Use only N training images (0 = all; small scale: 2000)");
   bind("--train-portion", "train_portion", "Share of the training images in the weight half (0.5)");
   bind("--epochs", "epochs", "Search epochs");
   bind("--batch-size", "batch_size", "Batch size of both halves");

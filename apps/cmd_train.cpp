@@ -63,7 +63,7 @@ void add_train_command(CLI::App& app, Action& run) {
   st->flags.reserve(64);
   auto* cmd = app.add_subcommand("train", "Train a genotype's evaluation network from scratch (SPEC 3)");
   cmd->add_option("--preset", st->preset,
-                  "default (~10 min on 2 cores: Fashion-MNIST 5000-image subset, C 16, L 8, 5 epochs, 1 thread) or paper "
+                  "default (~10 min on 2 cores: Fashion-MNIST 6000-image subset, C 16, L 8, 6 epochs, 1 thread) or paper "
                   "(CIFAR-10, C 36, L 20, batch 96, lr 0.025, 600 epochs, cutout 16, drop-path 0.2, aux 0.4)")
       ->check(CLI::IsMember({"default", "paper"}))->capture_default_str();
   cmd->add_option("--config", st->config_file, "JSON config file (keys as in a run's config.json); flags override it");

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "noisydarts/architect.h"
@@ -14,6 +15,9 @@ using namespace noisydarts;
 
 namespace {
 void set_threads() {
+  // NOISYDARTS_BENCH_MKLDNN=0 benchmarks ATen's native convolutions instead of oneDNN's.
+  const char* m = std::getenv("NOISYDARTS_BENCH_MKLDNN");
+  at::globalContext().setUserEnabledMkldnn(!(m && std::string(m) == "0"));
   const char* t = std::getenv("NOISYDARTS_BENCH_THREADS");
   at::set_num_threads(t ? std::atoi(t) : static_cast<int>(std::thread::hardware_concurrency()));
 }
@@ -40,14 +44,16 @@ void BM_SearchIteration(benchmark::State& state) {
   auto weights = net->weight_parameters();
   torch::optim::SGD sgd(weights, torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(3e-4));
   Batch b{torch::randn({B, in_ch, S, S}), torch::randint(0, 10, {B})};
-  for (auto _ : state) {
+  auto iteration = [&] {
     arch.step(b);
     sgd.zero_grad();
     auto loss = torch::nn::functional::cross_entropy(net->forward(b.x), b.y);
     torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
     torch::nn::utils::clip_grad_norm_(weights, 5.0);
     sgd.step();
-  }
+  };
+  iteration();  // warm-up: oneDNN creates and JIT-compiles its primitives on first use
+  for (auto _ : state) iteration();
   state.SetItemsProcessed(state.iterations() * 2 * B);  // images through the network
 }
 BENCHMARK(BM_SearchIteration)->Args({64, 8, 5, 28})->Args({32, 16, 8, 32})->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -33,12 +33,12 @@ SearchConfig SearchConfig::preset_defaults(const std::string& preset, const std:
   c.augment.flip = true;
   if (scale == "small") {
     // Sized so that `noisydarts search` completes on Fashion-MNIST in about 10 minutes on 2
-    // cores (docs/search.md has the measurement): 5 cells of 8 channels, 4000 images (2000 per
-    // half), 10 epochs. Batch and optimiser settings stay the preset's.
+    // cores (docs/search.md has the measurement): 5 cells of 8 channels, 2000 images (1000 per
+    // half), 10 epochs of 16 steps of batch 64. Optimiser settings stay the preset's.
     c.channels = 8;
     c.layers = 5;
     c.epochs = 10;
-    c.subset = 4000;
+    c.subset = 2000;
     c.batch_size = 64;
   } else if (scale != "paper") {
     throw UsageError("--scale must be small or paper, got '" + scale + "'");

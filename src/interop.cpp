@@ -431,6 +431,7 @@ torch::Tensor load_tensor_file(const std::string& path) {
 
 std::pair<std::string, size_t> export_checkpoint(const std::string& checkpoint,
                                                  const std::string& out, bool with_alphas) {
+  if (!std::filesystem::exists(checkpoint)) throw CheckpointError("cannot read checkpoint " + checkpoint + ": no such file");
   torch::serialize::InputArchive probe;
   std::string kind;
   try {

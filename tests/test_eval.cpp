@@ -367,5 +367,15 @@ TEST(Train, BeatsChanceOnSyntheticDataAndKeepsItsFiles) {
   const auto got = load_state_dict_file((dir / "model.pt").string());
   ASSERT_EQ(got.size(), want.size());
   for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(torch::equal(got[i].second, want[i].second)) << got[i].first;
+  // --init-from: a state dict of the same network is accepted, one of another network refused.
+  TrainConfig fine = cfg;
+  fine.out = (dir / "fine").string();
+  fine.init_from = (dir / "model.pt").string();
+  fine.epochs = 1;
+  fine.max_steps = 2;
+  EXPECT_NO_THROW(run_train(fine, false, cb));
+  fine.out = (dir / "fine2").string();
+  fine.channels = 6;
+  EXPECT_THROW(run_train(fine, false, cb), CheckpointError);
   fs::remove_all(dir);
 }

@@ -19,7 +19,7 @@ using nlohmann::json;
 namespace {
 
 const std::string kSmallSearch =
-    "search --dataset synthetic --epochs 3 --channels 4 --layers 3 --batch-size 16 --subset 256 "
+    "search --dataset synthetic --channels 4 --layers 3 --batch-size 16 --subset 256 "
     "--threads 1 --seed 11 -q";
 
 std::string slurp(const fs::path& p) {
@@ -74,10 +74,10 @@ std::vector<std::string> split(const std::string& s) {
 
 TEST(Resume, SigkillAfterTheFirstCheckpointThenResumeIsBitwiseIdentical) {
   const auto ref = fresh("ref"), killed = fresh("killed");
-  ASSERT_EQ(run(kSmallSearch + " --out " + ref.string()), 0);
+  ASSERT_EQ(run(kSmallSearch + " --epochs 3 --out " + ref.string()), 0);
 
   // Start the same search as a child process, checkpointing after every step.
-  auto args = split(kSmallSearch + " --checkpoint-every 0.00001 --out " + killed.string());
+  auto args = split(kSmallSearch + " --epochs 3 --checkpoint-every 0.00001 --out " + killed.string());
   args.insert(args.begin(), NOISYDARTS_CLI);
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
