@@ -13,6 +13,8 @@
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/data.h"
 #include "noisydarts/error.h"
+#include "noisydarts/runtime.h"
+#include "noisydarts/profile.h"
 #include "noisydarts/report.h"
 #include "noisydarts/search_network.h"
 
@@ -42,17 +44,6 @@ double cosine_lr(double lr_max, double lr_min, int64_t e, int64_t T) {
   return lr_min + (lr_max - lr_min) * (1.0 + std::cos(M_PI * static_cast<double>(e) / T)) / 2.0;
 }
 
-torch::Device parse_device(const std::string& d) {
-  try {
-    torch::Device dev(d);
-    if (dev.is_cuda() && !torch::cuda::is_available())
-      throw UsageError("--device " + d + ": this LibTorch build or machine has no CUDA device");
-    if (!dev.is_cpu() && !dev.is_cuda()) throw UsageError("--device must be cpu or cuda[:N], got '" + d + "'");
-    return dev;
-  } catch (const c10::Error&) {
-    throw UsageError("--device must be cpu or cuda[:N], got '" + d + "'");
-  }
-}
 
 json softmax_table(const torch::Tensor& alphas) {
   auto w = torch::softmax(alphas.detach().to(torch::kCPU, torch::kDouble), -1).contiguous();
@@ -161,6 +152,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
 
   const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(threads);
+  keep_freed_memory();
 
   // ---- Data: everything is validated before the run directory is touched.
   DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
@@ -455,6 +447,15 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     char b[64];
     std::snprintf(b, sizeof b, "%.2f%%", result.valid_acc);
     s << "  supernet valid acc " << b << " (eval mode, architecture half)\n";
+  }
+  {
+    // The derived cell's evaluation network at the CIFAR recipe size (C 36, L 20) on this
+    // dataset's input shape: what `noisydarts profile --genotype DIR/genotype.json` prints.
+    const auto prof = profile_genotype(g, 36, 20, dataset_shape(cfg.dataset));
+    char b[160];
+    std::snprintf(b, sizeof b, "%.3f M params, %.1f M multiply-adds (C 36, L 20, %s input)",
+                  prof.params / 1e6, prof.macs / 1e6, cfg.dataset.c_str());
+    s << "  profile           " << b << "\n";
   }
   s << "  search time       " << format_duration(run_compute_seconds) << " compute, "
     << format_duration(result.seconds) << " this process\n"

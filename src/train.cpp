@@ -14,6 +14,7 @@
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
+#include "noisydarts/runtime.h"
 #include "noisydarts/interop.h"
 
 namespace noisydarts {
@@ -88,25 +89,7 @@ double cosine_lr(double lr_max, double lr_min, int64_t e, int64_t T) {
   return lr_min + (lr_max - lr_min) * (1.0 + std::cos(M_PI * static_cast<double>(e) / T)) / 2.0;
 }
 
-torch::Device parse_device(const std::string& d) {
-  try {
-    torch::Device dev(d);
-    if (dev.is_cuda() && !torch::cuda::is_available())
-      throw UsageError("--device " + d + ": this LibTorch build or machine has no CUDA device");
-    if (!dev.is_cpu() && !dev.is_cuda()) throw UsageError("--device must be cpu or cuda[:N], got '" + d + "'");
-    return dev;
-  } catch (const c10::Error&) {
-    throw UsageError("--device must be cpu or cuda[:N], got '" + d + "'");
-  }
-}
 
-// glibc serves blocks above its mmap threshold with mmap and unmaps them when freed, so every
-// large activation tensor costs fresh page faults: measured here, evaluating Fashion-MNIST took
-// 5-9x longer (most of it system time). Keep freed memory in the heap instead.
-void keep_freed_memory() {
-  mallopt(M_MMAP_THRESHOLD, 32 << 20);  // the largest value glibc accepts on 64-bit
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-}
 
 // Evaluation batch: large enough to be efficient, small enough that activations stay below the
 // mmap threshold above.
