@@ -2,6 +2,9 @@
 
 #include <malloc.h>
 
+#include <cmath>
+#include <sstream>
+
 #include "noisydarts/error.h"
 
 namespace noisydarts {
@@ -21,6 +24,24 @@ torch::Device parse_device(const std::string& d) {
 void keep_freed_memory() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);  // the largest value glibc accepts on 64-bit
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const auto total = static_cast<int64_t>(s + 0.5);
+  std::ostringstream o;
+  if (total >= 3600) o << total / 3600 << "h";
+  if (total >= 60) o << (total / 60) % 60 << "m";
+  o << total % 60 << "s";
+  return o.str();
+}
+
+double cosine_lr(double lr_max, double lr_min, int64_t e, int64_t T) {
+  return lr_min + (lr_max - lr_min) * (1.0 + std::cos(M_PI * static_cast<double>(e) / T)) / 2.0;
 }
 
 }  // namespace noisydarts

@@ -25,24 +25,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-double seconds_since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
-std::string format_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  const auto total = static_cast<int64_t>(s + 0.5);
-  std::ostringstream o;
-  if (total >= 3600) o << total / 3600 << "h";
-  if (total >= 60) o << (total / 60) % 60 << "m";
-  o << total % 60 << "s";
-  return o.str();
-}
-
-/// PyTorch CosineAnnealingLR in closed form: the lr of epoch `e` of `T`.
-double cosine_lr(double lr_max, double lr_min, int64_t e, int64_t T) {
-  return lr_min + (lr_max - lr_min) * (1.0 + std::cos(M_PI * static_cast<double>(e) / T)) / 2.0;
-}
 
 
 json softmax_table(const torch::Tensor& alphas) {

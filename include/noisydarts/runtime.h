@@ -1,6 +1,7 @@
 #pragma once
 /// Process-level runtime settings shared by the commands: device parsing and the allocator.
 #include <torch/torch.h>
+#include <chrono>
 #include <string>
 
 namespace noisydarts {
@@ -13,5 +14,12 @@ torch::Device parse_device(const std::string& d);
 /// large activation tensor costs fresh page faults (measured here: evaluating Fashion-MNIST took
 /// 5-9x longer, mostly system time). Keeps freed memory in the heap instead. Idempotent.
 void keep_freed_memory();
+
+/// Seconds elapsed since `t` (steady clock).
+double seconds_since(std::chrono::steady_clock::time_point t);
+/// "1h2m3s" / "4m5s" / "6s"; "?" for negative or non-finite values.
+std::string format_duration(double seconds);
+/// PyTorch's CosineAnnealingLR in closed form, stepped once per epoch: the lr of epoch `e` of `T`.
+double cosine_lr(double lr_max, double lr_min, int64_t e, int64_t T);
 
 }  // namespace noisydarts
