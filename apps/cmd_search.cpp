@@ -174,7 +174,12 @@ void add_search_command(CLI::App& app, Action& run) {
   bind("--grad-clip", "grad_clip", "Gradient-norm clip of the weight step");
   bind("--arch-lr", "arch_lr", "Adam learning rate of the alphas");
   bind("--arch-weight-decay", "arch_weight_decay", "Adam weight decay of the alphas");
-  bind("--order", "order", "Architecture gradient: first (second: not yet available)")->check(CLI::IsMember({"first", "second"}));
+  bind("--order", "order", "Architecture gradient: first | second (unrolled, SPEC 1.1)")->check(CLI::IsMember({"first", "second"}));
+  bind("--unrolled-xi", "unrolled_xi", "Virtual-step size of --order second (< 0: the current weight lr)");
+  bind("--hessian-every", "hessian_every", "Log the dominant Hessian eigenvalue of the validation loss w.r.t. the alphas every K epochs (0 = off)");
+  bind("--hessian-iters", "hessian_iters", "Power-iteration steps of the eigenvalue");
+  bind("--early-stop", "early_stop_ratio", "DARTS-ES: stop when lambda(e - window) / lambda(e) < R and keep the genotype of epoch e - window (0 = off; paper: 0.75)");
+  bind("--early-stop-window", "early_stop_window", "Epochs between the compared eigenvalues (paper: 5)");
   bind("--cutout", "augment.cutout", "Cutout side in pixels (0 = off)");
   bind("--crop-padding", "augment.crop_padding", "Random-crop padding in pixels (0 = off)");
   bind("--flip", "augment.flip", "Random horizontal flip (true/false)");

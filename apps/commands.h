@@ -17,5 +17,6 @@ void add_export_command(CLI::App& app, Action& run);
 void add_predict_command(CLI::App& app, Action& run);
 void add_report_command(CLI::App& app, Action& run);
 void add_compare_command(CLI::App& app, Action& run);
+void add_analyze_command(CLI::App& app, Action& run);
 
 }  // namespace noisydarts::cli

@@ -1,5 +1,8 @@
 #include "noisydarts/architect.h"
 
+#include "noisydarts/checkpoint.h"
+#include "noisydarts/hessian.h"
+
 namespace noisydarts {
 
 Architect::Architect(SearchNetwork net, ArchitectOptions opt) : net_(std::move(net)) {
@@ -13,19 +16,38 @@ ArchStepResult Architect::step(const Batch& valid) {
   auto alphas = net_->arch_parameters();
   auto logits = net_->forward(valid.x);
   auto loss = torch::nn::functional::cross_entropy(logits, valid.y);
-  // Only the alphas' gradient is needed: autograd::grad leaves the weights' .grad untouched.
-  // allow_unused: with very few layers every cell may be a reduction cell, leaving
-  // alphas_normal out of the graph; its gradient is then zero.
-  auto grads = torch::autograd::grad({loss}, alphas, {}, c10::nullopt, false, /*allow_unused=*/true);
-  for (size_t i = 0; i < grads.size(); ++i)
-    if (!grads[i].defined()) grads[i] = torch::zeros_like(alphas[i]);
-  if (reduce_) reduce_(grads);
-  for (size_t i = 0; i < alphas.size(); ++i) alphas[i].mutable_grad() = grads[i];
-  adam_->step();
-  for (auto& a : alphas) a.mutable_grad() = torch::Tensor();
+  // Only the alphas' gradient is needed: autograd::grad leaves the weights' .grad untouched and
+  // computes no weight gradients. With very few layers every cell may be a reduction cell,
+  // leaving alphas_normal out of the graph; its gradient is then zero.
+  apply(grads_or_zero(loss, alphas), /*reduce=*/true);
   ArchStepResult r;
   r.loss = loss.item<double>();
   r.correct = logits.argmax(1).eq(valid.y).sum().item<int64_t>();
+  return r;
+}
+
+void Architect::apply(std::vector<torch::Tensor> grads, bool reduce) {
+  auto alphas = net_->arch_parameters();
+  if (reduce && reduce_) reduce_(grads);
+  for (size_t i = 0; i < alphas.size(); ++i) alphas[i].mutable_grad() = grads[i];
+  adam_->step();
+  for (auto& a : alphas) a.mutable_grad() = torch::Tensor();
+}
+
+ArchStepResult Architect::step_unrolled(const Batch& valid, const Batch& train, torch::optim::SGD& sgd, double xi) {
+  auto weights = net_->weight_parameters();
+  const auto& o = static_cast<const torch::optim::SGDOptions&>(sgd.param_groups().at(0).options());
+  UnrolledOptions uo;
+  uo.xi = xi;
+  uo.momentum = o.momentum();
+  uo.weight_decay = o.weight_decay();
+  // Every gradient inside is averaged across ranks, so the result is the large-batch gradient;
+  // the final alpha gradient is then already reduced.
+  auto g = unrolled_alpha_gradient(net_, valid, train, sgd_momentum_buffers(sgd, weights), uo, reduce_);
+  apply(std::move(g.alpha_grad), /*reduce=*/false);
+  ArchStepResult r;
+  r.loss = g.valid_loss;
+  r.correct = g.correct;
   return r;
 }
 

@@ -128,6 +128,16 @@ void load_optimizer_state(torch::serialize::InputArchive& a, torch::optim::Adam&
   }
 }
 
+std::vector<torch::Tensor> sgd_momentum_buffers(torch::optim::SGD& opt, const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> out(params.size());
+  auto& state = opt.state();
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto it = state.find(c10::guts::to_string(params[i].unsafeGetTensorImpl()));
+    if (it != state.end()) out[i] = static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
+  }
+  return out;
+}
+
 torch::Tensor get_cpu_rng_state() {
   auto gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());

@@ -80,6 +80,10 @@ json SearchConfig::to_json() const {
               {"arch_weight_decay", arch_weight_decay},
               {"order", order},
               {"unrolled_xi", unrolled_xi},
+              {"hessian_every", hessian_every},
+              {"hessian_iters", hessian_iters},
+              {"early_stop_ratio", early_stop_ratio},
+              {"early_stop_window", early_stop_window},
               {"seed", seed},
               {"threads", threads},
               {"device", device},
@@ -148,6 +152,10 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
     arch_weight_decay = cur["arch_weight_decay"];
     order = cur["order"];
     unrolled_xi = cur["unrolled_xi"];
+    hessian_every = cur["hessian_every"];
+    hessian_iters = cur["hessian_iters"];
+    early_stop_ratio = cur["early_stop_ratio"];
+    early_stop_window = cur["early_stop_window"];
     seed = cur["seed"];
     threads = cur["threads"];
     device = cur["device"];
@@ -178,6 +186,12 @@ void SearchConfig::validate() const {
   need(arch_lr >= 0, "--arch-lr must be >= 0");
   need(arch_beta1 >= 0 && arch_beta1 < 1 && arch_beta2 >= 0 && arch_beta2 < 1, "Adam betas must be in [0, 1)");
   need(order == "first" || order == "second", "--order must be first or second, got '" + order + "'");
+  need(hessian_every >= 0, "--hessian-every must be >= 0 epochs (0 = off), got " + std::to_string(hessian_every));
+  need(hessian_iters >= 1 && hessian_iters <= 10000, "--hessian-iters must be in [1, 10000], got " + std::to_string(hessian_iters));
+  need(early_stop_ratio >= 0 && early_stop_ratio < 1, "--early-stop must be in [0, 1) (0 = off)");
+  need(early_stop_window >= 1, "--early-stop-window must be >= 1 epoch");
+  need(early_stop_ratio == 0 || (hessian_every > 0 && early_stop_window % hessian_every == 0),
+       "--early-stop needs --hessian-every K with K dividing --early-stop-window");
   need(threads >= 0, "--threads must be >= 0 (0 = all cores)");
   need(workers >= 1 && workers <= 64, "--workers must be in [1, 64]");
   need(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1");

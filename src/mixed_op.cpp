@@ -28,7 +28,7 @@ torch::Tensor MixedOpImpl::forward(const torch::Tensor& x, const torch::Tensor& 
     auto y = ops_[k].forward(x);
     if (name == "max_pool_3x3") y = bn1_->forward(y);
     else if (name == "avg_pool_3x3") y = bn2_->forward(y);
-    if (is_training()) {
+    if (is_training() && !noise_->suspended) {
       const auto& opt = noise_->options;
       if (opt.applies_to(name)) y = apply_noise(y, opt, noise_->decay);
       if (name == "skip_connect") y = drop_path(y, opt.skip_drop_path);

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "noisydarts/architect.h"
+#include "noisydarts/hessian.h"
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/data.h"
 #include "noisydarts/error.h"
@@ -89,6 +90,52 @@ struct EpochAccum {
 
 std::string checkpoint_dir(const std::string& run) { return (fs::path(run) / "checkpoints").string(); }
 
+/// The training images of a search and their two halves (a pure function of the config).
+struct SearchData {
+  Dataset train;
+  std::vector<int64_t> w_idx, a_idx;
+};
+
+SearchData load_search_data(const SearchConfig& cfg) {
+  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
+  SearchData d;
+  d.train = subset(data.train, cfg.subset, cfg.seed);
+  std::tie(d.w_idx, d.a_idx) = split_indices(d.train.size(), cfg.train_portion, cfg.seed);
+  if (static_cast<int64_t>(d.w_idx.size()) < 2 || static_cast<int64_t>(d.a_idx.size()) < 2)
+    throw UsageError("--subset/--train-portion leave fewer than 2 images in a half");
+  return d;
+}
+
+SearchNetwork build_search_network(const SearchConfig& cfg, const SearchData& d) {
+  SearchNetworkOptions nopt(cfg.channels, d.train.num_classes, cfg.layers);
+  nopt.in_channels(d.train.images.size(1)).steps(cfg.steps).multiplier(cfg.multiplier)
+      .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std);
+  return SearchNetwork(nopt);
+}
+
+/// The architecture half in fixed order without augmentation (eval-mode accuracy, curvature).
+BatchStream::Options eval_stream_options(const SearchConfig& cfg) {
+  BatchStream::Options eo;
+  eo.batch_size = cfg.batch_size;
+  eo.shuffle = false;
+  eo.augment = AugmentOptions{};
+  eo.augment.normalize = cfg.augment.normalize;
+  eo.workers = cfg.workers;
+  eo.prefetch = 2;
+  eo.seed = cfg.seed * 2 + 2;
+  return eo;
+}
+
+/// The batch the Hessian analysis uses: always the first batch of the architecture half in fixed
+/// order, so that eigenvalues of different epochs (and `noisydarts analyze`) are comparable.
+Batch curvature_batch(BatchStream& eval_stream, torch::Device device) {
+  eval_stream.seek({0, 0});
+  Batch b = eval_stream.next();
+  b.x = b.x.to(device);
+  b.y = b.y.to(device);
+  return b;
+}
+
 void write_text(const std::string& path, const std::string& s) { write_file_atomic(path, s); }
 
 }  // namespace
@@ -129,19 +176,16 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   cfg.validate();
   if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
   const torch::Device device = parse_device(cfg.device);
-  if (cfg.order != "first")
-    throw UsageError("--order second is not available in this build yet (first-order only)");
 
   const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(threads);
   keep_freed_memory();
 
   // ---- Data: everything is validated before the run directory is touched.
-  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
-  Dataset train = subset(data.train, cfg.subset, cfg.seed);
-  auto [w_idx, a_idx] = split_indices(train.size(), cfg.train_portion, cfg.seed);
-  if (static_cast<int64_t>(w_idx.size()) < 2 || static_cast<int64_t>(a_idx.size()) < 2)
-    throw UsageError("--subset/--train-portion leave fewer than 2 images in a half");
+  SearchData sd = load_search_data(cfg);
+  const Dataset& train = sd.train;
+  const auto& w_idx = sd.w_idx;
+  const auto& a_idx = sd.a_idx;
 
   // ---- Run directory.
   std::error_code ec;
@@ -153,10 +197,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
 
   // ---- Network and optimisers.
   torch::manual_seed(cfg.seed);
-  SearchNetworkOptions nopt(cfg.channels, train.num_classes, cfg.layers);
-  nopt.in_channels(train.images.size(1)).steps(cfg.steps).multiplier(cfg.multiplier)
-      .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std);
-  SearchNetwork net(nopt);
+  SearchNetwork net = build_search_network(cfg, sd);
   net->to(device);
   auto weights = net->weight_parameters();
   torch::optim::SGD sgd(weights, torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum).weight_decay(cfg.weight_decay));
@@ -172,11 +213,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   BatchStream train_stream(train, w_idx, so);
   so.seed = cfg.seed * 2 + 2;
   BatchStream valid_stream(train, a_idx, so);  // persistent: never reset between epochs
-  BatchStream::Options eo = so;
-  eo.shuffle = false;
-  eo.augment = AugmentOptions{};
-  eo.augment.normalize = cfg.augment.normalize;
-  BatchStream eval_stream(train, a_idx, eo);
+  BatchStream eval_stream(train, a_idx, eval_stream_options(cfg));
 
   int64_t start_epoch = 0, start_step = 0;
   EpochAccum acc;
@@ -264,6 +301,16 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     for (size_t i = 0; i + cfg.keep_checkpoints < all.size(); ++i) fs::remove(all[i], ec);
   };
 
+  const bool second_order = cfg.order == "second";
+  // A run that stopped early (DARTS-ES) is finished: a resume only rewrites its results.
+  int64_t stopped_at = -1;
+  Genotype early_genotype;
+  if (!history.empty() && history.back().contains("early_stop")) {
+    stopped_at = history.back()["epoch"].get<int64_t>();
+    early_genotype = genotype_from_text(history.back()["early_stop"]["genotype"].get<std::string>());
+    start_epoch = cfg.epochs;
+  }
+
   Progress progress(cb.progress);
   auto last_ckpt = Clock::now();
   SearchResult result;
@@ -283,15 +330,17 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     const double seconds_before = acc.seconds;
 
     for (int64_t step = first_step; step < steps_per_epoch; ++step) {
-      // 1. Architecture step on the architecture half (noise on, training mode).
       Batch vb = valid_stream.next();
       vb.x = vb.x.to(device);
       vb.y = vb.y.to(device);
-      const auto ar = architect.step(vb);
-      // 2. Weight step on the weight half.
       Batch tb = train_stream.next();
       tb.x = tb.x.to(device);
       tb.y = tb.y.to(device);
+      // 1. Architecture step on the architecture half (noise on, training mode). Second order
+      //    unrolls the coming weight step on the same training batch.
+      const auto ar = second_order ? architect.step_unrolled(vb, tb, sgd, cfg.unrolled_xi < 0 ? lr : cfg.unrolled_xi)
+                                   : architect.step(vb);
+      // 2. Weight step on the weight half.
       sgd.zero_grad();
       auto logits = net->forward(tb.x);
       auto loss = torch::nn::functional::cross_entropy(logits, tb.y);
@@ -381,6 +430,29 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
            {"primitives", cfg.primitives},
            {"alphas_normal", softmax_table(net->alphas_normal())},
            {"alphas_reduce", softmax_table(net->alphas_reduce())}};
+    if (cfg.hessian_every > 0 && (epoch + 1) % cfg.hessian_every == 0) {
+      const auto t_h = Clock::now();
+      const auto eig = hessian_dominant_eigenvalue(net, curvature_batch(eval_stream, device),
+                                                   EigenOptions{static_cast<int>(cfg.hessian_iters), 1e-3, cfg.seed});
+      m["hessian_eigenvalue"] = eig.eigenvalue;
+      m["hessian_iterations"] = eig.iterations;
+      m["hessian_seconds"] = seconds_since(t_h);
+      if (cfg.early_stop_ratio > 0) {
+        // DARTS-ES (RobustDARTS): stop when lambda(e - window) / lambda(e) < ratio and keep the
+        // architecture of epoch e - window.
+        for (const auto& h : history) {
+          if (h["epoch"].get<int64_t>() != epoch + 1 - cfg.early_stop_window || !h.contains("hessian_eigenvalue")) continue;
+          const double then = h["hessian_eigenvalue"].get<double>(), now = eig.eigenvalue;
+          if (now > 0 && then / now < cfg.early_stop_ratio) {
+            stopped_at = epoch + 1;
+            early_genotype = genotype_from_text(h["genotype"].get<std::string>());
+            m["early_stop"] = {{"ratio", then / now},
+                               {"genotype_epoch", h["epoch"]},
+                               {"genotype", h["genotype"]}};
+          }
+        }
+      }
+    }
     history.push_back(m);
     std::string lines;
     for (const auto& h : history) lines += h.dump() + "\n";
@@ -392,6 +464,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
       o << "epoch " << epoch + 1 << "/" << cfg.epochs << "  train loss " << m["train_loss"].get<double>()
         << " acc " << m["train_acc"].get<double>() << "%  arch loss " << m["arch_loss"].get<double>();
       if (cfg.eval_valid) o << "  valid acc " << valid_acc << "%";
+      if (m.contains("hessian_eigenvalue")) o << "  hessian eig " << m["hessian_eigenvalue"].get<double>();
       o << "  skips normal/reduce " << m["skip_normal"] << "/" << m["skip_reduce"] << "  "
         << format_duration(epoch_seconds);
       info(o.str());
@@ -401,11 +474,18 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     last_ckpt = Clock::now();
     result.valid_acc = valid_acc;
     result.epochs_done = epoch + 1;
+    if (stopped_at > 0) {
+      info("early stop (DARTS-ES): eigenvalue ratio " + std::to_string(m["early_stop"]["ratio"].get<double>()) +
+           " < " + std::to_string(cfg.early_stop_ratio) + "; keeping the genotype of epoch " +
+           std::to_string(m["early_stop"]["genotype_epoch"].get<int64_t>()));
+      break;
+    }
   }
 
   // ---- Results.
-  const Genotype g = net->genotype();
+  const Genotype g = stopped_at > 0 ? early_genotype : net->genotype();
   result.genotype = g;
+  result.stopped_early_at = stopped_at;
   result.seconds = seconds_since(t_start);
   const fs::path out(cfg.out);
   write_text((out / "genotype.json").string(), genotype_to_json(g).dump(2) + "\n");
@@ -421,7 +501,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   if (cfg.noise.enabled())
     s << " " << to_string(cfg.noise.mixture) << " lambda " << cfg.noise.lambda << " mu " << cfg.noise.mean
       << " decay " << to_string(cfg.noise.decay);
-  s << "\n  dataset           " << cfg.dataset << ", " << cfg.epochs << " epochs\n"
+  s << "\n  dataset           " << cfg.dataset << ", " << cfg.epochs << " epochs";
+  if (stopped_at > 0) s << " (stopped early after epoch " << stopped_at << " by --early-stop)";
+  s << ", " << cfg.order << "-order architecture step\n"
     << "  genotype          " << genotype_to_text(g) << "\n"
     << "  skip connections  normal " << count_op(g.normal, "skip_connect") << "/" << g.normal.size()
     << ", reduce " << count_op(g.reduce, "skip_connect") << "/" << g.reduce.size() << "\n";
@@ -448,6 +530,51 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   write_text((out / "summary.txt").string(), s.str());
   info(s.str());
   return result;
+}
+
+AnalyzeResult analyze_checkpoint(const std::string& path, const AnalyzeOptions& opt) {
+  const auto t0 = Clock::now();
+  std::string file = path;
+  if (fs::is_directory(path)) {
+    file = latest_checkpoint(path);
+    if (file.empty()) throw CheckpointError("run directory " + path + " holds no checkpoint (checkpoints/latest missing)");
+  }
+  SearchConfig cfg = SearchConfig::preset_defaults("noisydarts", "paper");
+  cfg.merge_json(read_checkpoint_config(file, "search"), file);
+  if (opt.threads >= 0) cfg.threads = opt.threads;
+  if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
+  at::set_num_threads(cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  keep_freed_memory();
+  const torch::Device device = parse_device(opt.device.empty() ? cfg.device : opt.device);
+
+  SearchData sd = load_search_data(cfg);
+  SearchNetwork net = build_search_network(cfg, sd);
+  AnalyzeResult r;
+  r.checkpoint = file;
+  {
+    torch::serialize::InputArchive a;
+    open_checkpoint(file, "search", a);
+    try {
+      torch::serialize::InputArchive m;
+      a.read("model", m);
+      net->load(m);
+      r.epoch = read_int(a, "epoch");
+      r.step = read_int(a, "step");
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw CheckpointError("checkpoint " + file + " does not match its search network: " + std::string(e.what()).substr(0, 200));
+    }
+  }
+  net->to(device);
+  net->train();
+  BatchStream eval_stream(sd.train, sd.a_idx, eval_stream_options(cfg));
+  const Batch b = curvature_batch(eval_stream, device);
+  r.batch_size = b.y.size(0);
+  r.eigen = hessian_dominant_eigenvalue(net, b, EigenOptions{opt.iters > 0 ? opt.iters : static_cast<int>(cfg.hessian_iters), opt.tol, cfg.seed});
+  r.genotype = net->genotype();
+  r.seconds = seconds_since(t0);
+  return r;
 }
 
 }  // namespace noisydarts

@@ -30,10 +30,17 @@ class Architect {
   Architect(SearchNetwork net, ArchitectOptions opt);
   /// One first-order step on a validation batch: alpha <- Adam(alpha, d L_val / d alpha).
   ArchStepResult step(const Batch& valid);
+  /// One second-order (unrolled) step, SPEC 1.1: the alpha gradient of unrolled_alpha_gradient
+  /// (hessian.h) with xi = `xi`, the momentum buffers and hyper-parameters of `sgd`, and the
+  /// training batch `train` (the one the following weight step uses). The reported loss and
+  /// accuracy are those of the virtual network w'.
+  ArchStepResult step_unrolled(const Batch& valid, const Batch& train, torch::optim::SGD& sgd, double xi);
   torch::optim::Adam& optimizer() { return *adam_; }
   void set_grad_reducer(GradReducer r) { reduce_ = std::move(r); }
 
  private:
+  /// Adam step of the alphas with `grads` (averaged across ranks first when `reduce`).
+  void apply(std::vector<torch::Tensor> grads, bool reduce);
   SearchNetwork net_;
   std::unique_ptr<torch::optim::Adam> adam_;
   GradReducer reduce_;

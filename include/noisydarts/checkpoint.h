@@ -37,6 +37,9 @@ void save_optimizer_state(torch::serialize::OutputArchive& a, torch::optim::Adam
 void load_optimizer_state(torch::serialize::InputArchive& a, torch::optim::Adam& opt,
                           const std::vector<torch::Tensor>& params);
 
+/// The SGD momentum buffers of `params` (undefined where the optimiser holds none yet).
+std::vector<torch::Tensor> sgd_momentum_buffers(torch::optim::SGD& opt, const std::vector<torch::Tensor>& params);
+
 /// State of the default CPU generator (noise, drop-path, alpha init draw from it).
 torch::Tensor get_cpu_rng_state();
 void set_cpu_rng_state(const torch::Tensor& state);

@@ -38,6 +38,11 @@ struct SearchConfig {
   double arch_lr = 3e-4, arch_beta1 = 0.5, arch_beta2 = 0.999, arch_weight_decay = 1e-3;
   std::string order = "first";        ///< first | second
   double unrolled_xi = -1;            ///< virtual-step lr for --order second; < 0: current lr
+  // Curvature analysis (hessian.h) and DARTS-ES early stop.
+  int64_t hessian_every = 0;          ///< dominant Hessian eigenvalue every K epochs (0 = off)
+  int64_t hessian_iters = 20;         ///< power-iteration steps
+  double early_stop_ratio = 0;        ///< stop when lambda(e - window) / lambda(e) < ratio (0 = off)
+  int64_t early_stop_window = 5;      ///< epochs between the two compared eigenvalues
   // Running.
   uint64_t seed = 0;
   int threads = 0;                    ///< 0 = all cores

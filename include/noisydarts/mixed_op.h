@@ -15,6 +15,9 @@ namespace noisydarts {
 struct NoiseState {
   NoiseOptions options;
   double decay = 1.0;
+  /// While true, training-mode forwards draw no noise and no skip drop-path (the Hessian
+  /// analysis measures the deterministic loss; see hessian.h). Set through NoiseSuspend.
+  bool suspended = false;
 };
 
 /// One edge. Registered as `_ops.{k}` (candidates, reference layout) plus `bn1` (after

@@ -7,6 +7,7 @@
 
 #include "noisydarts/config.h"
 #include "noisydarts/genotype.h"
+#include "noisydarts/hessian.h"
 
 namespace noisydarts {
 
@@ -22,6 +23,7 @@ struct SearchResult {
   double seconds = 0;      ///< wall time of this process' part of the run
   double valid_acc = -1;   ///< final eval-mode accuracy on the architecture half (%), -1 if off
   int64_t epochs_done = 0;
+  int64_t stopped_early_at = -1;  ///< epoch at which --early-stop ended the run (-1: did not)
 };
 
 /// Runs (or, with `resume`, continues) a search. `cfg.out` is the run directory. On resume the
@@ -32,5 +34,27 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
 
 /// Path of the newest checkpoint in a run directory, or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);
+
+struct AnalyzeOptions {
+  int iters = 0;          ///< power-iteration steps (0: the run's hessian_iters)
+  double tol = 1e-3;
+  int threads = -1;       ///< < 0: the run's thread count
+  std::string device;     ///< empty: the run's device
+};
+
+struct AnalyzeResult {
+  std::string checkpoint;     ///< the file analysed
+  int64_t epoch = 0, step = 0;
+  int64_t batch_size = 0;
+  EigenResult eigen;
+  Genotype genotype;          ///< derived from the checkpoint's alphas
+  double seconds = 0;
+};
+
+/// The Hessian analysis of a search checkpoint (a .pt file or a run directory: its latest
+/// checkpoint): the dominant eigenvalue of the validation loss w.r.t. the alphas on the same
+/// batch the search logs it on (first batch of the architecture half, fixed order). Equals the
+/// `hessian_eigenvalue` the search wrote for that epoch (same batch, weights, seed, threads).
+AnalyzeResult analyze_checkpoint(const std::string& path, const AnalyzeOptions& opt = {});
 
 }  // namespace noisydarts

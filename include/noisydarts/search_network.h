@@ -68,6 +68,7 @@ class SearchNetworkImpl : public torch::nn::Module {
   /// Sets the noise decay factor for the coming forwards (noise_decay_factor of noise.h).
   void set_noise_decay(double decay) { noise_->decay = decay; }
   const NoiseState& noise() const { return *noise_; }
+  NoiseState& noise() { return *noise_; }
   const SearchNetworkOptions& options() const { return options_; }
   int64_t num_edges() const;
 
