@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   nd::cli::add_report_command(app, run);
   nd::cli::add_compare_command(app, run);
   nd::cli::add_analyze_command(app, run);
+  nd::cli::add_bench_command(app, run);
 
   try {
     app.parse(argc, argv);

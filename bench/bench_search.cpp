@@ -9,6 +9,7 @@
 
 #include "noisydarts/architect.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/search.h"
 #include "noisydarts/search_network.h"
 
 using namespace noisydarts;
@@ -46,11 +47,7 @@ void BM_SearchIteration(benchmark::State& state) {
   Batch b{torch::randn({B, in_ch, S, S}), torch::randint(0, 10, {B})};
   auto iteration = [&] {
     arch.step(b);
-    sgd.zero_grad();
-    auto loss = torch::nn::functional::cross_entropy(net->forward(b.x), b.y);
-    torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
-    torch::nn::utils::clip_grad_norm_(weights, 5.0);
-    sgd.step();
+    search_weight_step(net, sgd, weights, b, 5.0);
   };
   iteration();  // warm-up: oneDNN creates and JIT-compiles its primitives on first use
   for (auto _ : state) iteration();

@@ -140,6 +140,28 @@ void write_text(const std::string& path, const std::string& s) { write_file_atom
 
 }  // namespace
 
+WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
+                                    const std::vector<torch::Tensor>& weights, const Batch& batch,
+                                    double grad_clip, const GradReducer& reduce) {
+  sgd.zero_grad();
+  auto logits = net->forward(batch.x);
+  auto loss = torch::nn::functional::cross_entropy(logits, batch.y);
+  WeightStepResult r;
+  r.loss = loss.item<double>();
+  r.correct = logits.argmax(1).eq(batch.y).sum().item<int64_t>();
+  if (!std::isfinite(r.loss)) return r;
+  torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
+  if (reduce) {
+    std::vector<torch::Tensor> g;
+    for (const auto& w : weights) g.push_back(w.grad().defined() ? w.grad() : torch::zeros_like(w));
+    reduce(g);
+    for (size_t i = 0; i < weights.size(); ++i) const_cast<torch::Tensor&>(weights[i]).mutable_grad() = g[i];
+  }
+  torch::nn::utils::clip_grad_norm_(weights, grad_clip);
+  sgd.step();
+  return r;
+}
+
 std::string latest_checkpoint(const std::string& run_dir) {
   const fs::path latest = fs::path(checkpoint_dir(run_dir)) / "latest";
   std::ifstream f(latest);
@@ -341,10 +363,8 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
       const auto ar = second_order ? architect.step_unrolled(vb, tb, sgd, cfg.unrolled_xi < 0 ? lr : cfg.unrolled_xi)
                                    : architect.step(vb);
       // 2. Weight step on the weight half.
-      sgd.zero_grad();
-      auto logits = net->forward(tb.x);
-      auto loss = torch::nn::functional::cross_entropy(logits, tb.y);
-      const double loss_v = loss.item<double>();
+      const auto wr = search_weight_step(net, sgd, weights, tb, cfg.grad_clip);
+      const double loss_v = wr.loss;
       if (!std::isfinite(loss_v) || !std::isfinite(ar.loss)) {
         progress.finish();
         const auto last = latest_checkpoint(cfg.out);
@@ -353,13 +373,10 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
                             "; last good checkpoint: " + (last.empty() ? "none" : last) +
                             " (lower --lr or --arch-lr)");
       }
-      torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
-      torch::nn::utils::clip_grad_norm_(weights, cfg.grad_clip);
-      sgd.step();
 
       const int64_t b = tb.y.size(0);
       acc.train_loss += loss_v * b;
-      acc.train_correct += logits.argmax(1).eq(tb.y).sum().item<int64_t>();
+      acc.train_correct += wr.correct;
       acc.train_seen += b;
       acc.arch_loss += ar.loss * vb.y.size(0);
       acc.arch_correct += ar.correct;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "noisydarts/config.h"
+#include "noisydarts/architect.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/hessian.h"
 
@@ -31,6 +32,18 @@ struct SearchResult {
 /// come from `cfg`. Throws the
 /// Error family on bad input, DivergedError on NaN/Inf loss (last good checkpoint kept).
 SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb = {});
+
+struct WeightStepResult {
+  double loss = 0;      ///< training loss of the batch (NaN/Inf: nothing was updated)
+  int64_t correct = 0;  ///< correct predictions in the batch
+};
+
+/// The weight step of a search iteration (SPEC 1.1 step 2): forward in the network's current
+/// mode, cross-entropy, backward into the weights only (not the alphas), gradient-norm clip,
+/// `sgd` step. When the loss is not finite nothing is updated (the caller stops the run).
+WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
+                                    const std::vector<torch::Tensor>& weights, const Batch& batch,
+                                    double grad_clip, const GradReducer& reduce = {});
 
 /// Path of the newest checkpoint in a run directory, or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);

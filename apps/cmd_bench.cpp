@@ -1,0 +1,203 @@
+// `noisydarts bench search-step|train-step`: seconds per iteration, images/s and peak memory of
+// the search iteration and of the evaluation network's training step on synthetic data
+// (docs/bench.md).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "commands.h"
+#include "noisydarts/architect.h"
+#include "noisydarts/error.h"
+#include "noisydarts/eval_network.h"
+#include "noisydarts/genotype.h"
+#include "noisydarts/ops.h"
+#include "noisydarts/runtime.h"
+#include "noisydarts/search.h"
+#include "noisydarts/search_network.h"
+
+namespace nd = noisydarts;
+
+namespace noisydarts::cli {
+
+namespace {
+
+struct BenchOptions {
+  int64_t in_channels = 3, image_size = 32, channels = 16, layers = 8, batch_size = 64, classes = 10;
+  int iters = 5, warmup = 2, threads = 0;
+  std::string order = "first";
+  std::string preset = "noisydarts";
+  std::string genotype = "NoisyDARTS_a";
+  std::string device = "cpu";
+  bool json = false;
+};
+
+double peak_rss_mb() {
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // Linux: kilobytes
+}
+
+void add_common(CLI::App* cmd, BenchOptions& o) {
+  cmd->add_option("--in-channels", o.in_channels, "Image channels")->check(CLI::Range(1, 64))->capture_default_str();
+  cmd->add_option("--image-size", o.image_size, "Image side in pixels")->check(CLI::Range(8, 1024))->capture_default_str();
+  cmd->add_option("--channels", o.channels, "Initial channels C (even)")->check(CLI::Range(2, 1024))->capture_default_str();
+  cmd->add_option("--layers", o.layers, "Number of cells L")->check(CLI::Range(1, 100))->capture_default_str();
+  cmd->add_option("--batch-size", o.batch_size, "Images per batch")->check(CLI::Range(2, 100000))->capture_default_str();
+  cmd->add_option("--classes", o.classes, "Classifier outputs")->check(CLI::Range(2, 100000))->capture_default_str();
+  cmd->add_option("--iters", o.iters, "Timed iterations")->check(CLI::Range(1, 100000))->capture_default_str();
+  cmd->add_option("--warmup", o.warmup, "Untimed iterations first (oneDNN builds its kernels on first use)")
+      ->check(CLI::Range(0, 100000))->capture_default_str();
+  cmd->add_option("--threads", o.threads, "Compute threads (0 = all cores)")->check(CLI::Range(0, 1024))->capture_default_str();
+  cmd->add_option("--device", o.device, "cpu | cuda | cuda:N")->capture_default_str();
+  cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
+}
+
+/// Times `iteration` and prints the result; `images` = images through the network per iteration.
+int report(const BenchOptions& o, const std::string& what, int64_t images, const std::function<void()>& iteration,
+           const std::function<void()>& sync) {
+  for (int i = 0; i < o.warmup; ++i) iteration();
+  std::vector<double> s;
+  for (int i = 0; i < o.iters; ++i) {
+    sync();
+    const auto t0 = std::chrono::steady_clock::now();
+    iteration();
+    sync();
+    s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (!o.json) std::fprintf(stderr, "  iteration %d/%d: %.3f s\n", i + 1, o.iters, s.back());
+  }
+  std::vector<double> sorted = s;
+  std::sort(sorted.begin(), sorted.end());
+  const double med = sorted.size() % 2 ? sorted[sorted.size() / 2]
+                                       : 0.5 * (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]);
+  const double rss = peak_rss_mb();
+  if (o.json) {
+    nlohmann::json j{{"s_per_iter", med},
+                     {"s_min", sorted.front()},
+                     {"s_max", sorted.back()},
+                     {"img_per_s", images / med},
+                     {"peak_rss_mb", rss},
+                     {"bench", what},
+                     {"threads", at::get_num_threads()},
+                     {"iters", o.iters},
+                     {"warmup", o.warmup},
+                     {"batch_size", o.batch_size},
+                     {"channels", o.channels},
+                     {"layers", o.layers},
+                     {"in_channels", o.in_channels},
+                     {"image_size", o.image_size},
+                     {"device", o.device}};
+    if (what == "search-step") j["order"] = o.order;
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("%s: median %.3f s/iteration (min %.3f, max %.3f over %d), %.1f images/s, peak RSS %.0f MB, %d threads\n",
+                what.c_str(), med, sorted.front(), sorted.back(), o.iters, images / med, rss, at::get_num_threads());
+  }
+  return nd::kExitOk;
+}
+
+void setup(const BenchOptions& o) {
+  at::set_num_threads(o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  nd::keep_freed_memory();
+}
+
+std::function<void()> sync_for(torch::Device d) {
+  if (d.is_cuda()) return [] { torch::cuda::synchronize(); };
+  return [] {};
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, Action& run) {
+  auto* bench = app.add_subcommand("bench", "Measure the search iteration and the training step (docs/bench.md)");
+  bench->require_subcommand(1);
+
+  auto so = std::make_shared<BenchOptions>();
+  auto* ss = bench->add_subcommand("search-step",
+                                   "One search iteration (architecture step + weight step) on synthetic data");
+  add_common(ss, *so);
+  ss->add_option("--order", so->order, "first | second")->check(CLI::IsMember({"first", "second"}))->capture_default_str();
+  ss->add_option("--preset", so->preset, "Ops and noise of: noisydarts (7 ops, noise) | darts (8 ops, no noise)")
+      ->check(CLI::IsMember({"noisydarts", "darts"}))->capture_default_str();
+  ss->callback([so, &run] {
+    run = [so] {
+      const auto& o = *so;
+      setup(o);
+      const torch::Device device = nd::parse_device(o.device);
+      const auto cfg = nd::SearchConfig::preset_defaults(o.preset, "paper");
+      torch::manual_seed(0);
+      nd::SearchNetworkOptions no(o.channels, o.classes, o.layers);
+      no.in_channels(o.in_channels).primitives(cfg.primitives).noise(cfg.noise);
+      nd::SearchNetwork net(no);
+      net->to(device);
+      net->train();
+      nd::Architect arch(net, nd::ArchitectOptions{});
+      auto weights = net->weight_parameters();
+      torch::optim::SGD sgd(weights, torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum).weight_decay(cfg.weight_decay));
+      auto opts = torch::TensorOptions().device(device);
+      const nd::Batch valid{torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, opts),
+                            torch::randint(0, o.classes, {o.batch_size}, opts.dtype(torch::kLong))};
+      const nd::Batch train{torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, opts),
+                            torch::randint(0, o.classes, {o.batch_size}, opts.dtype(torch::kLong))};
+      const bool second = o.order == "second";
+      if (!o.json)
+        std::fprintf(stderr, "bench search-step: %s preset, %s order, %lldx%lldx%lld input, C %lld, L %lld, batch %lld\n",
+                     o.preset.c_str(), o.order.c_str(), static_cast<long long>(o.in_channels),
+                     static_cast<long long>(o.image_size), static_cast<long long>(o.image_size),
+                     static_cast<long long>(o.channels), static_cast<long long>(o.layers),
+                     static_cast<long long>(o.batch_size));
+      return report(o, "search-step", 2 * o.batch_size, [&] {
+        if (second) arch.step_unrolled(valid, train, sgd, cfg.lr);
+        else arch.step(valid);
+        nd::search_weight_step(net, sgd, weights, train, cfg.grad_clip);
+      }, sync_for(device));
+    };
+  });
+
+  auto to = std::make_shared<BenchOptions>();
+  to->channels = 36;
+  to->layers = 20;
+  to->batch_size = 96;
+  auto* ts = bench->add_subcommand("train-step", "One training step of the evaluation network on synthetic data");
+  add_common(ts, *to);
+  ts->add_option("--genotype", to->genotype, "Built-in name, genotype.json or run directory")->capture_default_str();
+  ts->callback([to, &run] {
+    run = [to] {
+      const auto& o = *to;
+      setup(o);
+      const torch::Device device = nd::parse_device(o.device);
+      torch::manual_seed(0);
+      nd::EvalNetworkOptions eo(o.channels, o.classes, o.layers, nd::resolve_genotype(o.genotype));
+      eo.in_channels(o.in_channels).auxiliary(true).drop_path_prob(0.2);
+      nd::EvalNetwork net(eo);
+      net->to(device);
+      net->train();
+      auto params = net->parameters();
+      torch::optim::SGD sgd(params, torch::optim::SGDOptions(0.025).momentum(0.9).weight_decay(3e-4));
+      auto opts = torch::TensorOptions().device(device);
+      const auto x = torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, opts);
+      const auto y = torch::randint(0, o.classes, {o.batch_size}, opts.dtype(torch::kLong));
+      if (!o.json)
+        std::fprintf(stderr, "bench train-step: %s, C %lld, L %lld, batch %lld, auxiliary head, drop-path 0.2\n",
+                     o.genotype.c_str(), static_cast<long long>(o.channels), static_cast<long long>(o.layers),
+                     static_cast<long long>(o.batch_size));
+      return report(o, "train-step", o.batch_size, [&] {
+        sgd.zero_grad();
+        auto out = net->forward(x);
+        auto loss = torch::nn::functional::cross_entropy(out.logits, y);
+        if (out.aux_logits.defined()) loss = loss + 0.4 * torch::nn::functional::cross_entropy(out.aux_logits, y);
+        loss.backward();
+        torch::nn::utils::clip_grad_norm_(params, 5.0);
+        sgd.step();
+      }, sync_for(device));
+    };
+  });
+}
+
+}  // namespace noisydarts::cli
