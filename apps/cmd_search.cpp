@@ -6,6 +6,7 @@
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
 #include "noisydarts/genotype.h"
+#include "noisydarts/distributed.h"
 #include "noisydarts/search.h"
 
 namespace nd = noisydarts;
@@ -111,7 +112,7 @@ int run_search_command(const std::string& preset, const std::string& scale, cons
     if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
   };
   const auto r = nd::run_search(cfg, resume, cb);
-  std::printf("%s\n", nd::genotype_to_text(r.genotype).c_str());
+  if (nd::dist_env_from_environment().rank == 0) std::printf("%s\n", nd::genotype_to_text(r.genotype).c_str());
   return nd::kExitOk;
 }
 
@@ -189,6 +190,7 @@ void add_search_command(CLI::App& app, Action& run) {
   bind("--eval-valid", "eval_valid", "Eval-mode accuracy on the architecture half each epoch (true/false)");
   bind("--checkpoint-every", "checkpoint_every_min", "Also checkpoint every N minutes (0 = at epoch ends only)");
   bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept");
+  bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)");
   bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
 
   search->callback([st, &run] {

@@ -19,5 +19,6 @@ void add_report_command(CLI::App& app, Action& run);
 void add_compare_command(CLI::App& app, Action& run);
 void add_analyze_command(CLI::App& app, Action& run);
 void add_bench_command(CLI::App& app, Action& run);
+void add_launch_command(CLI::App& app, Action& run);
 
 }  // namespace noisydarts::cli

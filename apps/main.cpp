@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   nd::cli::add_compare_command(app, run);
   nd::cli::add_analyze_command(app, run);
   nd::cli::add_bench_command(app, run);
+  nd::cli::add_launch_command(app, run);
 
   try {
     app.parse(argc, argv);

@@ -90,7 +90,8 @@ json SearchConfig::to_json() const {
               {"eval_valid", eval_valid},
               {"checkpoint_every_min", checkpoint_every_min},
               {"keep_checkpoints", keep_checkpoints},
-              {"max_steps", max_steps}};
+              {"max_steps", max_steps},
+              {"dist_timeout_s", dist_timeout_s}};
 }
 
 namespace {
@@ -163,6 +164,7 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
     checkpoint_every_min = cur["checkpoint_every_min"];
     keep_checkpoints = cur["keep_checkpoints"];
     max_steps = cur["max_steps"];
+    dist_timeout_s = cur["dist_timeout_s"];
   } catch (const json::exception& e) {
     throw ConfigError(where + ": " + e.what());
   }
@@ -197,6 +199,7 @@ void SearchConfig::validate() const {
   need(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1");
   need(checkpoint_every_min >= 0, "--checkpoint-every must be >= 0 minutes");
   need(max_steps >= 0, "--max-steps must be >= 0");
+  need(dist_timeout_s > 0, "--dist-timeout must be > 0 seconds");
   need(augment.crop_padding >= 0 && augment.cutout >= 0, "augmentation sizes must be >= 0");
   need(!primitives.empty(), "the op list (primitives) is empty");
   for (const auto& p : primitives) need(is_known_op(p), "unknown op '" + p + "' in primitives");

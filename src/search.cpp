@@ -13,6 +13,7 @@
 #include "noisydarts/hessian.h"
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/data.h"
+#include "noisydarts/distributed.h"
 #include "noisydarts/error.h"
 #include "noisydarts/runtime.h"
 #include "noisydarts/profile.h"
@@ -149,7 +150,9 @@ WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
   WeightStepResult r;
   r.loss = loss.item<double>();
   r.correct = logits.argmax(1).eq(batch.y).sum().item<int64_t>();
-  if (!std::isfinite(r.loss)) return r;
+  // Alone, a non-finite loss updates nothing; in a data-parallel run every rank still joins the
+  // gradient all-reduce (so none waits forever) and the caller stops all of them together.
+  if (!std::isfinite(r.loss) && !reduce) return r;
   torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
   if (reduce) {
     std::vector<torch::Tensor> g;
@@ -174,8 +177,9 @@ std::string latest_checkpoint(const std::string& run_dir) {
 }
 
 SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb) {
+  bool writer = true;  // only rank 0 of a data-parallel run prints and writes
   auto info = [&](const std::string& s) {
-    if (cb.info) cb.info(s);
+    if (cb.info && writer) cb.info(s);
   };
   const auto t_start = Clock::now();
   if (cfg.out.empty()) throw UsageError("--out is required: the run directory to write");
@@ -197,7 +201,12 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   }
   cfg.validate();
   if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
-  const torch::Device device = parse_device(cfg.device);
+  // ---- Data parallelism (docs/distributed.md): rendezvous first, so that a rank failing later
+  //      makes the others stop at their next collective instead of waiting forever.
+  const auto dist = init_distributed_from_environment(cfg.dist_timeout_s);
+  writer = !dist || dist->rank() == 0;
+  torch::Device device = parse_device(cfg.device);
+  if (dist && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank()));
 
   const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(threads);
@@ -211,11 +220,13 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
 
   // ---- Run directory.
   std::error_code ec;
-  fs::create_directories(checkpoint_dir(cfg.out), ec);
-  if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
   if (!resume && !latest_checkpoint(cfg.out).empty())
     throw UsageError("run directory " + cfg.out + " already holds a search: pass --resume to continue it or choose another --out");
-  write_text((fs::path(cfg.out) / "config.json").string(), cfg.to_json().dump(2) + "\n");
+  if (writer) {
+    fs::create_directories(checkpoint_dir(cfg.out), ec);
+    if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
+    write_text((fs::path(cfg.out) / "config.json").string(), cfg.to_json().dump(2) + "\n");
+  }
 
   // ---- Network and optimisers.
   torch::manual_seed(cfg.seed);
@@ -232,10 +243,16 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   so.workers = cfg.workers;
   so.prefetch = 2;
   so.seed = cfg.seed * 2 + 1;
+  // Each rank reads its slice of every global batch of batch_size * world images.
+  so.rank = dist ? dist->rank() : 0;
+  so.world = dist ? dist->world() : 1;
   BatchStream train_stream(train, w_idx, so);
   so.seed = cfg.seed * 2 + 2;
   BatchStream valid_stream(train, a_idx, so);  // persistent: never reset between epochs
-  BatchStream eval_stream(train, a_idx, eval_stream_options(cfg));
+  BatchStream::Options eo = eval_stream_options(cfg);
+  eo.rank = so.rank;
+  eo.world = so.world;
+  BatchStream eval_stream(train, a_idx, eo);
 
   int64_t start_epoch = 0, start_step = 0;
   EpochAccum acc;
@@ -256,8 +273,16 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
       load_optimizer_state(as, architect.optimizer(), net->arch_parameters());
       start_epoch = read_int(a, "epoch");
       start_step = read_int(a, "step");
-      train_stream.seek({read_int(a, "train_pass"), read_int(a, "train_batch")});
-      valid_stream.seek({read_int(a, "valid_pass"), read_int(a, "valid_batch")});
+      // A checkpoint of another world size: the same number of images consumed in the pass.
+      c10::IValue wv;
+      const int64_t stored_world = a.try_read("world_size", wv) && wv.isInt() ? wv.toInt() : 1;
+      const int64_t world = so.world;
+      auto rescale = [&](int64_t batch, const BatchStream& st) {
+        return std::min(batch * stored_world / world, std::max<int64_t>(0, st.batches_per_pass() - 1));
+      };
+      train_stream.seek({read_int(a, "train_pass"), rescale(read_int(a, "train_batch"), train_stream)});
+      valid_stream.seek({read_int(a, "valid_pass"), rescale(read_int(a, "valid_batch"), valid_stream)});
+      start_step = std::min(start_step * stored_world / world, steps_per_epoch);
       torch::Tensor rng;
       a.read("rng_cpu", rng);
       set_cpu_rng_state(rng);
@@ -272,6 +297,15 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
          std::to_string(start_epoch + 1) + ", step " + std::to_string(start_step) + ")");
   }
 
+  GradReducer reduce;
+  if (dist) {
+    // Identical start on every rank (weights, alphas, BN statistics); gradients of the weights
+    // and of the alphas are averaged every step, so the ranks stay identical.
+    dist->broadcast_module(*net);
+    reduce = dist->mean_reducer();
+    architect.set_grad_reducer(reduce);
+  }
+
   int64_t n_params = 0;
   for (auto& p : weights) n_params += p.numel();
   {
@@ -283,11 +317,13 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     if (cfg.noise.enabled())
       o << " " << to_string(cfg.noise.mixture) << " lambda " << cfg.noise.lambda << " mu " << cfg.noise.mean;
     o << ", " << cfg.epochs << " epochs x " << steps_per_epoch << " steps, " << threads << " threads, " << device.str();
+    if (dist) o << ", " << dist->world() << " ranks (global batch " << cfg.batch_size * dist->world() << ")";
     info(o.str());
   }
 
   // ---- Checkpointing.
   auto save_checkpoint = [&](int64_t epoch, int64_t step) {
+    if (!writer) return;
     torch::serialize::OutputArchive a;
     write_int(a, "format_version", kCheckpointFormatVersion);
     write_string(a, "kind", "search");
@@ -301,6 +337,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     a.write("arch_optimizer", as);
     write_int(a, "epoch", epoch);
     write_int(a, "step", step);
+    write_int(a, "world_size", so.world);
     write_int(a, "train_pass", train_stream.position().pass);
     write_int(a, "train_batch", train_stream.position().batch);
     write_int(a, "valid_pass", valid_stream.position().pass);
@@ -333,7 +370,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     start_epoch = cfg.epochs;
   }
 
-  Progress progress(cb.progress);
+  Progress progress(cb.progress && writer);
   auto last_ckpt = Clock::now();
   SearchResult result;
   const double total_steps = static_cast<double>(cfg.epochs * steps_per_epoch);
@@ -363,24 +400,34 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
       const auto ar = second_order ? architect.step_unrolled(vb, tb, sgd, cfg.unrolled_xi < 0 ? lr : cfg.unrolled_xi)
                                    : architect.step(vb);
       // 2. Weight step on the weight half.
-      const auto wr = search_weight_step(net, sgd, weights, tb, cfg.grad_clip);
-      const double loss_v = wr.loss;
-      if (!std::isfinite(loss_v) || !std::isfinite(ar.loss)) {
+      const auto wr = search_weight_step(net, sgd, weights, tb, cfg.grad_clip, reduce);
+      // Losses and counts of this step over all ranks (identical on every rank, so the epoch
+      // sums in the checkpoint and the divergence decision agree everywhere).
+      std::vector<torch::Tensor> st{torch::tensor({ar.loss * vb.y.size(0), static_cast<double>(ar.correct),
+                                                   static_cast<double>(vb.y.size(0)), wr.loss * tb.y.size(0),
+                                                   static_cast<double>(wr.correct), static_cast<double>(tb.y.size(0))},
+                                                  torch::kDouble)};
+      if (dist) dist->allreduce_sum(st);
+      const auto stv = st[0];
+      const double arch_loss_sum = stv[0].item<double>(), train_loss_sum = stv[3].item<double>();
+      const int64_t arch_correct = static_cast<int64_t>(stv[1].item<double>()), arch_b = static_cast<int64_t>(stv[2].item<double>());
+      const int64_t train_correct = static_cast<int64_t>(stv[4].item<double>()), b = static_cast<int64_t>(stv[5].item<double>());
+      const double loss_v = train_loss_sum / b, arch_loss_v = arch_loss_sum / arch_b;
+      if (!std::isfinite(loss_v) || !std::isfinite(arch_loss_v)) {
         progress.finish();
         const auto last = latest_checkpoint(cfg.out);
-        throw DivergedError("loss became " + std::string(std::isnan(loss_v) || std::isnan(ar.loss) ? "NaN" : "Inf") +
+        throw DivergedError("loss became " + std::string(std::isnan(loss_v) || std::isnan(arch_loss_v) ? "NaN" : "Inf") +
                             " at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(step + 1) +
                             "; last good checkpoint: " + (last.empty() ? "none" : last) +
                             " (lower --lr or --arch-lr)");
       }
 
-      const int64_t b = tb.y.size(0);
-      acc.train_loss += loss_v * b;
-      acc.train_correct += wr.correct;
+      acc.train_loss += train_loss_sum;
+      acc.train_correct += train_correct;
       acc.train_seen += b;
-      acc.arch_loss += ar.loss * vb.y.size(0);
-      acc.arch_correct += ar.correct;
-      acc.arch_seen += vb.y.size(0);
+      acc.arch_loss += arch_loss_sum;
+      acc.arch_correct += arch_correct;
+      acc.arch_seen += arch_b;
 
       const double ep_sec = seconds_before + seconds_since(t_epoch);
       const double done = static_cast<double>(epoch * steps_per_epoch + step + 1);
@@ -423,6 +470,13 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
         n += y.size(0);
       }
       net->train();
+      if (dist) {  // each rank evaluated its slice of the architecture half
+        std::vector<torch::Tensor> t{torch::tensor({l, static_cast<double>(c), static_cast<double>(n)}, torch::kDouble)};
+        dist->allreduce_sum(t);
+        l = t[0][0].item<double>();
+        c = static_cast<int64_t>(t[0][1].item<double>());
+        n = static_cast<int64_t>(t[0][2].item<double>());
+      }
       valid_loss = l / n;
       valid_acc = 100.0 * c / n;
     }
@@ -449,7 +503,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
            {"alphas_reduce", softmax_table(net->alphas_reduce())}};
     if (cfg.hessian_every > 0 && (epoch + 1) % cfg.hessian_every == 0) {
       const auto t_h = Clock::now();
-      const auto eig = hessian_dominant_eigenvalue(net, curvature_batch(eval_stream, device),
+      // Every rank computes it on the same (unsharded) batch and weights: the same number.
+      BatchStream curvature_stream(train, a_idx, eval_stream_options(cfg));
+      const auto eig = hessian_dominant_eigenvalue(net, curvature_batch(curvature_stream, device),
                                                    EigenOptions{static_cast<int>(cfg.hessian_iters), 1e-3, cfg.seed});
       m["hessian_eigenvalue"] = eig.eigenvalue;
       m["hessian_iterations"] = eig.iterations;
@@ -473,7 +529,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     history.push_back(m);
     std::string lines;
     for (const auto& h : history) lines += h.dump() + "\n";
-    write_text((fs::path(cfg.out) / "metrics.jsonl").string(), lines);
+    if (writer) write_text((fs::path(cfg.out) / "metrics.jsonl").string(), lines);
     {
       std::ostringstream o;
       o.setf(std::ios::fixed);
@@ -504,6 +560,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   result.genotype = g;
   result.stopped_early_at = stopped_at;
   result.seconds = seconds_since(t_start);
+  if (!writer) return result;  // rank 0 writes the results
   const fs::path out(cfg.out);
   write_text((out / "genotype.json").string(), genotype_to_json(g).dump(2) + "\n");
   write_text((out / "genotype.txt").string(), genotype_to_text(g) + "\n");

@@ -51,6 +51,7 @@ struct SearchConfig {
   double checkpoint_every_min = 0;    ///< also checkpoint every N minutes (0 = epoch ends only)
   int keep_checkpoints = 2;           ///< newest checkpoints kept
   int64_t max_steps = 0;              ///< stop after this many steps per epoch (0 = whole epoch)
+  double dist_timeout_s = 300;        ///< data-parallel runs: longest wait for another rank
 
   /// Defaults of a preset (noisydarts | darts) at a scale (small | paper). Throws UsageError.
   static SearchConfig preset_defaults(const std::string& preset, const std::string& scale);

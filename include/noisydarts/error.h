@@ -16,6 +16,7 @@ enum ExitCode : int {
   kExitCheckpoint = 5,   ///< checkpoint unreadable or incompatible
   kExitIo = 6,           ///< output cannot be written
   kExitDiverged = 7,     ///< NaN/Inf loss; last good checkpoint kept
+  kExitDistributed = 8,  ///< data-parallel run: another rank died, stopped or timed out
 };
 
 class Error : public std::runtime_error {
@@ -31,6 +32,7 @@ struct ConfigError : Error { explicit ConfigError(const std::string& m) : Error(
 struct CheckpointError : Error { explicit CheckpointError(const std::string& m) : Error(m, kExitCheckpoint) {} };
 struct IoError : Error { explicit IoError(const std::string& m) : Error(m, kExitIo) {} };
 struct DivergedError : Error { explicit DivergedError(const std::string& m) : Error(m, kExitDiverged) {} };
+struct DistributedError : Error { explicit DistributedError(const std::string& m) : Error(m, kExitDistributed) {} };
 struct UsageError : Error { explicit UsageError(const std::string& m) : Error(m, kExitUsage) {} };
 
 /// Writes `content` to `path` atomically: a temporary file in the same directory, flushed,

@@ -1,0 +1,234 @@
+// Data parallelism on c10d/Gloo (distributed.h): two ranks on 127.0.0.1 stay bitwise identical,
+// half batches on two ranks give the full-batch alpha gradient, a killed rank makes the other exit
+// with code 8 within the timeout, and `noisydarts launch` runs a two-rank search.
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "noisydarts/architect.h"
+#include "noisydarts/distributed.h"
+#include "noisydarts/error.h"
+#include "noisydarts/hessian.h"
+#include "noisydarts/search.h"
+
+namespace nd = noisydarts;
+namespace fs = std::filesystem;
+
+namespace {
+
+int test_port(int offset) { return 20000 + (static_cast<int>(::getpid()) * 7 + offset * 101) % 20000; }
+
+nd::DistEnv env(int rank, int world, int port) {
+  nd::DistEnv e;
+  e.rank = rank;
+  e.world = world;
+  e.local_rank = rank;
+  e.master_addr = "127.0.0.1";
+  e.master_port = port;
+  return e;
+}
+
+nd::SearchNetwork small_net(uint64_t seed, bool noise) {
+  torch::manual_seed(seed);
+  nd::SearchNetworkOptions o(4, 10, 3);
+  o.in_channels(1).steps(2).multiplier(2).primitives({"skip_connect", "sep_conv_3x3", "max_pool_3x3", "dil_conv_3x3"});
+  nd::NoiseOptions n;
+  if (!noise) n.type = nd::NoiseType::kNone;
+  o.noise(n);
+  return nd::SearchNetwork(o);
+}
+
+nd::Batch batch(uint64_t seed, int64_t n) {
+  auto g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return {torch::randn({n, 1, 12, 12}, g, torch::TensorOptions()), torch::randint(0, 10, {n}, g, torch::kLong)};
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+TEST(Distributed, TwoRanksHoldBitwiseIdenticalWeightsAndAlphasAfterSeveralSteps) {
+  at::set_num_threads(1);
+  const int port = test_port(1);
+  std::vector<std::vector<torch::Tensor>> final_params(2);
+  std::vector<std::string> errors(2);
+  auto rank_main = [&](int r) {
+    try {
+      nd::Distributed d(env(r, 2, port), std::chrono::seconds(60));
+      auto net = small_net(100 + r, /*noise=*/true);  // different inits: the broadcast must fix it
+      net->train();
+      d.broadcast_module(*net);
+      nd::Architect arch(net, nd::ArchitectOptions{});
+      arch.set_grad_reducer(d.mean_reducer());
+      auto w = net->weight_parameters();
+      torch::optim::SGD sgd(w, torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(3e-4));
+      for (int step = 0; step < 3; ++step) {
+        arch.step(batch(1000 + 10 * r + step, 4));  // each rank its own data
+        nd::search_weight_step(net, sgd, w, batch(2000 + 10 * r + step, 4), 5.0, d.mean_reducer());
+      }
+      for (auto& p : net->parameters()) final_params[r].push_back(p.detach().clone());
+    } catch (const std::exception& e) {
+      errors[r] = e.what();
+    }
+  };
+  std::thread t0(rank_main, 0), t1(rank_main, 1);
+  t0.join();
+  t1.join();
+  ASSERT_EQ(errors[0], "");
+  ASSERT_EQ(errors[1], "");
+  ASSERT_EQ(final_params[0].size(), final_params[1].size());
+  ASSERT_GT(final_params[0].size(), 10u);
+  for (size_t i = 0; i < final_params[0].size(); ++i)
+    EXPECT_TRUE(torch::equal(final_params[0][i], final_params[1][i])) << "parameter " << i;
+  // And training did move them away from the (broadcast) initialisation of rank 0.
+  auto init = small_net(100, true);
+  EXPECT_FALSE(torch::equal(init->parameters().back(), final_params[0].back()));
+}
+
+TEST(Distributed, HalfBatchesOnTwoRanksGiveTheFullBatchAlphaGradient) {
+  at::set_num_threads(1);
+  // Eval-mode BatchNorm (running statistics) and no noise: the loss is a plain mean over images.
+  const auto full = batch(77, 8);
+  auto ref_net = small_net(5, false);
+  ref_net->eval();
+  const auto ref = nd::grads_or_zero(
+      torch::nn::functional::cross_entropy(ref_net->forward(full.x), full.y), ref_net->arch_parameters());
+
+  const int port = test_port(2);
+  // Built here, one after the other: the global generator is not to be shared by two threads.
+  std::vector<nd::SearchNetwork> nets{small_net(5, false), small_net(5, false)};
+  std::vector<std::vector<torch::Tensor>> got(2);
+  std::vector<std::string> errors(2);
+  auto rank_main = [&](int r) {
+    try {
+      nd::Distributed d(env(r, 2, port), std::chrono::seconds(60));
+      auto net = nets[r];
+      net->eval();
+      const nd::Batch half{full.x.narrow(0, 4 * r, 4), full.y.narrow(0, 4 * r, 4)};
+      auto g = nd::grads_or_zero(torch::nn::functional::cross_entropy(net->forward(half.x), half.y),
+                                 net->arch_parameters());
+      d.allreduce_mean(g);
+      got[r] = g;
+    } catch (const std::exception& e) {
+      errors[r] = e.what();
+    }
+  };
+  std::thread t0(rank_main, 0), t1(rank_main, 1);
+  t0.join();
+  t1.join();
+  ASSERT_EQ(errors[0], "");
+  ASSERT_EQ(errors[1], "");
+  for (int r = 0; r < 2; ++r)
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double scale = ref[i].abs().max().item<double>();
+      ASSERT_GT(scale, 0);
+      EXPECT_LT((got[r][i] - ref[i]).abs().max().item<double>(), 1e-5 * scale) << "rank " << r << " alphas " << i;
+    }
+  EXPECT_TRUE(torch::equal(got[0][0], got[1][0]));
+}
+
+namespace {
+
+// Starts the CLI as one rank of a world with the torchrun variables; stderr goes to `err`.
+pid_t start_rank(const std::vector<std::string>& args, int rank, int world, int port, const fs::path& err) {
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  ::setenv("RANK", std::to_string(rank).c_str(), 1);
+  ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+  ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
+  ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+  ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+  const int fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  ::dup2(fd, 2);
+  const int devnull = ::open("/dev/null", O_WRONLY);
+  ::dup2(devnull, 1);
+  std::vector<std::string> a = args;
+  a.insert(a.begin(), NOISYDARTS_CLI);
+  std::vector<char*> argv;
+  for (auto& s : a) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  ::execv(argv[0], argv.data());
+  ::_exit(127);
+}
+
+}  // namespace
+
+TEST(Distributed, AKilledRankMakesTheOtherExitWithCode8WithinTheTimeout) {
+  const auto dir = fs::temp_directory_path() / ("noisydarts_dist_kill_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto out = dir / "run";
+  const std::vector<std::string> args{"search", "--dataset", "synthetic", "--channels", "4", "--layers", "3",
+                                      "--batch-size", "8", "--subset", "256", "--epochs", "50", "--threads", "1",
+                                      "--dist-timeout", "20", "-q", "--out", out.string()};
+  const int port = test_port(3);
+  const pid_t r0 = start_rank(args, 0, 2, port, dir / "err0"), r1 = start_rank(args, 1, 2, port, dir / "err1");
+  // Let both ranks get into the search (rank 0 writes config.json after the rendezvous).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!fs::exists(out / "config.json") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_TRUE(fs::exists(out / "config.json"));
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  ::kill(r1, SIGKILL);
+  const auto t_kill = std::chrono::steady_clock::now();
+  int status = 0;
+  ::waitpid(r1, &status, 0);
+  // Rank 0 must stop by itself: poll with a hard limit above the 20 s timeout.
+  bool exited = false;
+  while (std::chrono::steady_clock::now() - t_kill < std::chrono::seconds(45)) {
+    if (::waitpid(r0, &status, WNOHANG) == r0) {
+      exited = true;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (!exited) {
+    ::kill(r0, SIGKILL);
+    ::waitpid(r0, &status, 0);
+  }
+  ASSERT_TRUE(exited) << "rank 0 still running 45 s after rank 1 was killed";
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_kill).count();
+  EXPECT_LT(waited, 30.0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), nd::kExitDistributed);
+  const std::string err = slurp(dir / "err0");
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_NE(err.find("rank 0 of 2"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(out / "genotype.json"));
+  fs::remove_all(dir);
+}
+
+TEST(Distributed, LaunchRunsATwoRankSearchAndOnlyRankZeroWrites) {
+  const auto dir = fs::temp_directory_path() / ("noisydarts_dist_launch_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  const std::string cmd = std::string(NOISYDARTS_CLI) + " launch --nproc 2 --master-port " +
+                          std::to_string(test_port(4)) +
+                          " -- search --dataset synthetic --channels 4 --layers 3 --batch-size 8 --subset 128"
+                          " --epochs 1 --threads 1 -q --out " + dir.string() + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string output;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) output.append(buf, n);
+  const int status = ::pclose(p);
+  ASSERT_EQ(WEXITSTATUS(status), 0) << output;
+  // stdout: the genotype, printed once (rank 0).
+  EXPECT_EQ(std::count(output.begin(), output.end(), '\n'), 1) << output;
+  EXPECT_EQ(output.rfind("Genotype(", 0), 0u) << output;
+  EXPECT_TRUE(fs::exists(dir / "genotype.json"));
+  EXPECT_TRUE(fs::exists(dir / "metrics.jsonl"));
+  fs::remove_all(dir);
+}
