@@ -4,6 +4,7 @@
 
 #include "commands.h"
 #include "noisydarts/config.h"
+#include "noisydarts/distributed.h"
 #include "noisydarts/error.h"
 #include "noisydarts/train.h"
 
@@ -102,6 +103,7 @@ void add_train_command(CLI::App& app, Action& run) {
   bind("--seed", "seed", "Random seed (split, init, augmentation, drop-path)");
   bind("--threads", "threads", "Compute threads (0 = all cores)");
   bind("--device", "device", "cpu | cuda | cuda:N");
+  bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)");
   bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
 
   cmd->callback([st, &run] {
@@ -124,6 +126,7 @@ void add_train_command(CLI::App& app, Action& run) {
         if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
       };
       const TrainResult r = run_train(cfg, st->resume, cb);
+      if (nd::dist_env_from_environment().rank != 0) return nd::kExitOk;  // rank 0 reports
       std::printf("test top-1 %.2f%%  top-5 %.2f%%  (epoch %lld, %s)\n", r.test.top1, r.test.top5,
                   static_cast<long long>(r.best_epoch), r.best_valid_top1 >= 0 ? "selected on validation" : "last epoch");
       return kExitOk;

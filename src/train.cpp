@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "noisydarts/checkpoint.h"
+#include "noisydarts/distributed.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
 #include "noisydarts/runtime.h"
@@ -60,6 +61,7 @@ void visit_fields(Self& c, F&& f) {
   f("threads", c.threads);
   f("device", c.device);
   f("max_steps", c.max_steps);
+  f("dist_timeout_s", c.dist_timeout_s);
 }
 
 template <class T>
@@ -139,6 +141,7 @@ void TrainConfig::validate() const {
   check(workers >= 1, "--workers must be >= 1");
   check(threads >= 0, "--threads must be >= 0");
   check(max_steps >= 0, "--max-steps must be >= 0");
+  check(dist_timeout_s > 0, "--dist-timeout must be > 0 seconds");
   check(lr > 0 && lr_min >= 0 && lr_min <= lr, "--lr must be > 0 and 0 <= --lr-min <= --lr");
   check(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1)");
   check(weight_decay >= 0, "--weight-decay must be >= 0");
@@ -258,8 +261,9 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string&
 // ------------------------------------------------------------------------------------------
 
 TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
+  bool writer = true;  // only rank 0 of a data-parallel run prints and writes
   auto info = [&](const std::string& s) {
-    if (cb.info) cb.info(s);
+    if (cb.info && writer) cb.info(s);
   };
   const auto t_start = Clock::now();
   keep_freed_memory();
@@ -284,7 +288,11 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
   const Genotype genotype = resolve_genotype(cfg.genotype);
   cfg.genotype = genotype_to_text(genotype);  // config.json holds the resolved cell
   if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
-  const torch::Device device = parse_device(cfg.device);
+  // Data parallelism (docs/distributed.md): torchrun environment, rank 0 writes.
+  const auto dist = init_distributed_from_environment(cfg.dist_timeout_s);
+  writer = !dist || dist->rank() == 0;
+  torch::Device device = parse_device(cfg.device);
+  if (dist && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank()));
   const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(threads);
 
@@ -339,6 +347,8 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
   so.workers = cfg.workers;
   so.prefetch = 2;
   so.seed = cfg.seed * 2 + 1;
+  so.rank = dist ? dist->rank() : 0;  // each rank reads its slice of every global batch
+  so.world = dist ? dist->world() : 1;
   BatchStream train_stream(train, t_idx, so);
   std::unique_ptr<BatchStream> valid_stream;
   if (!v_idx.empty()) valid_stream = std::make_unique<BatchStream>(train, v_idx, eval_stream_options(cfg, kEvalBatch));
@@ -347,11 +357,13 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
 
   // ---- Run directory.
   std::error_code ec;
-  fs::create_directories(out, ec);
-  if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
   if (!resume && fs::exists(ckpt_path))
     throw UsageError("run directory " + cfg.out + " already holds a training run: pass --resume to continue it or choose another --out");
-  write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
+  if (writer) {
+    fs::create_directories(out, ec);
+    if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
+    write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
+  }
 
   int64_t start_epoch = 0, best_epoch = 0;
   double best_valid = -1;
@@ -389,7 +401,10 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
     info(o.str());
   }
 
+  if (dist) dist->broadcast_module(*net);  // identical start on every rank
+
   auto save_checkpoint = [&](int64_t epoch, const std::string& path) {
+    if (!writer) return;
     torch::serialize::OutputArchive a;
     write_int(a, "format_version", kCheckpointFormatVersion);
     write_string(a, "kind", "train");
@@ -431,18 +446,33 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
       auto loss = torch::nn::functional::cross_entropy(outp.logits, y);
       if (outp.aux_logits.defined())
         loss = loss + cfg.auxiliary_weight * torch::nn::functional::cross_entropy(outp.aux_logits, y);
-      const double lv = loss.item<double>();
+      double lv = loss.item<double>();
+      int64_t b_correct = outp.logits.argmax(1).eq(y).sum().item<int64_t>(), b_seen = y.size(0);
+      if (dist) {
+        // Every rank joins the backward and the all-reduces (none waits forever); the step's
+        // loss and counts over all ranks decide together whether to stop.
+        loss.backward();
+        std::vector<torch::Tensor> g;
+        for (auto& p : params) g.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+        dist->allreduce_mean(g);
+        for (size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = g[i];
+        std::vector<torch::Tensor> st{torch::tensor({lv * b_seen, static_cast<double>(b_correct), static_cast<double>(b_seen)}, torch::kDouble)};
+        dist->allreduce_sum(st);
+        b_seen = static_cast<int64_t>(st[0][2].item<double>());
+        b_correct = static_cast<int64_t>(st[0][1].item<double>());
+        lv = st[0][0].item<double>() / b_seen;
+      }
       if (!std::isfinite(lv))
         throw DivergedError("loss became " + std::string(std::isnan(lv) ? "NaN" : "Inf") + " at epoch " +
                             std::to_string(epoch + 1) + " step " + std::to_string(step + 1) + "; last good checkpoint: " +
                             (fs::exists(ckpt_path) ? ckpt_path : std::string("none")) + " (lower --lr)");
-      loss.backward();
+      if (!dist) loss.backward();
       torch::nn::utils::clip_grad_norm_(params, cfg.grad_clip);
       sgd.step();
-      loss_sum += lv * y.size(0);
-      correct += outp.logits.argmax(1).eq(y).sum().item<int64_t>();
-      seen += y.size(0);
-      if (cb.progress && seconds_since(last_progress) >= (tty ? 0.5 : 15.0)) {
+      loss_sum += lv * b_seen;
+      correct += b_correct;
+      seen += b_seen;
+      if (cb.progress && writer && seconds_since(last_progress) >= (tty ? 0.5 : 15.0)) {
         last_progress = Clock::now();
         const double per_step = seconds_since(t_epoch) / static_cast<double>(step + 1);
         const double left = per_step * static_cast<double>((cfg.epochs - epoch) * steps_per_epoch - step - 1);
@@ -461,6 +491,7 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
               {"train_loss", loss_sum / seen}, {"train_top1", 100.0 * correct / seen},
               {"train_seconds", train_seconds}};
     bool improved = false;
+    if (!writer) continue;  // rank 0 validates, selects and writes
     if (valid_stream) {
       const EvalResult v = evaluate(net, *valid_stream, device);
       m["valid_loss"] = v.loss;
@@ -495,6 +526,7 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
 
   // ---- The selected model on the test set, once.
   TrainResult result;
+  if (!writer) return result;
   result.genotype = genotype;
   result.profile = profile;
   result.epochs_done = cfg.epochs;

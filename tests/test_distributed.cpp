@@ -232,3 +232,24 @@ TEST(Distributed, LaunchRunsATwoRankSearchAndOnlyRankZeroWrites) {
   EXPECT_TRUE(fs::exists(dir / "metrics.jsonl"));
   fs::remove_all(dir);
 }
+
+TEST(Distributed, LaunchRunsATwoRankTrainingRun) {
+  const auto dir = fs::temp_directory_path() / ("noisydarts_dist_train_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  const std::string cmd = std::string(NOISYDARTS_CLI) + " launch --nproc 2 --master-port " +
+                          std::to_string(test_port(5)) +
+                          " -- train --genotype NoisyDARTS_a --dataset synthetic --channels 4 --layers 3"
+                          " --batch-size 8 --subset 64 --epochs 1 --max-steps 2 --threads 1 -q --out " +
+                          dir.string() + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string output;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) output.append(buf, n);
+  const int status = ::pclose(p);
+  ASSERT_EQ(WEXITSTATUS(status), 0) << output;
+  EXPECT_EQ(std::count(output.begin(), output.end(), '\n'), 1) << output;  // rank 0's result line
+  EXPECT_EQ(output.rfind("test top-1", 0), 0u) << output;
+  EXPECT_TRUE(fs::exists(dir / "result.json"));
+  fs::remove_all(dir);
+}

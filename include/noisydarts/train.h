@@ -49,6 +49,7 @@ struct TrainConfig {
   int threads = 0;                    ///< 0 = all cores
   std::string device = "cpu";
   int64_t max_steps = 0;              ///< limit steps per epoch (0 = whole epochs; tests/benchmarks)
+  double dist_timeout_s = 300;        ///< data-parallel runs: longest wait for another rank
 
   /// Defaults of a preset (default | paper). Throws UsageError.
   static TrainConfig preset_defaults(const std::string& preset);
