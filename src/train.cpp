@@ -211,7 +211,14 @@ std::vector<int64_t> all_indices(int64_t n) {
 EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg_out) {
   if (!fs::exists(checkpoint)) throw CheckpointError("cannot read checkpoint " + checkpoint + ": no such file");
   TrainConfig cfg = TrainConfig::preset_defaults("paper");
-  cfg.merge_json(read_checkpoint_config(checkpoint, "train"), checkpoint);
+  {
+    const auto stored = read_checkpoint_config(checkpoint, "train");
+    try {
+      cfg.merge_json(stored, checkpoint);
+    } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+      throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+    }
+  }
   torch::serialize::InputArchive a;
   open_checkpoint(checkpoint, "train", a);
   int64_t in_channels = 0, classes = 0;
@@ -275,7 +282,14 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
     const std::string o = cfg.out;
     const int threads = cfg.threads, workers = cfg.workers;
     cfg = TrainConfig::preset_defaults("paper");
-    cfg.merge_json(read_checkpoint_config(ckpt_path, "train"), ckpt_path);
+    {
+      const auto stored = read_checkpoint_config(ckpt_path, "train");
+      try {
+        cfg.merge_json(stored, ckpt_path);
+      } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+        throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+      }
+    }
     cfg.out = o;
     cfg.threads = threads;
     cfg.workers = workers;
@@ -351,7 +365,8 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
   if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
   if (!resume && fs::exists(ckpt_path))
     throw UsageError("run directory " + cfg.out + " already holds a training run: pass --resume to continue it or choose another --out");
-  write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
+  // A resumed run's config.json is rewritten only once its checkpoint has loaded.
+  if (!resume) write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
 
   int64_t start_epoch = 0, best_epoch = 0;
   double best_valid = -1;
@@ -378,6 +393,7 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
     } catch (const std::exception& e) {
       throw CheckpointError("checkpoint " + ckpt_path + " does not match this network: " + std::string(e.what()).substr(0, 200));
     }
+    write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
     info("resuming " + cfg.out + " after epoch " + std::to_string(start_epoch));
   }
   {

@@ -13,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli_helpers.h"
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -30,15 +32,9 @@ std::string slurp(const fs::path& p) {
 }
 
 int run(const std::string& args, std::string* output = nullptr) {
-  const std::string cmd = std::string(NOISYDARTS_CLI) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  if (output) *output = out;
-  return WEXITSTATUS(status);
+  const auto r = noisydarts::test::run_cli(args);
+  if (output) *output = r.out;
+  return r.code;
 }
 
 fs::path fresh(const std::string& name) {
