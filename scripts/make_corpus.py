@@ -63,6 +63,7 @@ write("idx/images.huge-declared", struct.pack(">IIII", 2051, 10_000_000, 4096, 4
 # The same lie inside gzip: memory may only grow with the data actually present.
 write("idx/images.huge-declared.gz",
       gzip.compress(struct.pack(">IIII", 2051, 10_000_000, 4096, 4096) + b"\x01" * 4096, mtime=0))
+write("idx/labels.huge-declared", struct.pack(">II", 2049, 10_000_000) + b"\x01" * 16)  # pairs with the above
 write("idx/images.corrupt-gzip", b"\x1f\x8b\x08\x00" + b"\xde\xad\xbe\xef" * 16)
 write("idx/labels.empty", b"")
 write("idx/labels.count-mismatch", idx_labels(N_TRAIN - 3))

@@ -137,6 +137,7 @@ struct IdxCase {
   std::string target;  // file of the valid directory replaced (or removed)
   std::string corpus;  // corpus/idx/ file put in its place; empty: the target is missing
   std::string as;      // name it gets (default: target)
+  std::string labels = {};  // corpus/idx/ file put in place of train-labels-idx1-ubyte
 };
 
 TEST(Corpus, BrokenIdxFilesFailWithOneLineAndNoRunDirectory) {
@@ -153,6 +154,10 @@ TEST(Corpus, BrokenIdxFilesFailWithOneLineAndNoRunDirectory) {
       {"train-images-idx3-ubyte", "images.huge-declared", ""},
       {"train-images-idx3-ubyte", "images.huge-declared.gz", "train-images-idx3-ubyte.gz"},
       {"train-images-idx3-ubyte", "images.corrupt-gzip", "train-images-idx3-ubyte.gz"},
+      // Counts agree (10M), so the gzip payload is read: it must end as "truncated" after
+      // reading the few bytes present, not by allocating the declared 1.6e14 bytes.
+      {"train-images-idx3-ubyte", "images.huge-declared.gz", "train-images-idx3-ubyte.gz",
+       "labels.huge-declared"},
       {"train-labels-idx1-ubyte", "labels.empty", ""},
       {"train-labels-idx1-ubyte", "labels.count-mismatch", ""},
       {"train-labels-idx1-ubyte", "labels.wrong-magic", ""},
@@ -167,6 +172,8 @@ TEST(Corpus, BrokenIdxFilesFailWithOneLineAndNoRunDirectory) {
     const fs::path out = t / ("run" + std::to_string(i++));
     fs::remove(d / c.target);
     if (!c.corpus.empty()) fs::copy_file(kCorpus / "idx" / c.corpus, d / (c.as.empty() ? c.target : c.as));
+    if (!c.labels.empty())
+      fs::copy_file(kCorpus / "idx" / c.labels, d / "train-labels-idx1-ubyte", fs::copy_options::overwrite_existing);
     // The message names the file (a count mismatch names the image and the label file).
     cases.push_back({c.target + " <- " + (c.corpus.empty() ? "(missing)" : c.corpus),
                      cli(kTinySearch + "--dataset fashion-mnist --data-dir " + q(d) + " --out " + q(out)),
