@@ -6,6 +6,7 @@
 
 #include "noisydarts/error.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/runtime.h"
 
 namespace noisydarts {
 using nlohmann::json;
@@ -178,7 +179,7 @@ void SearchConfig::validate() const {
   need(arch_lr >= 0, "--arch-lr must be >= 0");
   need(arch_beta1 >= 0 && arch_beta1 < 1 && arch_beta2 >= 0 && arch_beta2 < 1, "Adam betas must be in [0, 1)");
   need(order == "first" || order == "second", "--order must be first or second, got '" + order + "'");
-  need(threads >= 0, "--threads must be >= 0 (0 = all cores)");
+  check_threads(threads);
   need(workers >= 1 && workers <= 64, "--workers must be in [1, 64]");
   need(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1");
   need(checkpoint_every_min >= 0, "--checkpoint-every must be >= 0 minutes");

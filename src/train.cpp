@@ -137,7 +137,7 @@ void TrainConfig::validate() const {
   check(subset >= 0, "--subset must be >= 0");
   check(crop_padding >= 0 && cutout >= 0, "--crop-padding and --cutout must be >= 0");
   check(workers >= 1, "--workers must be >= 1");
-  check(threads >= 0, "--threads must be >= 0");
+  check_threads(threads);
   check(max_steps >= 0, "--max-steps must be >= 0");
   check(lr > 0 && lr_min >= 0 && lr_min <= lr, "--lr must be > 0 and 0 <= --lr-min <= --lr");
   check(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1)");
@@ -245,6 +245,7 @@ EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg
 EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string& data_dir,
                                int64_t batch_size, int threads) {
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
+  check_threads(threads);
   keep_freed_memory();
   at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   TrainConfig cfg;

@@ -299,6 +299,7 @@ TEST(Corpus, OutOfRangeOptionsFailWithOneLineNamingTheOption) {
       {s + "--subset -5", "--subset"},
       {s + "--train-portion 1.5", "--train-portion"},
       {s + "--threads -1", "--threads"},
+      {s + "--threads 99999999", "--threads"},  // LibTorch stalls on set_num_threads(99999999)
       {s + "--noise-lambda abc", "--noise-lambda"},
       {s + "--ops conv_9x9", "conv_9x9"},
       {s + "--bogus-flag 3", "--bogus-flag"},
