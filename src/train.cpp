@@ -129,8 +129,10 @@ void TrainConfig::validate() const {
   auto check = [](bool ok, const std::string& what) {
     if (!ok) throw UsageError(what);
   };
-  check(channels >= 2 && channels % 2 == 0, "--channels must be even and >= 2, got " + std::to_string(channels));
-  check(layers >= 1, "--layers must be >= 1, got " + std::to_string(layers));
+  // Upper bounds far above any real network (paper: 20 x 36); absurd values crashed or ran out
+  // of memory after the run directory was created.
+  check(channels >= 2 && channels <= 1024 && channels % 2 == 0, "--channels must be even and in [2, 1024], got " + std::to_string(channels));
+  check(layers >= 1 && layers <= 100, "--layers must be in [1, 100], got " + std::to_string(layers));
   check(epochs >= 1, "--epochs must be >= 1, got " + std::to_string(epochs));
   check(batch_size >= 1, "--batch-size must be >= 1, got " + std::to_string(batch_size));
   check(valid_portion >= 0 && valid_portion < 1, "--valid-portion must be in [0, 1), got " + std::to_string(valid_portion));

@@ -296,6 +296,8 @@ TEST(Corpus, OutOfRangeOptionsFailWithOneLineNamingTheOption) {
       {s + "--epochs 99999999999999999999", "--epochs"},
       {s + "--batch-size 0", "--batch-size"},
       {s + "--channels 3", "--channels"},
+      {s + "--channels 1000000", "--channels"},  // ran out of memory after creating the run directory
+      {s + "--layers 100000", "--layers"},       // crashed with SIGSEGV
       {s + "--subset -5", "--subset"},
       {s + "--train-portion 1.5", "--train-portion"},
       {s + "--threads -1", "--threads"},
