@@ -43,9 +43,16 @@ inline CommandResult run_command(const std::string& cmd) {
   return r;
 }
 
+/// The `noisydarts` binary under test: NOISYDARTS_TEST_CLI when set (e.g. the sanitizer
+/// build's CLI, docs/reliability.md), else the one built with the tests.
+inline std::string cli_path() {
+  const char* env = std::getenv("NOISYDARTS_TEST_CLI");
+  return env && *env ? std::string(env) : std::string(NOISYDARTS_CLI);
+}
+
 /// Runs the `noisydarts` binary under test with `args` (a shell-quoted argument string).
 inline CommandResult run_cli(const std::string& args) {
-  return run_command(std::string(NOISYDARTS_CLI) + " " + args);
+  return run_command(cli_path() + " " + args);
 }
 
 }  // namespace noisydarts::test

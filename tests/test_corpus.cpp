@@ -97,7 +97,7 @@ struct Case {
   fs::path out;
 };
 
-std::string cli(const std::string& args) { return std::string(NOISYDARTS_CLI) + " " + args; }
+std::string cli(const std::string& args) { return noisydarts::test::cli_path() + " " + args; }
 
 /// Runs the cases' commands, a few at a time (each costs ~1 s, mostly LibTorch's start-up),
 /// then checks each.
@@ -446,7 +446,7 @@ TEST_F(CorpusRun, UnwritableOutputsFailWithOneLineAndLeaveNothing) {
   const fs::path out = base() / "full" / "model.pt";
   fs::create_directories(out.parent_path());
   spit(out, "previous export\n");
-  r = run_command("trap '' XFSZ; ulimit -f 2; exec " + std::string(NOISYDARTS_CLI) + " export -c " +
+  r = run_command("trap '' XFSZ; ulimit -f 2; exec " + noisydarts::test::cli_path() + " export -c " +
                   q(checkpoint()) + " -o " + q(out));
   expect_one_line_failure(r, kExitIo, out.string());
   EXPECT_EQ(slurp(out), "previous export\n");
