@@ -8,6 +8,7 @@
 #include "noisydarts/eval_network.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/interop.h"
+#include "noisydarts/runtime.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/search_network.h"
 
@@ -76,6 +77,7 @@ void add_predict_command(CLI::App& app, Action& run) {
     run = [st] {
       if (st->genotype.empty() == !st->search_network)
         throw UsageError("predict needs exactly one of --genotype G or --search-network");
+      check_threads(st->threads);
       if (st->threads > 0) at::set_num_threads(st->threads);
       StateDict sd = load_state_dict_file(st->weights);
       torch::Tensor x = load_tensor_file(st->input);

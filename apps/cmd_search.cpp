@@ -78,6 +78,8 @@ int run_search_command(const std::string& preset, const std::string& scale, cons
   nd::SearchConfig cfg = nd::SearchConfig::preset_defaults(preset, scale);
   if (!config_file.empty()) {
     json j = nd::read_json_file(config_file);
+    if (!j.is_object())
+      throw nd::ConfigError(config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
     // A saved config.json names its own preset/scale; the flags' choice stays authoritative.
     j.erase("preset");
     j.erase("scale");

@@ -111,6 +111,8 @@ void add_train_command(CLI::App& app, Action& run) {
       TrainConfig cfg = TrainConfig::preset_defaults(st->preset);
       if (!st->config_file.empty()) {
         json j = read_json_file(st->config_file);
+        if (!j.is_object())
+          throw ConfigError(st->config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
         j.erase("preset");  // the flag's preset stays authoritative
         cfg.merge_json(j, st->config_file);
       }

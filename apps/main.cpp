@@ -44,6 +44,12 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    if (app.get_subcommands().empty() && argc > 1 && argv[1][0] != '-') {
+      std::string names;
+      for (const auto* sub : app.get_subcommands(std::function<bool(CLI::App*)>{})) names += (names.empty() ? "" : ", ") + sub->get_name();
+      std::fprintf(stderr, "noisydarts: unknown command '%s' (commands: %s; see --help)\n", argv[1], names.c_str());
+      return nd::kExitUsage;
+    }
     std::fprintf(stderr, "noisydarts: %s (see --help)\n", first_line(e.what()).c_str());
     return nd::kExitUsage;
   } catch (const nd::Error& e) {

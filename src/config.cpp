@@ -6,6 +6,7 @@
 
 #include "noisydarts/error.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/runtime.h"
 
 namespace noisydarts {
 using nlohmann::json;
@@ -176,8 +177,10 @@ void SearchConfig::validate() const {
   };
   need(epochs >= 1, "--epochs must be >= 1, got " + std::to_string(epochs));
   need(batch_size >= 2, "--batch-size must be >= 2, got " + std::to_string(batch_size));
-  need(channels >= 2 && channels % 2 == 0, "--channels must be even and >= 2, got " + std::to_string(channels));
-  need(layers >= 1, "--layers must be >= 1, got " + std::to_string(layers));
+  // Upper bounds: far above any real search (paper: 8 x 16); absurd values ran out of memory
+  // after the run directory was created, or crashed (--layers 100000: SIGSEGV).
+  need(channels >= 2 && channels <= 1024 && channels % 2 == 0, "--channels must be even and in [2, 1024], got " + std::to_string(channels));
+  need(layers >= 1 && layers <= 100, "--layers must be in [1, 100], got " + std::to_string(layers));
   need(steps >= 1 && multiplier >= 1 && multiplier <= steps, "steps/multiplier must satisfy 1 <= multiplier <= steps");
   need(subset >= 0, "--subset must be >= 0, got " + std::to_string(subset));
   need(train_portion > 0 && train_portion < 1, "--train-portion must be in (0, 1), got " + std::to_string(train_portion));
@@ -194,7 +197,7 @@ void SearchConfig::validate() const {
   need(early_stop_window >= 1, "--early-stop-window must be >= 1 epoch");
   need(early_stop_ratio == 0 || (hessian_every > 0 && early_stop_window % hessian_every == 0),
        "--early-stop needs --hessian-every K with K dividing --early-stop-window");
-  need(threads >= 0, "--threads must be >= 0 (0 = all cores)");
+  check_threads(threads);
   need(workers >= 1 && workers <= 64, "--workers must be in [1, 64]");
   need(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1");
   need(checkpoint_every_min >= 0, "--checkpoint-every must be >= 0 minutes");

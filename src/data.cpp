@@ -24,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -134,6 +135,12 @@ class InFile {
       std::rewind(f_);
     }
   }
+  /// A file's bytes already in memory (raw IDX/CIFAR data, not gzip); `name` is used in
+  /// messages in place of a path. The bytes must outlive the object.
+  InFile(const std::string& name, const uint8_t* data, size_t size) : path_(name), size_(size) {
+    if (size == 0) throw DataError("cannot read " + name + ": the file is empty" + kRedownload);
+    mem_ = data;
+  }
   ~InFile() {
     if (f_) std::fclose(f_);
     if (g_) gzclose(g_);
@@ -152,7 +159,13 @@ class InFile {
     size_t total = 0;
     while (total < n) {
       const size_t want = std::min<size_t>(n - total, size_t{1} << 30);
-      if (gz_) {
+      if (mem_) {
+        const size_t r = std::min<size_t>(want, static_cast<size_t>(size_ - mem_pos_));
+        if (r > 0) std::memcpy(p + total, mem_ + mem_pos_, r);
+        mem_pos_ += r;
+        total += r;
+        if (r < want) break;
+      } else if (gz_) {
         const int r = gzread(g_, p + total, static_cast<unsigned>(want));
         if (r < 0) {
           int err = 0;
@@ -219,6 +232,8 @@ class InFile {
   gzFile g_ = nullptr;
   bool gz_ = false;
   uint64_t size_ = 0;
+  const uint8_t* mem_ = nullptr;  // memory mode: the data, size_ bytes
+  uint64_t mem_pos_ = 0;
 };
 
 uint32_t read_be32(InFile& in, const char* field) {
@@ -247,9 +262,9 @@ torch::Tensor tensor_from(std::vector<uint8_t>&& buf, at::IntArrayRef sizes) {
 constexpr uint32_t kMaxCount = 10'000'000;
 constexpr uint32_t kMaxSide = 4096;
 
-Dataset load_idx_impl(const std::string& images_path, const std::string& labels_path,
-                      const char* hint) {
-  InFile im(images_path, hint);
+/// Parses an IDX image file and (opened only once the image header is valid) its label file.
+Dataset load_idx_impl(InFile& im, const std::function<std::unique_ptr<InFile>()>& open_labels) {
+  const std::string& images_path = im.path();
   check_magic(im, 2051, "image (unsigned byte, 3 dimensions)");
   const uint32_t n = read_be32(im, "image count");
   const uint32_t rows = read_be32(im, "rows");
@@ -261,7 +276,9 @@ Dataset load_idx_impl(const std::string& images_path, const std::string& labels_
                     std::to_string(kMaxSide) + "x" + std::to_string(kMaxSide) + "); corrupt file" +
                     kRedownload);
 
-  InFile lb(labels_path, hint);
+  const std::unique_ptr<InFile> lbp = open_labels();
+  InFile& lb = *lbp;
+  const std::string& labels_path = lb.path();
   check_magic(lb, 2049, "label (unsigned byte, 1 dimension)");
   const uint32_t m = read_be32(lb, "label count");
   if (m != n)
@@ -286,6 +303,12 @@ Dataset load_idx_impl(const std::string& images_path, const std::string& labels_
   d.num_classes = max_label + 1;
   compute_normalization(d);
   return d;
+}
+
+Dataset load_idx_files(const std::string& images_path, const std::string& labels_path,
+                       const char* hint) {
+  InFile im(images_path, hint);
+  return load_idx_impl(im, [&] { return std::make_unique<InFile>(labels_path, hint); });
 }
 
 /// `dir/base.gz` if present, else `dir/base`, else (MNIST's alternative spelling) the same
@@ -332,7 +355,7 @@ DataShape dataset_shape(const std::string& name) {
   if (name == "cifar10") return {3, 32, 32, 10};
   if (name == "cifar100") return {3, 32, 32, 100};
   if (name == "imagenet") return {3, 224, 224, 1000};
-  throw UsageError("unknown dataset '" + name +
+  throw UsageError("--dataset: unknown dataset '" + name +
                    "' (choose fashion-mnist, mnist, cifar10, cifar100, synthetic or imagenet)");
 }
 
@@ -343,18 +366,80 @@ std::string default_data_dir(const std::string& name) {
 }
 
 Dataset load_idx(const std::string& images_path, const std::string& labels_path) {
-  return load_idx_impl(images_path, labels_path, kIdxHint);
+  return load_idx_files(images_path, labels_path, kIdxHint);
 }
+
+Dataset parse_idx(const uint8_t* images, size_t images_size, const uint8_t* labels,
+                  size_t labels_size, const std::string& images_name,
+                  const std::string& labels_name) {
+  InFile im(images_name, images, images_size);
+  return load_idx_impl(im, [&] { return std::make_unique<InFile>(labels_name, labels, labels_size); });
+}
+
+namespace {
+
+constexpr int64_t kCifarPixels = 3 * 32 * 32;
+
+void check_cifar_args(int64_t num_classes, int64_t label_bytes) {
+  if (num_classes < 1 || num_classes > 256 || label_bytes < 1 || label_bytes > 16)
+    throw UsageError("load_cifar_bin: num_classes must be in 1..256 and label_bytes in 1..16");
+}
+
+/// Validates one CIFAR binary file's bytes (non-empty, whole records, labels < num_classes);
+/// returns its record count. `name` is used in messages.
+int64_t check_cifar_records(const uint8_t* data, size_t size, const std::string& name,
+                            int64_t num_classes, int64_t label_bytes) {
+  const int64_t record = label_bytes + kCifarPixels;
+  if (size == 0) throw DataError("cannot read " + name + ": the file is empty" + kRedownload);
+  if (size % static_cast<size_t>(record) != 0)
+    throw DataError(name + ": size " + std::to_string(size) +
+                    " bytes is not a multiple of the CIFAR record size " +
+                    std::to_string(record) + " (" + std::to_string(label_bytes) +
+                    " label bytes + 3072 pixels): truncated or not this CIFAR variant" +
+                    kRedownload);
+  const int64_t recs = static_cast<int64_t>(size) / record;
+  for (int64_t r = 0; r < recs; ++r) {
+    const int64_t label = data[static_cast<size_t>(r * record + label_bytes - 1)];
+    if (label >= num_classes)
+      throw DataError(name + ": record " + std::to_string(r) + " has label " +
+                      std::to_string(label) + ", expected < " + std::to_string(num_classes) +
+                      " (wrong CIFAR variant or corrupt file?)" + kRedownload);
+  }
+  return recs;
+}
+
+/// A dataset from validated CIFAR buffers (check_cifar_records passed on each).
+Dataset cifar_from_buffers(const std::vector<std::pair<const uint8_t*, size_t>>& bufs,
+                           int64_t num_classes, int64_t label_bytes) {
+  const int64_t record = label_bytes + kCifarPixels;
+  int64_t total = 0;
+  for (const auto& b : bufs) total += static_cast<int64_t>(b.second) / record;
+  Dataset d;
+  d.images = torch::empty({total, 3, 32, 32}, torch::kUInt8);
+  d.labels = torch::empty({total}, torch::kLong);
+  auto* x = d.images.data_ptr<uint8_t>();
+  auto* y = d.labels.data_ptr<int64_t>();
+  int64_t i = 0;
+  for (const auto& b : bufs) {
+    const int64_t recs = static_cast<int64_t>(b.second) / record;
+    for (int64_t r = 0; r < recs; ++r, ++i) {
+      const uint8_t* rec = b.first + r * record;
+      y[i] = rec[label_bytes - 1];
+      std::memcpy(x + i * kCifarPixels, rec + label_bytes, kCifarPixels);
+    }
+  }
+  d.num_classes = num_classes;
+  compute_normalization(d);
+  return d;
+}
+
+}  // namespace
 
 Dataset load_cifar_bin(const std::vector<std::string>& files, int64_t num_classes,
                        int64_t label_bytes) {
   if (files.empty()) throw UsageError("load_cifar_bin: no CIFAR files given");
-  if (num_classes < 1 || num_classes > 256 || label_bytes < 1 || label_bytes > 16)
-    throw UsageError("load_cifar_bin: num_classes must be in 1..256 and label_bytes in 1..16");
-  constexpr int64_t kPixels = 3 * 32 * 32;
-  const int64_t record = label_bytes + kPixels;
+  check_cifar_args(num_classes, label_bytes);
   std::vector<std::vector<uint8_t>> raw;
-  int64_t total = 0;
   for (const auto& path : files) {
     InFile in(path, kCifarHint);
     std::vector<uint8_t> buf;
@@ -373,42 +458,19 @@ Dataset load_cifar_bin(const std::vector<std::string>& files, int64_t num_classe
       }
       buf.resize(got);
     }
-    if (buf.empty())
-      throw DataError("cannot read " + path + ": the file is empty" + kRedownload);
-    if (buf.size() % static_cast<size_t>(record) != 0)
-      throw DataError(path + ": size " + std::to_string(buf.size()) +
-                      " bytes is not a multiple of the CIFAR record size " +
-                      std::to_string(record) + " (" + std::to_string(label_bytes) +
-                      " label bytes + 3072 pixels): truncated or not this CIFAR variant" +
-                      kRedownload);
-    const int64_t recs = static_cast<int64_t>(buf.size()) / record;
-    for (int64_t r = 0; r < recs; ++r) {
-      const int64_t label = buf[static_cast<size_t>(r * record + label_bytes - 1)];
-      if (label >= num_classes)
-        throw DataError(path + ": record " + std::to_string(r) + " has label " +
-                        std::to_string(label) + ", expected < " + std::to_string(num_classes) +
-                        " (wrong CIFAR variant or corrupt file?)" + kRedownload);
-    }
-    total += recs;
+    check_cifar_records(buf.data(), buf.size(), path, num_classes, label_bytes);
     raw.push_back(std::move(buf));
   }
-  Dataset d;
-  d.images = torch::empty({total, 3, 32, 32}, torch::kUInt8);
-  d.labels = torch::empty({total}, torch::kLong);
-  auto* x = d.images.data_ptr<uint8_t>();
-  auto* y = d.labels.data_ptr<int64_t>();
-  int64_t i = 0;
-  for (const auto& buf : raw) {
-    const int64_t recs = static_cast<int64_t>(buf.size()) / record;
-    for (int64_t r = 0; r < recs; ++r, ++i) {
-      const uint8_t* rec = buf.data() + r * record;
-      y[i] = rec[label_bytes - 1];
-      std::memcpy(x + i * kPixels, rec + label_bytes, kPixels);
-    }
-  }
-  d.num_classes = num_classes;
-  compute_normalization(d);
-  return d;
+  std::vector<std::pair<const uint8_t*, size_t>> bufs;
+  for (const auto& b : raw) bufs.emplace_back(b.data(), b.size());
+  return cifar_from_buffers(bufs, num_classes, label_bytes);
+}
+
+Dataset parse_cifar_bin(const uint8_t* data, size_t size, int64_t num_classes,
+                        int64_t label_bytes, const std::string& name) {
+  check_cifar_args(num_classes, label_bytes);
+  check_cifar_records(data, size, name, num_classes, label_bytes);
+  return cifar_from_buffers({{data, size}}, num_classes, label_bytes);
 }
 
 Dataset make_synthetic(int64_t n, int64_t channels, int64_t size, int64_t classes, uint64_t seed) {
@@ -553,10 +615,10 @@ DatasetPair load_dataset(const std::string& name, const std::string& dir, uint64
       throw UsageError("dataset " + name + " has no default location; pass --data-dir");
     if (name == "fashion-mnist" || name == "mnist") {
       const char* hint = name == "mnist" ? kMnistHint : kIdxHint;
-      out.train = load_idx_impl(find_idx(d, "train-images-idx3-ubyte"),
-                                find_idx(d, "train-labels-idx1-ubyte"), hint);
-      out.test = load_idx_impl(find_idx(d, "t10k-images-idx3-ubyte"),
-                               find_idx(d, "t10k-labels-idx1-ubyte"), hint);
+      out.train = load_idx_files(find_idx(d, "train-images-idx3-ubyte"),
+                                 find_idx(d, "train-labels-idx1-ubyte"), hint);
+      out.test = load_idx_files(find_idx(d, "t10k-images-idx3-ubyte"),
+                                find_idx(d, "t10k-labels-idx1-ubyte"), hint);
       // Classes: whatever the labels use (10 for MNIST and Fashion-MNIST), same for both sets.
       const int64_t k = std::max(out.train.num_classes, out.test.num_classes);
       out.train.num_classes = out.test.num_classes = k;

@@ -3,11 +3,17 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace noisydarts {
 
 void write_file_atomic(const std::string& path, const std::string& content) {
+  // Renaming over a device (e.g. /dev/full), a FIFO or a directory would replace or fail on
+  // it after the data were written: refuse up front instead.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw IoError("cannot write " + path + ": it exists and is not a regular file (choose a file path)");
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   FILE* f = std::fopen(tmp.c_str(), "wb");
   if (!f) throw IoError("cannot write " + path + ": " + std::strerror(errno));

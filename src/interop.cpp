@@ -458,7 +458,14 @@ std::pair<std::string, size_t> export_checkpoint(const std::string& checkpoint,
 
 SearchNetwork load_search_network(const std::string& checkpoint) {
   SearchConfig cfg = SearchConfig::preset_defaults("noisydarts", "paper");
-  cfg.merge_json(read_checkpoint_config(checkpoint, "search"), checkpoint);
+  {
+    const auto stored = read_checkpoint_config(checkpoint, "search");
+    try {
+      cfg.merge_json(stored, checkpoint);
+    } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+      throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+    }
+  }
   const DataShape shape = dataset_shape(cfg.dataset);
   SearchNetworkOptions o(cfg.channels, shape.classes, cfg.layers);
   o.in_channels(shape.channels).steps(cfg.steps).multiplier(cfg.multiplier).primitives(cfg.primitives)

@@ -9,6 +9,12 @@
 
 namespace noisydarts {
 
+void check_threads(int64_t threads) {
+  if (threads < 0 || threads > kMaxThreads)
+    throw UsageError("--threads must be in [0, " + std::to_string(kMaxThreads) + "] (0 = all cores), got " +
+                     std::to_string(threads));
+}
+
 torch::Device parse_device(const std::string& d) {
   try {
     torch::Device dev(d);

@@ -193,7 +193,14 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     const std::string out = cfg.out;
     const int threads = cfg.threads;
     cfg = SearchConfig::preset_defaults("noisydarts", "paper");
-    cfg.merge_json(read_checkpoint_config(resume_from, "search"), resume_from);
+    {
+      const auto stored = read_checkpoint_config(resume_from, "search");
+      try {
+        cfg.merge_json(stored, resume_from);
+      } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+        throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+      }
+    }
     cfg.out = out;
     // The stored thread count is kept unless the caller overrides it: results are bitwise
     // reproducible only with the same number of threads (docs/reproducibility.md).
@@ -225,7 +232,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   if (writer) {
     fs::create_directories(checkpoint_dir(cfg.out), ec);
     if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
-    write_text((fs::path(cfg.out) / "config.json").string(), cfg.to_json().dump(2) + "\n");
+    // A resumed run's config.json is rewritten only once its checkpoint has loaded, so a refused
+    // checkpoint leaves the run directory untouched.
+    if (!resume) write_text((fs::path(cfg.out) / "config.json").string(), cfg.to_json().dump(2) + "\n");
   }
 
   // ---- Network and optimisers.
@@ -293,6 +302,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     } catch (const std::exception& e) {
       throw CheckpointError("checkpoint " + resume_from + " does not match this search network: " + std::string(e.what()).substr(0, 200));
     }
+    if (writer) write_text((fs::path(cfg.out) / "config.json").string(), cfg.to_json().dump(2) + "\n");
     info("resuming " + cfg.out + " from " + fs::path(resume_from).filename().string() + " (epoch " +
          std::to_string(start_epoch + 1) + ", step " + std::to_string(start_step) + ")");
   }

@@ -131,15 +131,17 @@ void TrainConfig::validate() const {
   auto check = [](bool ok, const std::string& what) {
     if (!ok) throw UsageError(what);
   };
-  check(channels >= 2 && channels % 2 == 0, "--channels must be even and >= 2, got " + std::to_string(channels));
-  check(layers >= 1, "--layers must be >= 1, got " + std::to_string(layers));
+  // Upper bounds far above any real network (paper: 20 x 36); absurd values crashed or ran out
+  // of memory after the run directory was created.
+  check(channels >= 2 && channels <= 1024 && channels % 2 == 0, "--channels must be even and in [2, 1024], got " + std::to_string(channels));
+  check(layers >= 1 && layers <= 100, "--layers must be in [1, 100], got " + std::to_string(layers));
   check(epochs >= 1, "--epochs must be >= 1, got " + std::to_string(epochs));
   check(batch_size >= 1, "--batch-size must be >= 1, got " + std::to_string(batch_size));
   check(valid_portion >= 0 && valid_portion < 1, "--valid-portion must be in [0, 1), got " + std::to_string(valid_portion));
   check(subset >= 0, "--subset must be >= 0");
   check(crop_padding >= 0 && cutout >= 0, "--crop-padding and --cutout must be >= 0");
   check(workers >= 1, "--workers must be >= 1");
-  check(threads >= 0, "--threads must be >= 0");
+  check_threads(threads);
   check(max_steps >= 0, "--max-steps must be >= 0");
   check(dist_timeout_s > 0, "--dist-timeout must be > 0 seconds");
   check(lr > 0 && lr_min >= 0 && lr_min <= lr, "--lr must be > 0 and 0 <= --lr-min <= --lr");
@@ -214,7 +216,14 @@ std::vector<int64_t> all_indices(int64_t n) {
 EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg_out) {
   if (!fs::exists(checkpoint)) throw CheckpointError("cannot read checkpoint " + checkpoint + ": no such file");
   TrainConfig cfg = TrainConfig::preset_defaults("paper");
-  cfg.merge_json(read_checkpoint_config(checkpoint, "train"), checkpoint);
+  {
+    const auto stored = read_checkpoint_config(checkpoint, "train");
+    try {
+      cfg.merge_json(stored, checkpoint);
+    } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+      throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+    }
+  }
   torch::serialize::InputArchive a;
   open_checkpoint(checkpoint, "train", a);
   int64_t in_channels = 0, classes = 0;
@@ -241,6 +250,7 @@ EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg
 EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string& data_dir,
                                int64_t batch_size, int threads) {
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
+  check_threads(threads);
   keep_freed_memory();
   at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   TrainConfig cfg;
@@ -279,7 +289,14 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
     const std::string o = cfg.out;
     const int threads = cfg.threads, workers = cfg.workers;
     cfg = TrainConfig::preset_defaults("paper");
-    cfg.merge_json(read_checkpoint_config(ckpt_path, "train"), ckpt_path);
+    {
+      const auto stored = read_checkpoint_config(ckpt_path, "train");
+      try {
+        cfg.merge_json(stored, ckpt_path);
+      } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+        throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+      }
+    }
     cfg.out = o;
     cfg.threads = threads;
     cfg.workers = workers;
@@ -362,7 +379,8 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
   if (writer) {
     fs::create_directories(out, ec);
     if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
-    write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
+    // A resumed run's config.json is rewritten only once its checkpoint has loaded.
+    if (!resume) write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
   }
 
   int64_t start_epoch = 0, best_epoch = 0;
@@ -390,6 +408,7 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
     } catch (const std::exception& e) {
       throw CheckpointError("checkpoint " + ckpt_path + " does not match this network: " + std::string(e.what()).substr(0, 200));
     }
+    if (writer) write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
     info("resuming " + cfg.out + " after epoch " + std::to_string(start_epoch));
   }
   {

@@ -18,6 +18,7 @@
 #include "noisydarts/error.h"
 #include "noisydarts/hessian.h"
 #include "noisydarts/search.h"
+#include "cli_helpers.h"
 
 namespace nd = noisydarts;
 namespace fs = std::filesystem;
@@ -51,12 +52,7 @@ nd::Batch batch(uint64_t seed, int64_t n) {
   return {torch::randn({n, 1, 12, 12}, g, torch::TensorOptions()), torch::randint(0, 10, {n}, g, torch::kLong)};
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using noisydarts::test::slurp;
 
 }  // namespace
 
@@ -214,20 +210,14 @@ TEST(Distributed, AKilledRankMakesTheOtherExitWithCode8WithinTheTimeout) {
 TEST(Distributed, LaunchRunsATwoRankSearchAndOnlyRankZeroWrites) {
   const auto dir = fs::temp_directory_path() / ("noisydarts_dist_launch_" + std::to_string(::getpid()));
   fs::remove_all(dir);
-  const std::string cmd = std::string(NOISYDARTS_CLI) + " launch --nproc 2 --master-port " +
-                          std::to_string(test_port(4)) +
-                          " -- search --dataset synthetic --channels 4 --layers 3 --batch-size 8 --subset 128"
-                          " --epochs 1 --threads 1 -q --out " + dir.string() + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string output;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) output.append(buf, n);
-  const int status = ::pclose(p);
-  ASSERT_EQ(WEXITSTATUS(status), 0) << output;
-  // stdout: the genotype, printed once (rank 0).
-  EXPECT_EQ(std::count(output.begin(), output.end(), '\n'), 1) << output;
-  EXPECT_EQ(output.rfind("Genotype(", 0), 0u) << output;
+  const auto r = nd::test::run_cli("launch --nproc 2 --master-port " + std::to_string(test_port(4)) +
+                                   " -- search --dataset synthetic --channels 4 --layers 3 --batch-size 8 --subset 128"
+                                   " --epochs 1 --threads 1 -q --out " + dir.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  // stdout: the genotype, printed once (rank 0); nothing on stderr with -q.
+  EXPECT_EQ(std::count(r.std_out.begin(), r.std_out.end(), '\n'), 1) << r.out;
+  EXPECT_EQ(r.std_out.rfind("Genotype(", 0), 0u) << r.out;
+  EXPECT_EQ(r.err, "");
   EXPECT_TRUE(fs::exists(dir / "genotype.json"));
   EXPECT_TRUE(fs::exists(dir / "metrics.jsonl"));
   fs::remove_all(dir);
@@ -236,20 +226,13 @@ TEST(Distributed, LaunchRunsATwoRankSearchAndOnlyRankZeroWrites) {
 TEST(Distributed, LaunchRunsATwoRankTrainingRun) {
   const auto dir = fs::temp_directory_path() / ("noisydarts_dist_train_" + std::to_string(::getpid()));
   fs::remove_all(dir);
-  const std::string cmd = std::string(NOISYDARTS_CLI) + " launch --nproc 2 --master-port " +
-                          std::to_string(test_port(5)) +
-                          " -- train --genotype NoisyDARTS_a --dataset synthetic --channels 4 --layers 3"
-                          " --batch-size 8 --subset 64 --epochs 1 --max-steps 2 --threads 1 -q --out " +
-                          dir.string() + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string output;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) output.append(buf, n);
-  const int status = ::pclose(p);
-  ASSERT_EQ(WEXITSTATUS(status), 0) << output;
-  EXPECT_EQ(std::count(output.begin(), output.end(), '\n'), 1) << output;  // rank 0's result line
-  EXPECT_EQ(output.rfind("test top-1", 0), 0u) << output;
+  const auto r = nd::test::run_cli("launch --nproc 2 --master-port " + std::to_string(test_port(5)) +
+                                   " -- train --genotype NoisyDARTS_a --dataset synthetic --channels 4 --layers 3"
+                                   " --batch-size 8 --subset 64 --epochs 1 --max-steps 2 --threads 1 -q --out " +
+                                   dir.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(std::count(r.std_out.begin(), r.std_out.end(), '\n'), 1) << r.out;  // rank 0's result line
+  EXPECT_EQ(r.std_out.rfind("test top-1", 0), 0u) << r.out;
   EXPECT_TRUE(fs::exists(dir / "result.json"));
   fs::remove_all(dir);
 }

@@ -9,6 +9,7 @@
 #include <map>
 #include <sstream>
 
+#include "cli_helpers.h"
 #include "noisydarts/data.h"
 #include "noisydarts/error.h"
 #include "noisydarts/eval_network.h"
@@ -19,26 +20,11 @@
 #include "noisydarts/train.h"
 
 using namespace noisydarts;
+using noisydarts::test::run_cli;
+using noisydarts::test::run_command;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct CommandResult {
-  int code;
-  std::string out;  // stdout + stderr
-};
-
-CommandResult run_command(const std::string& cmd) {
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WEXITSTATUS(status), out};
-}
-
-CommandResult run_cli(const std::string& args) { return run_command(std::string(NOISYDARTS_CLI) + " " + args); }
 
 fs::path temp_dir(const std::string& name) {
   const fs::path d = fs::temp_directory_path() / ("noisydarts_test_eval_" + name + "_" + std::to_string(::getpid()));

@@ -15,6 +15,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "cli_helpers.h"
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -354,15 +356,9 @@ void expect_points_match(const Line& l) {
 }
 
 std::string run_cli(const std::string& args, int* code) {
-  const std::string cmd = std::string(NOISYDARTS_CLI) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  *code = WEXITSTATUS(status);
-  return out;
+  const auto r = noisydarts::test::run_cli(args);
+  *code = r.code;
+  return r.out;
 }
 
 }  // namespace

@@ -13,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli_helpers.h"
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -22,23 +24,12 @@ const std::string kSmallSearch =
     "search --dataset synthetic --channels 4 --layers 3 --batch-size 16 --subset 256 "
     "--threads 1 --seed 11 -q";
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using noisydarts::test::slurp;
 
 int run(const std::string& args, std::string* output = nullptr) {
-  const std::string cmd = std::string(NOISYDARTS_CLI) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  if (output) *output = out;
-  return WEXITSTATUS(status);
+  const auto r = noisydarts::test::run_cli(args);
+  if (output) *output = r.out;
+  return r.code;
 }
 
 fs::path fresh(const std::string& name) {

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "cli_helpers.h"
 #include "noisydarts/architect.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
@@ -17,6 +18,7 @@
 #include "noisydarts/search_network.h"
 
 using namespace noisydarts;
+using noisydarts::test::run_cli;
 namespace fs = std::filesystem;
 
 namespace {
@@ -25,22 +27,6 @@ SearchNetwork tiny_network(const std::vector<std::string>& ops, int64_t layers =
   SearchNetworkOptions o(4, 5, layers);
   o.in_channels(1).primitives(ops);
   return SearchNetwork(o);
-}
-
-struct CommandResult {
-  int code;
-  std::string out;  // stdout + stderr
-};
-
-CommandResult run_cli(const std::string& args) {
-  const std::string cmd = std::string(NOISYDARTS_CLI) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WEXITSTATUS(status), out};
 }
 
 std::string read_file(const fs::path& p) {

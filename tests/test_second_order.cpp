@@ -3,6 +3,8 @@
 // the unrolled objective, power iteration against an explicitly formed Hessian, and the search
 // loop with --order second / --hessian-every (resume, analyze).
 #include <gtest/gtest.h>
+
+#include "cli_helpers.h"
 #include <unistd.h>
 
 #include <filesystem>
@@ -290,12 +292,7 @@ std::vector<json> metrics(const fs::path& run) {
   return out;
 }
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+using noisydarts::test::slurp;
 
 }  // namespace
 

@@ -55,6 +55,14 @@ Dataset load_idx(const std::string& images_path, const std::string& labels_path)
 /// 3072 pixel bytes.
 Dataset load_cifar_bin(const std::vector<std::string>& files, int64_t num_classes,
                        int64_t label_bytes);
+/// load_idx on files already in memory (raw, not gzip): the same validation and messages, with
+/// `images_name`/`labels_name` in place of the paths. For tests and fuzzing.
+Dataset parse_idx(const uint8_t* images, size_t images_size, const uint8_t* labels,
+                  size_t labels_size, const std::string& images_name = "<images>",
+                  const std::string& labels_name = "<labels>");
+/// load_cifar_bin on one file already in memory (raw, not gzip); `name` is used in messages.
+Dataset parse_cifar_bin(const uint8_t* data, size_t size, int64_t num_classes,
+                        int64_t label_bytes, const std::string& name = "<cifar>");
 /// A learnable synthetic dataset: n images [channels, size, size], `classes` classes.
 Dataset make_synthetic(int64_t n, int64_t channels, int64_t size, int64_t classes, uint64_t seed);
 /// Sets mean/std from the images (per channel, scaled to [0, 1]).

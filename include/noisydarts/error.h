@@ -36,7 +36,8 @@ struct DistributedError : Error { explicit DistributedError(const std::string& m
 struct UsageError : Error { explicit UsageError(const std::string& m) : Error(m, kExitUsage) {} };
 
 /// Writes `content` to `path` atomically: a temporary file in the same directory, flushed,
-/// then renamed over `path`. Throws IoError naming the path.
+/// then renamed over `path`. Throws IoError naming the path, also when `path` exists and is not
+/// a regular file (a device such as /dev/full, a directory), which a rename would replace.
 void write_file_atomic(const std::string& path, const std::string& content);
 
 }  // namespace noisydarts

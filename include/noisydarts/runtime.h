@@ -6,6 +6,12 @@
 
 namespace noisydarts {
 
+/// Upper bound of --threads: LibTorch's set_num_threads(99999999) does not fail, it stalls the
+/// process (found by the broken-input checks, docs/reliability.md).
+constexpr int kMaxThreads = 256;
+/// Throws UsageError naming --threads unless 0 <= threads <= kMaxThreads (0 = all cores).
+void check_threads(int64_t threads);
+
 /// Parses --device (cpu | cuda | cuda:N). Throws UsageError naming the option when the value is
 /// malformed or CUDA is not available.
 torch::Device parse_device(const std::string& d);
