@@ -236,3 +236,37 @@ TEST(Distributed, LaunchRunsATwoRankTrainingRun) {
   EXPECT_TRUE(fs::exists(dir / "result.json"));
   fs::remove_all(dir);
 }
+
+TEST(Distributed, ACheckpointOfTwoRanksResumesOnOneWithTheSameImagesConsumed) {
+  const auto base = fs::temp_directory_path() / ("noisydarts_dist_world_" + std::to_string(::getpid()));
+  fs::remove_all(base);
+  const auto a = base / "two", b = base / "one";
+  // 2 ranks x 8 images = global batch 16: 64 weight-half images give 4 steps per epoch.
+  const auto r = nd::test::run_cli("launch --nproc 2 --master-port " + std::to_string(test_port(6)) +
+                                   " -- search --dataset synthetic --channels 4 --layers 3 --batch-size 8 --subset 128"
+                                   " --epochs 2 --threads 1 --checkpoint-every 0.000001 --keep-checkpoints 1000 -q --out " +
+                                   a.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::string mid = "search-e0001-s000002.pt";  // epoch 2, after 2 of its 4 steps
+  ASSERT_TRUE(fs::exists(a / "checkpoints" / mid));
+  fs::create_directories(b / "checkpoints");
+  fs::copy_file(a / "config.json", b / "config.json");
+  fs::copy_file(a / "checkpoints" / mid, b / "checkpoints" / mid);
+  std::ofstream(b / "checkpoints" / "latest") << mid << "\n";
+
+  // One process, batch 8: 8 steps per epoch; 2 steps of 16 images = 4 steps of 8.
+  const auto one = nd::test::run_cli("search --resume --out " + b.string());
+  ASSERT_EQ(one.code, 0) << one.out;
+  EXPECT_NE(one.err.find("(epoch 2, step 4)"), std::string::npos) << one.err;
+  std::ifstream m(b / "metrics.jsonl");
+  std::string line1, line2, extra;
+  ASSERT_TRUE(std::getline(m, line1));
+  ASSERT_TRUE(std::getline(m, line2));
+  EXPECT_FALSE(std::getline(m, extra));
+  std::ifstream ma(a / "metrics.jsonl");
+  std::string a1;
+  ASSERT_TRUE(std::getline(ma, a1));
+  EXPECT_EQ(line1, a1);  // the first epoch is the two-rank run's, carried in the checkpoint
+  EXPECT_TRUE(fs::exists(b / "genotype.json"));
+  fs::remove_all(base);
+}
