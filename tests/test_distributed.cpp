@@ -54,35 +54,43 @@ nd::Batch batch(uint64_t seed, int64_t n) {
 
 using noisydarts::test::slurp;
 
+// Runs rank_main(0) and rank_main(1) on two threads; returns what each threw ("" if nothing).
+std::vector<std::string> run_two_ranks(const std::function<void(int)>& rank_main) {
+  std::vector<std::string> errors(2);
+  auto guarded = [&](int r) {
+    try {
+      rank_main(r);
+    } catch (const std::exception& e) {
+      errors[r] = e.what();
+    }
+  };
+  std::thread t0(guarded, 0), t1(guarded, 1);
+  t0.join();
+  t1.join();
+  return errors;
+}
+
 }  // namespace
 
 TEST(Distributed, TwoRanksHoldBitwiseIdenticalWeightsAndAlphasAfterSeveralSteps) {
   at::set_num_threads(1);
   const int port = test_port(1);
   std::vector<std::vector<torch::Tensor>> final_params(2);
-  std::vector<std::string> errors(2);
-  auto rank_main = [&](int r) {
-    try {
-      nd::Distributed d(env(r, 2, port), std::chrono::seconds(60));
-      auto net = small_net(100 + r, /*noise=*/true);  // different inits: the broadcast must fix it
-      net->train();
-      d.broadcast_module(*net);
-      nd::Architect arch(net, nd::ArchitectOptions{});
-      arch.set_grad_reducer(d.mean_reducer());
-      auto w = net->weight_parameters();
-      torch::optim::SGD sgd(w, torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(3e-4));
-      for (int step = 0; step < 3; ++step) {
-        arch.step(batch(1000 + 10 * r + step, 4));  // each rank its own data
-        nd::search_weight_step(net, sgd, w, batch(2000 + 10 * r + step, 4), 5.0, d.mean_reducer());
-      }
-      for (auto& p : net->parameters()) final_params[r].push_back(p.detach().clone());
-    } catch (const std::exception& e) {
-      errors[r] = e.what();
+  const auto errors = run_two_ranks([&](int r) {
+    nd::Distributed d(env(r, 2, port), std::chrono::seconds(60));
+    auto net = small_net(100 + r, /*noise=*/true);  // different inits: the broadcast must fix it
+    net->train();
+    d.broadcast_module(*net);
+    nd::Architect arch(net, nd::ArchitectOptions{});
+    arch.set_grad_reducer(d.mean_reducer());
+    auto w = net->weight_parameters();
+    torch::optim::SGD sgd(w, torch::optim::SGDOptions(0.05).momentum(0.9).weight_decay(3e-4));
+    for (int step = 0; step < 3; ++step) {
+      arch.step(batch(1000 + 10 * r + step, 4));  // each rank its own data
+      nd::search_weight_step(net, sgd, w, batch(2000 + 10 * r + step, 4), 5.0, d.mean_reducer());
     }
-  };
-  std::thread t0(rank_main, 0), t1(rank_main, 1);
-  t0.join();
-  t1.join();
+    for (auto& p : net->parameters()) final_params[r].push_back(p.detach().clone());
+  });
   ASSERT_EQ(errors[0], "");
   ASSERT_EQ(errors[1], "");
   ASSERT_EQ(final_params[0].size(), final_params[1].size());
@@ -107,24 +115,16 @@ TEST(Distributed, HalfBatchesOnTwoRanksGiveTheFullBatchAlphaGradient) {
   // Built here, one after the other: the global generator is not to be shared by two threads.
   std::vector<nd::SearchNetwork> nets{small_net(5, false), small_net(5, false)};
   std::vector<std::vector<torch::Tensor>> got(2);
-  std::vector<std::string> errors(2);
-  auto rank_main = [&](int r) {
-    try {
-      nd::Distributed d(env(r, 2, port), std::chrono::seconds(60));
-      auto net = nets[r];
-      net->eval();
-      const nd::Batch half{full.x.narrow(0, 4 * r, 4), full.y.narrow(0, 4 * r, 4)};
-      auto g = nd::grads_or_zero(torch::nn::functional::cross_entropy(net->forward(half.x), half.y),
-                                 net->arch_parameters());
-      d.allreduce_mean(g);
-      got[r] = g;
-    } catch (const std::exception& e) {
-      errors[r] = e.what();
-    }
-  };
-  std::thread t0(rank_main, 0), t1(rank_main, 1);
-  t0.join();
-  t1.join();
+  const auto errors = run_two_ranks([&](int r) {
+    nd::Distributed d(env(r, 2, port), std::chrono::seconds(60));
+    auto net = nets[r];
+    net->eval();
+    const nd::Batch half{full.x.narrow(0, 4 * r, 4), full.y.narrow(0, 4 * r, 4)};
+    auto g = nd::grads_or_zero(torch::nn::functional::cross_entropy(net->forward(half.x), half.y),
+                               net->arch_parameters());
+    d.allreduce_mean(g);
+    got[r] = g;
+  });
   ASSERT_EQ(errors[0], "");
   ASSERT_EQ(errors[1], "");
   for (int r = 0; r < 2; ++r)
