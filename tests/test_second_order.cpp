@@ -356,3 +356,42 @@ TEST(SecondOrder, SecondOrderMovesTheAlphasDifferentlyFromFirstOrder) {
   fs::remove_all(first);
   fs::remove_all(second);
 }
+
+TEST(Hessian, EarlyStopKeepsTheGenotypeOfTheEarlierEpoch) {
+  const auto dir = fresh_dir("es");
+  auto cfg = tiny_search(dir);
+  cfg.order = "first";
+  cfg.subset = 256;
+  cfg.seed = 1;
+  cfg.epochs = 4;
+  cfg.arch_lr = 3e-2;
+  cfg.early_stop_ratio = 0.9999;  // stop as soon as a positive eigenvalue grew over one epoch
+  cfg.early_stop_window = 1;
+  const auto r = nd::run_search(cfg, false);
+  const auto m = metrics(dir);
+  ASSERT_GE(m.size(), 2u);
+  // The rule (lambda(e-1) / lambda(e) < R with lambda(e) > 0) held at the last epoch only.
+  auto rule = [&](size_t i) {
+    const double then = m[i - 1]["hessian_eigenvalue"].get<double>(), now = m[i]["hessian_eigenvalue"].get<double>();
+    return now > 0 && then / now < 0.9999;
+  };
+  for (size_t i = 1; i + 1 < m.size(); ++i) EXPECT_FALSE(rule(i)) << "epoch " << i + 1;
+  const auto& last = m.back();
+  ASSERT_TRUE(rule(m.size() - 1)) << "with this seed the eigenvalue grows from epoch 1 to 2 (0.064 -> 0.108)";
+  ASSERT_TRUE(last.contains("early_stop"));
+  EXPECT_LT(m.size(), 4u);
+  const double then = m[m.size() - 2]["hessian_eigenvalue"].get<double>(), now = last["hessian_eigenvalue"].get<double>();
+  EXPECT_DOUBLE_EQ(last["early_stop"]["ratio"].get<double>(), then / now);
+  EXPECT_EQ(last["early_stop"]["genotype_epoch"].get<int64_t>(), last["epoch"].get<int64_t>() - 1);
+  EXPECT_EQ(r.stopped_early_at, last["epoch"].get<int64_t>());
+  EXPECT_EQ(nd::genotype_to_text(r.genotype), m[m.size() - 2]["genotype"].get<std::string>());
+  EXPECT_EQ(slurp(dir / "genotype.txt"), m[m.size() - 2]["genotype"].get<std::string>() + "\n");
+  // A resume of the stopped run stays stopped and keeps that genotype.
+  nd::SearchConfig rc;
+  rc.out = dir.string();
+  rc.threads = -1;
+  const auto r2 = nd::run_search(rc, true);
+  EXPECT_EQ(metrics(dir).size(), m.size());
+  EXPECT_EQ(nd::genotype_to_text(r2.genotype), nd::genotype_to_text(r.genotype));
+  fs::remove_all(dir);
+}
