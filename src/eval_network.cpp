@@ -48,7 +48,10 @@ EvalCellImpl::EvalCellImpl(const Genotype& genotype, int64_t c_pp, int64_t c_p, 
     if (name == "conv_7x1_1x7") {
       // The reference builds this op as a bare nn.Sequential (keys `_ops.{k}.{j}`), not wrapped
       // in an `op` attribute: register the inner Sequential itself.
-      auto inner = any.ptr()->named_children().find("op");
+      // named_children() returns a dict by value: keep it alive while `inner` points into it
+      // (found by the AddressSanitizer run, scripts/sanitize.sh).
+      const auto children = any.ptr()->named_children();
+      auto inner = children.find("op");
       TORCH_INTERNAL_ASSERT(inner != nullptr, "conv_7x1_1x7 without an `op` sequential");
       auto seq = nn::Sequential(std::dynamic_pointer_cast<nn::SequentialImpl>(*inner));
       op.module = seq.ptr();
