@@ -134,7 +134,7 @@ void add_bench_command(CLI::App& app, Action& run) {
       torch::manual_seed(0);
       nd::SearchNetworkOptions no(o.channels, o.classes, o.layers);
       no.in_channels(o.in_channels).primitives(cfg.primitives).noise(cfg.noise);
-      nd::SearchNetwork net(no);
+      nd::SearchNetwork net = nd::make_search_network(no);
       net->to(device);
       net->train();
       nd::Architect arch(net, nd::ArchitectOptions{});

@@ -111,7 +111,7 @@ void add_predict_command(CLI::App& app, Action& run) {
           }
           SearchNetworkOptions o(st->channels > 0 ? st->channels : 16, st->classes, st->layers > 0 ? st->layers : 8);
           o.in_channels(st->in_channels).primitives(ops);
-          SearchNetwork net(o);
+          SearchNetwork net = make_search_network(o);
           load_module_state(*net, sd, st->weights);
           net->eval();
           logits = net->forward(x);

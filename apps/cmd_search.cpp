@@ -106,6 +106,7 @@ int run_search_command(const std::string& preset, const std::string& scale, cons
     }
   }
   cfg.merge_json(overrides, "command line");
+  cfg.apply_space(nd::SearchConfig::preset_defaults(preset, scale).primitives);
   if (resume && !overrides.contains("threads")) cfg.threads = -1;  // keep the run's own
   if (cfg.noise.mixture == nd::NoiseMixture::kMultiplicative) cfg.noise.scale = nd::NoiseScale::kAbsolute;
   nd::SearchCallbacks cb;
@@ -136,7 +137,7 @@ void add_search_command(CLI::App& app, Action& run) {
   auto& resume = st->resume;
   auto& quiet = st->quiet;
   auto& flags = st->flags;
-  auto* search = app.add_subcommand("search", "Run a NoisyDARTS/DARTS search on the DARTS cell space");
+  auto* search = app.add_subcommand("search", "Run a NoisyDARTS/DARTS search (DARTS cells, RobustDARTS op sets, NAS-Bench-201 or the mbv2 chain)");
   search->add_option("--preset", preset, "Method preset: noisydarts (7 ops, gaussian skip noise) or darts (8 ops, no noise)")
       ->check(CLI::IsMember({"noisydarts", "darts"}))->capture_default_str();
   search->add_option("--scale", scale, "Size: small (~10 min on 2 cores, Fashion-MNIST subset) or paper (SPEC 1.3: 50 epochs, 8 cells, 16 channels, full data)")
@@ -158,9 +159,13 @@ void add_search_command(CLI::App& app, Action& run) {
   bind("--train-portion", "train_portion", "Share of the training images in the weight half (0.5)");
   bind("--epochs", "epochs", "Search epochs");
   bind("--batch-size", "batch_size", "Batch size of both halves");
-  bind("--channels", "channels", "Initial channels C (even)");
-  bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3)");
-  bind("--ops", "primitives", "Comma-separated candidate ops (default: the preset's)");
+  bind("--space", "space", "Search space: darts (default) | darts-s2 | darts-s3 | darts-s4 (RobustDARTS op sets) | nb201 (NAS-Bench-201) | mbv2 (MobileNetV2-like chain); docs/spaces.md")
+      ->check(CLI::IsMember({"darts", "darts-s2", "darts-s3", "darts-s4", "nb201", "mbv2"}));
+  bind("--channels", "channels", "Initial channels C (even; nb201: the stem's C; mbv2: unused)");
+  bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3; nb201: cells per stage N; mbv2: unused)");
+  bind("--ops", "primitives", "Comma-separated candidate ops (default: the preset's; fixed by --space other than darts)");
+  bind("--se-ratio", "se_ratio", "mbv2: squeeze-excite ratio of the candidate blocks (0 = none; NoisyDARTS-A: 0.25)");
+  bind("--swish", "swish", "mbv2: swish activation in the candidate blocks (true/false)");
   bind("--seed", "seed", "Random seed (data split, init, noise)");
   bind("--noise", "noise.type", "gaussian | uniform | none")->check(CLI::IsMember({"gaussian", "uniform", "none"}));
   bind("--noise-lambda", "noise.lambda", "Noise std factor (relative) or std (absolute)");

@@ -30,7 +30,7 @@ SearchNetwork make_net(int64_t c, int64_t layers, int64_t in_ch) {
   NoiseOptions n;
   n.skip_drop_path = 0.3;
   o.noise(n);
-  return SearchNetwork(o);
+  return make_search_network(o);
 }
 
 // One full first-order NoisyDARTS iteration (architecture step + weight step), args:

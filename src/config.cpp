@@ -7,6 +7,7 @@
 #include "noisydarts/error.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/runtime.h"
+#include "noisydarts/spaces.h"
 
 namespace noisydarts {
 using nlohmann::json;
@@ -62,6 +63,9 @@ json SearchConfig::to_json() const {
                 {"cutout", augment.cutout},
                 {"normalize", augment.normalize}}},
               {"workers", workers},
+              {"space", space},
+              {"se_ratio", se_ratio},
+              {"swish", swish},
               {"channels", channels},
               {"layers", layers},
               {"steps", steps},
@@ -135,6 +139,9 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
     augment.cutout = cur["augment"]["cutout"];
     augment.normalize = cur["augment"]["normalize"];
     workers = cur["workers"];
+    space = cur["space"];
+    se_ratio = cur["se_ratio"];
+    swish = cur["swish"];
     channels = cur["channels"];
     layers = cur["layers"];
     steps = cur["steps"];
@@ -171,6 +178,12 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
   }
 }
 
+void SearchConfig::apply_space(const std::vector<std::string>& preset_primitives) {
+  check_search_space(space);
+  const auto fixed = space_primitives(space);
+  if (!fixed.empty() && primitives == preset_primitives) primitives = fixed;
+}
+
 void SearchConfig::validate() const {
   auto need = [](bool ok, const std::string& msg) {
     if (!ok) throw UsageError(msg);
@@ -205,7 +218,16 @@ void SearchConfig::validate() const {
   need(dist_timeout_s > 0, "--dist-timeout must be > 0 seconds");
   need(augment.crop_padding >= 0 && augment.cutout >= 0, "augmentation sizes must be >= 0");
   need(!primitives.empty(), "the op list (primitives) is empty");
-  for (const auto& p : primitives) need(is_known_op(p), "unknown op '" + p + "' in primitives");
+  check_search_space(space);
+  const auto fixed = space_primitives(space);
+  if (!fixed.empty()) {
+    std::string list;
+    for (const auto& p : fixed) list += (list.empty() ? "" : ",") + p;
+    need(primitives == fixed, "--space " + space + " has the fixed op set " + list + "; do not pass --ops with it");
+  }
+  need(se_ratio >= 0 && se_ratio < 1, "--se-ratio must be in [0, 1), got " + std::to_string(se_ratio));
+  need(space == "mbv2" || (se_ratio == 0 && !swish), "--se-ratio and --swish apply to --space mbv2 only");
+  for (const auto& p : primitives) need(space == "mbv2" || is_known_op(p), "unknown op '" + p + "' in primitives");
   need(std::find(primitives.begin(), primitives.end(), "none") == primitives.end() || primitives.size() >= 2,
        "primitives must contain an op other than none");
   need(alpha_init_std >= 0, "alpha_init_std must be >= 0");

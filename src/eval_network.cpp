@@ -1,4 +1,5 @@
 #include "noisydarts/eval_network.h"
+#include "noisydarts/space_networks.h"
 
 #include "noisydarts/error.h"
 #include "noisydarts/ops.h"
@@ -140,13 +141,22 @@ torch::Tensor AuxiliaryHeadImpl::forward(const torch::Tensor& x, int64_t* macs) 
 
 EvalNetworkImpl::EvalNetworkImpl(EvalNetworkOptions o) : options_(std::move(o)) {
   const auto& op = options_;
-  TORCH_CHECK_VALUE(op.channels() >= 2 && op.channels() % 2 == 0,
-                    "channels must be even and >= 2, got ", op.channels());
-  TORCH_CHECK_VALUE(op.layers() >= 1, "layers must be >= 1, got ", op.layers());
   TORCH_CHECK_VALUE(op.num_classes() >= 2, "num_classes must be >= 2, got ", op.num_classes());
   TORCH_CHECK_VALUE(op.in_channels() >= 1, "in_channels must be >= 1, got ", op.in_channels());
   validate_genotype(op.genotype());
   set_drop_path_prob(op.drop_path_prob());
+  if (op.genotype().space == "nb201") {
+    body_ = register_nb201_network(*this, op.genotype(), op.channels(), op.layers(), op.in_channels(), op.num_classes());
+    return;
+  }
+  if (op.genotype().space == "mbv2") {
+    body_ = register_mbv2_network(*this, op.genotype(), op.in_channels(), op.num_classes(),
+                                  op.style() == EvalStyle::kImageNet ? 2 : 1);
+    return;
+  }
+  TORCH_CHECK_VALUE(op.channels() >= 2 && op.channels() % 2 == 0,
+                    "channels must be even and >= 2, got ", op.channels());
+  TORCH_CHECK_VALUE(op.layers() >= 1, "layers must be >= 1, got ", op.layers());
 
   const int64_t C = op.channels();
   auto conv = [](int64_t in, int64_t out, int64_t k, int64_t stride) {
@@ -199,6 +209,11 @@ EvalOutput EvalNetworkImpl::forward_counting(const torch::Tensor& x, int64_t& ma
 EvalOutput EvalNetworkImpl::run(const torch::Tensor& x, int64_t* macs) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) == options_.in_channels(),
                     "expected input [batch, ", options_.in_channels(), ", H, W], got ", x.sizes());
+  if (body_) {
+    EvalOutput out;
+    out.logits = body_(x, drop_path_prob_, macs);
+    return out;
+  }
   torch::Tensor s0, s1;
   if (stem_) {
     if (macs) *macs += module_macs(*stem_, x.size(2), x.size(3));

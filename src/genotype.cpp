@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -19,6 +20,7 @@
 
 #include "noisydarts/error.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/spaces.h"
 
 extern char** environ;
 
@@ -576,6 +578,12 @@ const std::vector<std::pair<std::string, const char*>>& builtin_texts() {
        "('dil_conv_3x3', 1), ('skip_connect', 2), ('avg_pool_3x3', 0), ('avg_pool_3x3', 0), "
        "('skip_connect', 2), ('skip_connect', 2), ('dil_conv_5x5', 3)], "
        "reduce_concat=range(2, 6))"},
+      // The paper's ImageNet model (public NoisyDARTS code, verify_se.py): 19 inverted-bottleneck
+      // layers, squeeze-excite 0.25 and swish in every searched layer.
+      {"NoisyDARTS_A",
+       "mbv2:ir_k3_e6,ir_k3_e3,ir_k5_e6,ir_k3_e6,ir_k3_e6,ir_k3_e6,ir_k5_e6,ir_k7_e6,ir_k3_e6,"
+       "ir_k3_e6,ir_k3_e6,ir_k3_e6,ir_k3_e6,ir_k3_e6,ir_k3_e6,ir_k7_e6,ir_k7_e6,ir_k7_e6,ir_k7_e6;"
+       "se=0.25;swish"},
   };
   return k;
 }
@@ -593,6 +601,7 @@ const std::map<std::string, Genotype>& builtin_map() {
 std::string canonical_builtin(const std::string& name) {
   if (name == "noisy_darts_a") return "NoisyDARTS_a";
   if (name == "noisy_darts_b") return "NoisyDARTS_b";
+  if (name == "noisy_darts_A" || name == "noisydarts_a_se") return "NoisyDARTS_A";
   for (const auto& [n, t] : builtin_texts()) {
     (void)t;
     if (n == name) return n;
@@ -761,8 +770,194 @@ Genotype derive_genotype(const torch::Tensor& weights_normal, const torch::Tenso
 }
 
 void validate_genotype(const Genotype& g) {
-  validate_cell(g.normal, g.normal_concat, "normal");
-  validate_cell(g.reduce, g.reduce_concat, "reduce");
+  if (g.space == "darts") {
+    validate_cell(g.normal, g.normal_concat, "normal");
+    validate_cell(g.reduce, g.reduce_concat, "reduce");
+  } else if (g.space == "nb201") {
+    const auto& edges = nb201_edges();
+    if (g.normal.size() != edges.size())
+      throw ConfigError("genotype: a NAS-Bench-201 cell has 6 edges, got " + std::to_string(g.normal.size()));
+    for (size_t k = 0; k < edges.size(); ++k) {
+      const auto& [op, input] = g.normal[k];
+      const std::string where = "genotype: NAS-Bench-201 edge " + std::to_string(edges[k].first) + "<-" +
+                                std::to_string(edges[k].second) + " (" + squote(op) + "~" + std::to_string(input) + ")";
+      if (std::find(nb201_primitives().begin(), nb201_primitives().end(), op) == nb201_primitives().end())
+        throw ConfigError(where + ": unknown op " + squote(op) + " (known: " + join(nb201_primitives(), ", ") + ")");
+      if (input != edges[k].second)
+        throw ConfigError(where + ": expected source node " + std::to_string(edges[k].second) +
+                          " (node j lists its inputs 0..j-1 in order)");
+    }
+    if (!g.reduce.empty() || !g.normal_concat.empty() || !g.reduce_concat.empty() || !g.layers.empty())
+      throw ConfigError("genotype: a NAS-Bench-201 genotype has only its cell");
+  } else if (g.space == "mbv2") {
+    const auto& layout = mbv2_layout();
+    if (g.layers.size() != layout.size())
+      throw ConfigError("genotype: the mbv2 chain has " + std::to_string(layout.size()) + " layers, got " +
+                        std::to_string(g.layers.size()));
+    for (size_t i = 0; i < layout.size(); ++i) {
+      int64_t k = 0, e = 0;
+      const std::string& c = g.layers[i];
+      if (c == "skip_connect") {
+        if (!layout[i].skip_allowed)
+          throw ConfigError("genotype: mbv2 layer " + std::to_string(i) + " cannot be skip_connect (its stride or width changes)");
+      } else if (!parse_mbv2_choice(c, k, e)) {
+        throw ConfigError("genotype: mbv2 layer " + std::to_string(i) + ": unknown choice " + squote(c) + " (known: " +
+                          join(mbv2_choices(), ", ") + ")");
+      }
+    }
+    if (!(g.se_ratio >= 0 && g.se_ratio < 1))
+      throw ConfigError("genotype: mbv2 se_ratio must be in [0, 1), got " + std::to_string(g.se_ratio));
+    if (!g.normal.empty() || !g.reduce.empty() || !g.normal_concat.empty() || !g.reduce_concat.empty())
+      throw ConfigError("genotype: a mbv2 genotype has only its layers");
+  } else {
+    throw ConfigError("genotype: unknown space " + squote(g.space) + " (known: darts, nb201, mbv2)");
+  }
+}
+
+Genotype derive_nb201(const torch::Tensor& weights, const std::vector<std::string>& primitives) {
+  const auto& edges = nb201_edges();
+  const auto n_ops = static_cast<int64_t>(primitives.size());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == static_cast<int64_t>(edges.size()) &&
+                        weights.size(1) == n_ops && n_ops > 0,
+                    "derive_nb201: weights must have shape [6, ", n_ops, "], got ", weights.sizes());
+  const torch::Tensor w = weights.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  Genotype g;
+  g.space = "nb201";
+  for (size_t e = 0; e < edges.size(); ++e) {
+    int64_t best = 0;
+    for (int64_t k = 1; k < n_ops; ++k)
+      if (w[e][k].item<double>() > w[e][best].item<double>()) best = k;  // NaN never wins
+    g.normal.emplace_back(primitives[best], edges[e].second);
+  }
+  return g;
+}
+
+Genotype derive_mbv2(const torch::Tensor& weights, double se_ratio, bool swish) {
+  const auto& layout = mbv2_layout();
+  const auto& choices = mbv2_choices();
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == static_cast<int64_t>(layout.size()) &&
+                        weights.size(1) == static_cast<int64_t>(choices.size()),
+                    "derive_mbv2: weights must have shape [", layout.size(), ", ", choices.size(), "], got ",
+                    weights.sizes());
+  const torch::Tensor w = weights.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  Genotype g;
+  g.space = "mbv2";
+  g.se_ratio = se_ratio;
+  g.swish = swish;
+  for (size_t i = 0; i < layout.size(); ++i) {
+    int64_t best = -1;
+    for (int64_t k = 0; k < static_cast<int64_t>(choices.size()); ++k) {
+      if (choices[k] == "skip_connect" && !layout[i].skip_allowed) continue;
+      const double v = w[i][k].item<double>();
+      if (std::isnan(v)) continue;
+      if (best < 0 || v > w[i][best].item<double>()) best = k;
+    }
+    g.layers.push_back(choices[best < 0 ? 0 : best]);
+  }
+  return g;
+}
+
+std::string nb201_arch_string(const Genotype& g) {
+  std::string out;
+  int node = 0;
+  for (size_t k = 0; k < g.normal.size(); ++k) {
+    const int target = nb201_edges().at(k).first;
+    if (target != node) {
+      out += node == 0 ? "|" : "+|";
+      node = target;
+    }
+    out += g.normal[k].first + "~" + std::to_string(g.normal[k].second) + "|";
+  }
+  return out;
+}
+
+Genotype nb201_from_string(const std::string& text) {
+  const std::string t = trim(text);
+  const std::string where = "NAS-Bench-201 string " + squote(t);
+  Genotype g;
+  g.space = "nb201";
+  size_t pos = 0;
+  int nodes = 0;
+  while (pos <= t.size()) {
+    const size_t plus = t.find('+', pos);
+    const std::string part = t.substr(pos, plus == std::string::npos ? std::string::npos : plus - pos);
+    ++nodes;
+    if (part.size() < 2 || part.front() != '|' || part.back() != '|')
+      throw ConfigError(where + ": node " + std::to_string(nodes) + " must look like |op~i|op~j|");
+    size_t p = 1;
+    while (p < part.size()) {
+      const size_t bar = part.find('|', p);
+      const std::string item = part.substr(p, bar - p);
+      const size_t tilde = item.find('~');
+      if (tilde == std::string::npos || tilde == 0 || tilde + 1 >= item.size())
+        throw ConfigError(where + ": expected op~input, got " + squote(item));
+      const std::string num = item.substr(tilde + 1);
+      if (num.size() > 3 || num.find_first_not_of("0123456789") != std::string::npos)
+        throw ConfigError(where + ": input of " + squote(item) + " is not a node index");
+      g.normal.emplace_back(item.substr(0, tilde), std::stoi(num));
+      p = bar + 1;
+      if (g.normal.size() > nb201_edges().size()) break;
+    }
+    if (plus == std::string::npos || g.normal.size() > nb201_edges().size()) break;
+    pos = plus + 1;
+  }
+  try {
+    validate_genotype(g);
+  } catch (const ConfigError& e) {
+    throw ConfigError(where + ": " + std::string(e.what()).substr(std::string("genotype: ").size()));
+  }
+  return g;
+}
+
+std::string mbv2_text(const Genotype& g) {
+  std::string out = "mbv2:" + join(g.layers, ",");
+  if (g.se_ratio > 0) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%.17g", g.se_ratio);
+    out += std::string(";se=") + b;
+  }
+  if (g.swish) out += ";swish";
+  return out;
+}
+
+Genotype mbv2_from_text(const std::string& text) {
+  const std::string t = trim(text);
+  const std::string where = "mbv2 genotype " + squote(t);
+  if (t.rfind("mbv2:", 0) != 0) throw ConfigError(where + ": must start with 'mbv2:'");
+  Genotype g;
+  g.space = "mbv2";
+  std::vector<std::string> parts;
+  for (size_t p = 5;;) {
+    const size_t semi = t.find(';', p);
+    parts.push_back(trim(t.substr(p, semi == std::string::npos ? std::string::npos : semi - p)));
+    if (semi == std::string::npos) break;
+    p = semi + 1;
+  }
+  for (size_t p = 0;;) {
+    const size_t comma = parts[0].find(',', p);
+    g.layers.push_back(trim(parts[0].substr(p, comma == std::string::npos ? std::string::npos : comma - p)));
+    if (comma == std::string::npos || g.layers.size() > mbv2_layout().size()) break;
+    p = comma + 1;
+  }
+  for (size_t i = 1; i < parts.size(); ++i) {
+    if (parts[i] == "swish") {
+      g.swish = true;
+    } else if (parts[i].rfind("se=", 0) == 0) {
+      const std::string v = parts[i].substr(3);
+      char* end = nullptr;
+      g.se_ratio = std::strtod(v.c_str(), &end);
+      if (v.empty() || end != v.c_str() + v.size() || !std::isfinite(g.se_ratio))
+        throw ConfigError(where + ": se=" + printable(v) + " is not a number");
+    } else {
+      throw ConfigError(where + ": unknown option " + squote(parts[i]) + " (se=R, swish)");
+    }
+  }
+  try {
+    validate_genotype(g);
+  } catch (const ConfigError& e) {
+    throw ConfigError(where + ": " + std::string(e.what()).substr(std::string("genotype: ").size()));
+  }
+  return g;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -770,6 +965,8 @@ void validate_genotype(const Genotype& g) {
 // ------------------------------------------------------------------------------------------
 
 nlohmann::json genotype_to_json(const Genotype& g) {
+  if (g.space == "nb201") return {{"space", "nb201"}, {"arch", nb201_arch_string(g)}};
+  if (g.space == "mbv2") return {{"space", "mbv2"}, {"layers", g.layers}, {"se_ratio", g.se_ratio}, {"swish", g.swish}};
   auto edges = [](const std::vector<GeneEdge>& cell) {
     nlohmann::json a = nlohmann::json::array();
     for (const auto& [op, in] : cell) a.push_back(nlohmann::json::array({op, in}));
@@ -785,6 +982,24 @@ nlohmann::json genotype_to_json(const Genotype& g) {
 
 Genotype genotype_from_json(const nlohmann::json& j) {
   try {
+    if (j.is_object() && j.contains("space") && j["space"] != "darts") {
+      const auto space = j.at("space").get<std::string>();
+      const std::vector<std::string> keys = space == "nb201" ? std::vector<std::string>{"space", "arch"}
+                                          : space == "mbv2" ? std::vector<std::string>{"space", "layers", "se_ratio", "swish"}
+                                                            : std::vector<std::string>{};
+      if (keys.empty()) throw ConfigError("genotype JSON: unknown space " + squote(space) + " (known: darts, nb201, mbv2)");
+      for (auto it = j.begin(); it != j.end(); ++it)
+        if (std::find(keys.begin(), keys.end(), it.key()) == keys.end())
+          throw ConfigError("genotype JSON: unknown key " + squote(it.key()) + " for space " + space + " (expected " + join(keys, ", ") + ")");
+      if (space == "nb201") return nb201_from_string(j.at("arch").get<std::string>());
+      Genotype g;
+      g.space = "mbv2";
+      g.layers = j.at("layers").get<std::vector<std::string>>();
+      g.se_ratio = j.value("se_ratio", 0.0);
+      g.swish = j.value("swish", false);
+      validate_genotype(g);
+      return g;
+    }
     if (!j.is_object()) {
       throw ConfigError(std::string("genotype JSON: expected an object with keys normal, "
                                     "normal_concat, reduce, reduce_concat; got ") +
@@ -792,6 +1007,7 @@ Genotype genotype_from_json(const nlohmann::json& j) {
     }
     static const char* kKeys[4] = {"normal", "normal_concat", "reduce", "reduce_concat"};
     for (auto it = j.begin(); it != j.end(); ++it) {
+      if (it.key() == "space") continue;  // "darts"
       if (std::find_if(std::begin(kKeys), std::end(kKeys),
                        [&](const char* k) { return it.key() == k; }) == std::end(kKeys)) {
         throw ConfigError("genotype JSON: unknown key " + squote(it.key()) +
@@ -814,6 +1030,8 @@ Genotype genotype_from_json(const nlohmann::json& j) {
 }
 
 std::string genotype_to_text(const Genotype& g) {
+  if (g.space == "nb201") return nb201_arch_string(g);
+  if (g.space == "mbv2") return mbv2_text(g);
   return "Genotype(normal=" + edges_to_text(g.normal) +
          ", normal_concat=" + ints_to_text(g.normal_concat) +
          ", reduce=" + edges_to_text(g.reduce) +
@@ -821,6 +1039,9 @@ std::string genotype_to_text(const Genotype& g) {
 }
 
 Genotype genotype_from_text(const std::string& text) {
+  const std::string t = trim(text);
+  if (!t.empty() && t[0] == '|') return nb201_from_string(t);
+  if (t.rfind("mbv2:", 0) == 0) return mbv2_from_text(t);
   Genotype g = TextParser(text).parse();
   validate_genotype(g);
   return g;
@@ -889,6 +1110,7 @@ Genotype resolve_genotype(const std::string& spec) {
     }
     return genotype_from_json(j);
   }
+  if (!t.empty() && (t[0] == '|' || t.rfind("mbv2:", 0) == 0)) return genotype_from_text(t);
   // DARTS text: `Genotype(...)`, `genotypes.Genotype(...)` or `NAME = ...`.
   {
     size_t i = 0;
@@ -906,6 +1128,11 @@ Genotype resolve_genotype(const std::string& spec) {
   throw ConfigError("unknown genotype " + squote_path(spec) + builtin_hint(spec) + ": not a built-in (" +
                     join(builtin_genotype_names(), ", ") +
                     "), not a file, not JSON/DARTS text");
+}
+
+int count_skips(const Genotype& g) {
+  if (g.space == "mbv2") return static_cast<int>(std::count(g.layers.begin(), g.layers.end(), "skip_connect"));
+  return count_op(g.normal, "skip_connect") + count_op(g.reduce, "skip_connect");
 }
 
 int count_op(const std::vector<GeneEdge>& cell, const std::string& op) {
@@ -953,12 +1180,65 @@ std::string cell_to_dot(const std::vector<GeneEdge>& cell, const std::vector<int
   return o.str();
 }
 
+std::string nb201_to_dot(const Genotype& g, const std::string& title) {
+  std::ostringstream o;
+  o << "digraph cell {\n  rankdir=LR;\n  label=\"" << dot_escape(title) << "\";\n  labelloc=t;\n"
+    << "  fontname=\"times\";\n  fontsize=24;\n"
+    << "  node [style=filled, shape=rect, align=center, fontsize=20, height=0.5, width=0.5, penwidth=2, fontname=\"times\"];\n"
+    << "  edge [fontsize=20, fontname=\"times\"];\n"
+    << "  \"0\" [fillcolor=lightblue];\n  \"1\" [fillcolor=lightcyan];\n  \"2\" [fillcolor=lightcyan];\n"
+    << "  \"3\" [fillcolor=yellow];\n";
+  for (size_t k = 0; k < g.normal.size(); ++k) {
+    const auto& [op, in] = g.normal[k];
+    if (op == "none") continue;  // a `none` edge contributes nothing
+    o << "  \"" << in << "\" -> \"" << nb201_edges().at(k).first << "\" [label=\"" << dot_escape(op) << "\""
+      << (op == "skip_connect" ? ", color=red, fontcolor=red, penwidth=2" : ", color=gray30") << "];\n";
+  }
+  o << "}\n";
+  return o.str();
+}
+
+std::string mbv2_to_dot(const Genotype& g, const std::string& title) {
+  std::ostringstream o;
+  o << "digraph chain {\n  rankdir=TB;\n  label=\"" << dot_escape(title) << "\";\n  labelloc=t;\n"
+    << "  fontname=\"times\";\n  fontsize=20;\n"
+    << "  node [style=filled, shape=rect, fontsize=14, height=0.3, penwidth=1, fontname=\"times\"];\n"
+    << "  \"stem\" [label=\"stem conv 3x3 s2, 32\", fillcolor=lightblue];\n"
+    << "  \"ds\" [label=\"dw-sep 3x3, 16\", fillcolor=lightblue];\n  \"stem\" -> \"ds\";\n";
+  std::string prev = "ds";
+  const auto& layout = mbv2_layout();
+  for (size_t i = 0; i < g.layers.size() && i < layout.size(); ++i) {
+    const std::string id = "l" + std::to_string(i);
+    const bool skip = g.layers[i] == "skip_connect";
+    o << "  \"" << id << "\" [label=\"" << i << ": " << dot_escape(g.layers[i]) << ", " << layout[i].out_channels
+      << (layout[i].stride == 2 ? ", s2" : "") << "\", fillcolor=" << (skip ? "mistyrose, color=red" : "lightcyan") << "];\n"
+      << "  \"" << prev << "\" -> \"" << id << "\";\n";
+    prev = id;
+  }
+  o << "  \"head\" [label=\"conv 1x1 1280, pool, linear\", fillcolor=yellow];\n  \"" << prev << "\" -> \"head\";\n}\n";
+  return o.str();
+}
+
+std::vector<std::string> write_genotype_diagrams(const Genotype& g, const std::string& dir) {
+  namespace fs = std::filesystem;
+  if (g.space == "nb201") return write_dot_files(nb201_to_dot(g, "NAS-Bench-201 cell"), (fs::path(dir) / "cell").string());
+  if (g.space == "mbv2") return write_dot_files(mbv2_to_dot(g, "mbv2 chain"), (fs::path(dir) / "chain").string());
+  auto out = write_cell_diagram(g.normal, g.normal_concat, "normal cell", (fs::path(dir) / "normal").string());
+  for (auto& f : write_cell_diagram(g.reduce, g.reduce_concat, "reduction cell", (fs::path(dir) / "reduce").string()))
+    out.push_back(f);
+  return out;
+}
+
 std::vector<std::string> write_cell_diagram(const std::vector<GeneEdge>& cell,
                                             const std::vector<int>& concat,
                                             const std::string& title, const std::string& stem) {
+  return write_dot_files(cell_to_dot(cell, concat, title), stem);
+}
+
+std::vector<std::string> write_dot_files(const std::string& dot, const std::string& stem) {
   std::vector<std::string> written;
   const std::string dot_path = stem + ".dot";
-  write_file_atomic(dot_path, cell_to_dot(cell, concat, title));
+  write_file_atomic(dot_path, dot);
   written.push_back(dot_path);
   if (find_on_path("dot")) {
     for (const char* fmt : {"svg", "png"}) {

@@ -12,6 +12,7 @@
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
+#include "noisydarts/search.h"
 #include "noisydarts/search_network.h"
 #include "noisydarts/train.h"
 
@@ -467,10 +468,7 @@ SearchNetwork load_search_network(const std::string& checkpoint) {
     }
   }
   const DataShape shape = dataset_shape(cfg.dataset);
-  SearchNetworkOptions o(cfg.channels, shape.classes, cfg.layers);
-  o.in_channels(shape.channels).steps(cfg.steps).multiplier(cfg.multiplier).primitives(cfg.primitives)
-      .noise(cfg.noise).alpha_init_std(cfg.alpha_init_std);
-  SearchNetwork net(o);
+  SearchNetwork net = build_search_network(cfg, shape);
   torch::serialize::InputArchive a;
   open_checkpoint(checkpoint, "search", a);
   try {

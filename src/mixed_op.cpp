@@ -4,12 +4,23 @@
 
 namespace noisydarts {
 
+torch::Tensor NoiseState::perturb(const std::string& op, torch::Tensor y, bool training) const {
+  if (!training || suspended) return y;
+  if (options.applies_to(op)) y = apply_noise(y, options, decay);
+  if (op == "skip_connect") y = drop_path(y, options.skip_drop_path);
+  return y;
+}
+
 MixedOpImpl::MixedOpImpl(int64_t c, int64_t stride, std::vector<std::string> primitives,
-                         std::shared_ptr<NoiseState> noise)
+                         std::shared_ptr<NoiseState> noise, bool nb201_layout)
     : primitives_(std::move(primitives)), noise_(std::move(noise)) {
-  ops_list_ = register_module("_ops", torch::nn::ModuleList());
+  if (!nb201_layout) ops_list_ = register_module("_ops", torch::nn::ModuleList());
   for (const auto& p : primitives_) {
     ops_.push_back(make_op(p, c, stride, /*affine=*/false));
+    if (nb201_layout) {
+      register_module(std::to_string(ops_.size() - 1), ops_.back().ptr());
+      continue;
+    }
     ops_list_->push_back(ops_.back().ptr());
     if (p == "max_pool_3x3")
       bn1_ = register_module("bn1", torch::nn::BatchNorm2d(torch::nn::BatchNorm2dOptions(c).affine(false)));
@@ -26,13 +37,9 @@ torch::Tensor MixedOpImpl::forward(const torch::Tensor& x, const torch::Tensor& 
     // zero, so it is skipped (alpha_none still receives its softmax-normalisation gradient).
     if (name == "none") continue;
     auto y = ops_[k].forward(x);
-    if (name == "max_pool_3x3") y = bn1_->forward(y);
-    else if (name == "avg_pool_3x3") y = bn2_->forward(y);
-    if (is_training() && !noise_->suspended) {
-      const auto& opt = noise_->options;
-      if (opt.applies_to(name)) y = apply_noise(y, opt, noise_->decay);
-      if (name == "skip_connect") y = drop_path(y, opt.skip_drop_path);
-    }
+    if (name == "max_pool_3x3" && bn1_) y = bn1_->forward(y);
+    else if (name == "avg_pool_3x3" && bn2_) y = bn2_->forward(y);
+    y = noise_->perturb(name, std::move(y), is_training());
     auto term = weights[k] * y;
     sum = sum.defined() ? sum + term : term;
   }

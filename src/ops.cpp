@@ -11,7 +11,7 @@ const std::vector<std::string>& all_op_names() {
   static const std::vector<std::string> k{
       "none",         "max_pool_3x3", "avg_pool_3x3", "skip_connect",
       "sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3",
-      "dil_conv_5x5", "conv_7x1_1x7"};
+      "dil_conv_5x5", "conv_7x1_1x7", "nor_conv_1x1", "nor_conv_3x3", "noise"};
   return k;
 }
 
@@ -75,6 +75,17 @@ struct AvgPoolOpImpl : nn::Module {
 };
 TORCH_MODULE(AvgPoolOp);
 
+// RobustDARTS' `noise` candidate (space S4): N(0, 1) of the (strided) output shape, ignoring x.
+struct NoiseOpImpl : nn::Module {
+  explicit NoiseOpImpl(int64_t stride) : stride(stride) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    const int64_t h = (x.size(2) + stride - 1) / stride, w = (x.size(3) + stride - 1) / stride;
+    return torch::randn({x.size(0), x.size(1), h, w}, x.options());
+  }
+  int64_t stride;
+};
+TORCH_MODULE(NoiseOp);
+
 struct IdentityOpImpl : nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return x; }
 };
@@ -82,8 +93,8 @@ TORCH_MODULE(IdentityOp);
 }  // namespace
 
 ReLUConvBNImpl::ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride,
-                               int64_t pad, bool affine) {
-  op = register_module("op", nn::Sequential(relu(), conv(c_in, c_out, k, stride, pad),
+                               int64_t pad, bool affine, bool bias) {
+  op = register_module("op", nn::Sequential(relu(), nn::Conv2d(nn::Conv2dOptions(c_in, c_out, k).stride(stride).padding(pad).bias(bias)),
                                             bn(c_out, affine)));
 }
 
@@ -138,6 +149,11 @@ torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride,
   if (name == "sep_conv_7x7") return sep(7);
   if (name == "dil_conv_3x3") return dil(3);
   if (name == "dil_conv_5x5") return dil(5);
+  // NAS-Bench-201's convolutions: ReLU, k x k conv (stride, same padding), BN; as in the
+  // benchmark's code the convolution has a bias exactly when the BN is not affine (search).
+  if (name == "nor_conv_1x1") return nn::AnyModule(ReLUConvBN(c, c, 1, stride, 0, affine, !affine));
+  if (name == "nor_conv_3x3") return nn::AnyModule(ReLUConvBN(c, c, 3, stride, 1, affine, !affine));
+  if (name == "noise") return nn::AnyModule(NoiseOp(stride));
   if (name == "conv_7x1_1x7") {
     return nn::AnyModule(SeqOp(nn::Sequential(
         relu(),

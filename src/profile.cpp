@@ -77,6 +77,17 @@ ModelProfile profile_network(EvalNetwork& net, int64_t channels, int64_t h, int6
   return p;
 }
 
+std::pair<int64_t, int64_t> default_eval_size(const Genotype& g, EvalStyle style) {
+  if (g.space == "nb201") return {16, 5};
+  if (g.space == "mbv2") return {0, 0};
+  return style == EvalStyle::kImageNet ? std::pair<int64_t, int64_t>{48, 14} : std::pair<int64_t, int64_t>{36, 20};
+}
+
+std::string eval_size_text(const Genotype& g, std::pair<int64_t, int64_t> size) {
+  if (g.space == "mbv2") return "fixed chain";
+  return "C " + std::to_string(size.first) + (g.space == "nb201" ? ", N " : ", L ") + std::to_string(size.second);
+}
+
 ModelProfile profile_genotype(const Genotype& g, int64_t channels, int64_t layers,
                               const DataShape& shape, EvalStyle style) {
   EvalNetworkOptions o(channels, shape.classes, layers, g);

@@ -19,6 +19,8 @@
 #include "noisydarts/profile.h"
 #include "noisydarts/report.h"
 #include "noisydarts/search_network.h"
+#include "noisydarts/space_networks.h"
+#include "noisydarts/spaces.h"
 
 namespace noisydarts {
 namespace fs = std::filesystem;
@@ -29,8 +31,8 @@ namespace {
 
 
 
-json softmax_table(const torch::Tensor& alphas) {
-  auto w = torch::softmax(alphas.detach().to(torch::kCPU, torch::kDouble), -1).contiguous();
+json weight_table(const torch::Tensor& weights) {
+  auto w = weights.detach().to(torch::kCPU, torch::kDouble).contiguous();
   json rows = json::array();
   for (int64_t i = 0; i < w.size(0); ++i) {
     json row = json::array();
@@ -108,10 +110,12 @@ SearchData load_search_data(const SearchConfig& cfg) {
 }
 
 SearchNetwork build_search_network(const SearchConfig& cfg, const SearchData& d) {
-  SearchNetworkOptions nopt(cfg.channels, d.train.num_classes, cfg.layers);
-  nopt.in_channels(d.train.images.size(1)).steps(cfg.steps).multiplier(cfg.multiplier)
-      .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std);
-  return SearchNetwork(nopt);
+  DataShape shape;
+  shape.channels = d.train.images.size(1);
+  shape.height = d.train.images.size(2);
+  shape.width = d.train.images.size(3);
+  shape.classes = d.train.num_classes;
+  return noisydarts::build_search_network(cfg, shape);
 }
 
 /// The architecture half in fixed order without augmentation (eval-mode accuracy, curvature).
@@ -140,6 +144,14 @@ Batch curvature_batch(BatchStream& eval_stream, torch::Device device) {
 void write_text(const std::string& path, const std::string& s) { write_file_atomic(path, s); }
 
 }  // namespace
+
+SearchNetwork build_search_network(const SearchConfig& cfg, const DataShape& shape) {
+  SearchNetworkOptions nopt(cfg.channels, shape.classes, cfg.layers);
+  nopt.in_channels(shape.channels).steps(cfg.steps).multiplier(cfg.multiplier)
+      .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std)
+      .space(genotype_space(cfg.space)).se_ratio(cfg.se_ratio).swish(cfg.swish).image_size(shape.height);
+  return make_search_network(nopt);
+}
 
 WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
                                     const std::vector<torch::Tensor>& weights, const Batch& batch,
@@ -505,12 +517,18 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
            {"valid_acc", valid_acc},
            {"seconds", epoch_seconds},
            {"images_per_sec", (acc.train_seen + acc.arch_seen) / std::max(1e-9, epoch_seconds)},
-           {"skip_normal", count_op(g.normal, "skip_connect")},
-           {"skip_reduce", count_op(g.reduce, "skip_connect")},
            {"genotype", genotype_to_text(g)},
-           {"primitives", cfg.primitives},
-           {"alphas_normal", softmax_table(net->alphas_normal())},
-           {"alphas_reduce", softmax_table(net->alphas_reduce())}};
+           {"primitives", cfg.primitives}};
+    if (g.space == "darts") {
+      m["skip_normal"] = count_op(g.normal, "skip_connect");
+      m["skip_reduce"] = count_op(g.reduce, "skip_connect");
+    } else {
+      m["skips"] = count_skips(g);
+    }
+    {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < net->arch_names().size(); ++i) m[net->arch_names()[i]] = weight_table(net->arch_weights(i, /*as_double=*/true));
+    }
     if (cfg.hessian_every > 0 && (epoch + 1) % cfg.hessian_every == 0) {
       const auto t_h = Clock::now();
       // Every rank computes it on the same (unsharded) batch and weights: the same number.
@@ -548,7 +566,9 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
         << " acc " << m["train_acc"].get<double>() << "%  arch loss " << m["arch_loss"].get<double>();
       if (cfg.eval_valid) o << "  valid acc " << valid_acc << "%";
       if (m.contains("hessian_eigenvalue")) o << "  hessian eig " << m["hessian_eigenvalue"].get<double>();
-      o << "  skips normal/reduce " << m["skip_normal"] << "/" << m["skip_reduce"] << "  "
+      if (g.space == "darts") o << "  skips normal/reduce " << m["skip_normal"] << "/" << m["skip_reduce"];
+      else o << "  skips " << m["skips"];
+      o << "  "
         << format_duration(epoch_seconds);
       info(o.str());
     }
@@ -574,9 +594,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   const fs::path out(cfg.out);
   write_text((out / "genotype.json").string(), genotype_to_json(g).dump(2) + "\n");
   write_text((out / "genotype.txt").string(), genotype_to_text(g) + "\n");
-  std::vector<std::string> diagrams = write_cell_diagram(g.normal, g.normal_concat, "normal cell", (out / "normal").string());
-  for (auto& f : write_cell_diagram(g.reduce, g.reduce_concat, "reduction cell", (out / "reduce").string()))
-    diagrams.push_back(f);
+  const std::vector<std::string> diagrams = write_genotype_diagrams(g, out.string());
   if (!history.empty() && result.valid_acc < 0) result.valid_acc = history.back().value("valid_acc", -1.0);
   std::ostringstream s;
   s << "NoisyDARTS search finished\n"
@@ -588,21 +606,32 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   s << "\n  dataset           " << cfg.dataset << ", " << cfg.epochs << " epochs";
   if (stopped_at > 0) s << " (stopped early after epoch " << stopped_at << " by --early-stop)";
   s << ", " << cfg.order << "-order architecture step\n"
-    << "  genotype          " << genotype_to_text(g) << "\n"
-    << "  skip connections  normal " << count_op(g.normal, "skip_connect") << "/" << g.normal.size()
-    << ", reduce " << count_op(g.reduce, "skip_connect") << "/" << g.reduce.size() << "\n";
+    << "  search space      " << cfg.space << "\n"
+    << "  genotype          " << genotype_to_text(g) << "\n";
+  if (g.space == "darts")
+    s << "  skip connections  normal " << count_op(g.normal, "skip_connect") << "/" << g.normal.size()
+      << ", reduce " << count_op(g.reduce, "skip_connect") << "/" << g.reduce.size() << "\n";
+  else
+    s << "  skip connections  " << count_skips(g) << "/" << (g.space == "nb201" ? g.normal.size() : g.layers.size()) << "\n";
   if (result.valid_acc >= 0) {
     char b[64];
     std::snprintf(b, sizeof b, "%.2f%%", result.valid_acc);
     s << "  supernet valid acc " << b << " (eval mode, architecture half)\n";
   }
   {
-    // The derived cell's evaluation network at the CIFAR recipe size (C 36, L 20) on this
-    // dataset's input shape: what `noisydarts profile --genotype DIR/genotype.json` prints.
-    const auto prof = profile_genotype(g, 36, 20, dataset_shape(cfg.dataset));
-    char b[160];
-    std::snprintf(b, sizeof b, "%.3f M params, %.1f M multiply-adds (C 36, L 20, %s input)",
-                  prof.params / 1e6, prof.macs / 1e6, cfg.dataset.c_str());
+    // The derived architecture's evaluation network at its recipe size (DARTS: C 36, L 20;
+    // nb201: C 16, N 5) on this dataset's input shape: what `noisydarts profile --genotype
+    // DIR/genotype.json --dataset D` prints.
+    const auto size = default_eval_size(g, EvalStyle::kCifar);
+    DataShape shape;
+    shape.channels = train.images.size(1);
+    shape.height = train.images.size(2);
+    shape.width = train.images.size(3);
+    shape.classes = train.num_classes;
+    const auto prof = profile_genotype(g, size.first, size.second, shape);
+    char b[200];
+    std::snprintf(b, sizeof b, "%.3f M params, %.1f M multiply-adds (%s, %s input)", prof.params / 1e6, prof.macs / 1e6,
+                  eval_size_text(g, size).c_str(), cfg.dataset.c_str());
     s << "  profile           " << b << "\n";
   }
   s << "  search time       " << format_duration(run_compute_seconds) << " compute, "

@@ -2,6 +2,9 @@
 
 #include "noisydarts/error.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/space_networks.h"
+
+#include <algorithm>
 
 namespace noisydarts {
 namespace nn = torch::nn;
@@ -53,19 +56,44 @@ torch::Tensor SearchCellImpl::forward(const torch::Tensor& s0, const torch::Tens
 SearchNetworkImpl::SearchNetworkImpl(SearchNetworkOptions o)
     : options_(std::move(o)), noise_(std::make_shared<NoiseState>()) {
   const auto& op = options_;
+  TORCH_CHECK_VALUE(op.num_classes() >= 2, "num_classes must be >= 2, got ", op.num_classes());
+  TORCH_CHECK_VALUE(op.in_channels() >= 1, "in_channels must be >= 1, got ", op.in_channels());
+  TORCH_CHECK_VALUE(!op.primitives().empty(), "the op list is empty");
+  op.noise().validate();
+  noise_->options = op.noise();
+}
+
+void SearchNetworkImpl::add_arch_parameter(const std::string& name, int64_t rows) {
+  const auto k = static_cast<int64_t>(options_.primitives().size());
+  arch_.push_back(register_parameter(name, torch::randn({rows, k}) * options_.alpha_init_std()));
+  arch_names_.push_back(name);
+}
+
+torch::Tensor& SearchNetworkImpl::arch_parameter(const std::string& name) {
+  for (size_t i = 0; i < arch_names_.size(); ++i)
+    if (arch_names_[i] == name) return arch_[i];
+  throw ConfigError("this " + options_.space() + " search network has no architecture parameter '" + name + "'");
+}
+
+std::vector<torch::Tensor> SearchNetworkImpl::weight_parameters() {
+  std::vector<torch::Tensor> out;
+  for (auto& p : named_parameters(/*recurse=*/true)) {
+    if (std::find(arch_names_.begin(), arch_names_.end(), p.key()) != arch_names_.end()) continue;
+    out.push_back(p.value());
+  }
+  return out;
+}
+
+DartsSearchNetworkImpl::DartsSearchNetworkImpl(SearchNetworkOptions o) : SearchNetworkImpl(std::move(o)) {
+  const auto& op = options_;
   TORCH_CHECK_VALUE(op.channels() >= 2 && op.channels() % 2 == 0,
                     "channels must be even and >= 2, got ", op.channels());
   TORCH_CHECK_VALUE(op.layers() >= 1, "layers must be >= 1, got ", op.layers());
-  TORCH_CHECK_VALUE(op.num_classes() >= 2, "num_classes must be >= 2, got ", op.num_classes());
-  TORCH_CHECK_VALUE(op.in_channels() >= 1, "in_channels must be >= 1, got ", op.in_channels());
   TORCH_CHECK_VALUE(op.steps() >= 1 && op.multiplier() >= 1 && op.multiplier() <= op.steps(),
                     "need 1 <= multiplier <= steps, got steps ", op.steps(), " multiplier ",
                     op.multiplier());
-  TORCH_CHECK_VALUE(!op.primitives().empty(), "the op list is empty");
   for (const auto& p : op.primitives())
     if (!is_known_op(p)) throw ConfigError("unknown op '" + p + "' in the primitive list");
-  op.noise().validate();
-  noise_->options = op.noise();
 
   const int64_t c_stem = op.stem_multiplier() * op.channels();
   stem_ = register_module(
@@ -86,19 +114,14 @@ SearchNetworkImpl::SearchNetworkImpl(SearchNetworkOptions o)
     c_p = op.multiplier() * c;
   }
   classifier_ = register_module("classifier", nn::Linear(c_p, op.num_classes()));
-  const auto k = static_cast<int64_t>(op.primitives().size());
-  alphas_normal_ = register_parameter("alphas_normal", torch::randn({num_edges(), k}) * op.alpha_init_std());
-  alphas_reduce_ = register_parameter("alphas_reduce", torch::randn({num_edges(), k}) * op.alpha_init_std());
+  const int64_t s = op.steps();
+  add_arch_parameter("alphas_normal", s * (s + 3) / 2);  // sum_{i<s} (i + 2) edges
+  add_arch_parameter("alphas_reduce", s * (s + 3) / 2);
 }
 
-int64_t SearchNetworkImpl::num_edges() const {
-  const int64_t s = options_.steps();
-  return s * (s + 3) / 2;  // sum_{i<s} (i + 2)
-}
-
-torch::Tensor SearchNetworkImpl::forward(const torch::Tensor& x) {
-  auto w_normal = torch::softmax(alphas_normal_, -1);
-  auto w_reduce = torch::softmax(alphas_reduce_, -1);
+torch::Tensor DartsSearchNetworkImpl::forward(const torch::Tensor& x) {
+  auto w_normal = arch_weights(0);
+  auto w_reduce = arch_weights(1);
   auto s0 = stem_->forward(x);
   auto s1 = s0;
   for (auto& cell : cell_list_) {
@@ -110,19 +133,11 @@ torch::Tensor SearchNetworkImpl::forward(const torch::Tensor& x) {
   return classifier_->forward(pooled);
 }
 
-std::vector<torch::Tensor> SearchNetworkImpl::weight_parameters() {
-  std::vector<torch::Tensor> out;
-  for (auto& p : named_parameters(/*recurse=*/true)) {
-    if (p.key() == "alphas_normal" || p.key() == "alphas_reduce") continue;
-    out.push_back(p.value());
-  }
-  return out;
-}
-
-Genotype SearchNetworkImpl::genotype() const {
+Genotype DartsSearchNetworkImpl::genotype() const {
   torch::NoGradGuard g;
-  auto wn = torch::softmax(alphas_normal_.detach().to(torch::kCPU, torch::kDouble), -1);
-  auto wr = torch::softmax(alphas_reduce_.detach().to(torch::kCPU, torch::kDouble), -1);
+  const auto arch = arch_parameters();
+  auto wn = torch::softmax(arch[0].detach().to(torch::kCPU, torch::kDouble), -1);
+  auto wr = torch::softmax(arch[1].detach().to(torch::kCPU, torch::kDouble), -1);
   return derive_genotype(wn, wr, options_.primitives(), options_.steps(), options_.multiplier());
 }
 

@@ -308,6 +308,11 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
   // Data parallelism (docs/distributed.md): torchrun environment, rank 0 writes.
   const auto dist = init_distributed_from_environment(cfg.dist_timeout_s);
   writer = !dist || dist->rank() == 0;
+  if (genotype.space != "darts" && cfg.auxiliary) {
+    // Only networks of DARTS cells have an auxiliary head (SPEC 3); recorded in config.json.
+    cfg.auxiliary = false;
+    info("auxiliary head: off (a " + genotype.space + " network has none)");
+  }
   torch::Device device = parse_device(cfg.device);
   if (dist && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank()));
   const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -360,7 +360,7 @@ class CorpusRun : public ::testing::Test {
     if (layers > 0) {
       SearchNetworkOptions o(cfg["channels"].get<int64_t>(), 10, layers);
       o.in_channels(1).primitives(cfg["primitives"].get<std::vector<std::string>>());
-      SearchNetwork net(o);
+      SearchNetwork net = make_search_network(o);
       torch::serialize::OutputArchive m;
       net->save(m);
       a.write("model", m);

@@ -44,7 +44,7 @@ nd::SearchNetwork small_net(uint64_t seed, bool noise) {
   nd::NoiseOptions n;
   if (!noise) n.type = nd::NoiseType::kNone;
   o.noise(n);
-  return nd::SearchNetwork(o);
+  return nd::make_search_network(o);
 }
 
 nd::Batch batch(uint64_t seed, int64_t n) {

@@ -198,7 +198,7 @@ TEST(Genotype, DeriveRejectsBadShapes) {
 
 TEST(Genotype, BuiltinsExistValidateAndAliasesWork) {
   const std::vector<std::string> names{"DARTS_V1",  "DARTS_V2",     "NASNet",
-                                       "AmoebaNet", "NoisyDARTS_a", "NoisyDARTS_b"};
+                                       "AmoebaNet", "NoisyDARTS_a", "NoisyDARTS_b", "NoisyDARTS_A"};
   EXPECT_EQ(builtin_genotype_names(), names);
   for (const auto& n : names) {
     const auto g = builtin_genotype(n);
@@ -206,6 +206,7 @@ TEST(Genotype, BuiltinsExistValidateAndAliasesWork) {
   }
   EXPECT_EQ(builtin_genotype("noisy_darts_a"), builtin_genotype("NoisyDARTS_a"));
   EXPECT_EQ(builtin_genotype("noisy_darts_b"), builtin_genotype("NoisyDARTS_b"));
+  EXPECT_EQ(builtin_genotype("NoisyDARTS_A").space, "mbv2");
   EXPECT_EQ(builtin_genotype("NASNet").steps(), 5);
   EXPECT_EQ(builtin_genotype("AmoebaNet").reduce_concat, (std::vector<int>{3, 4, 6}));
   EXPECT_EQ(builtin_genotype("AmoebaNet").reduce[9], (GeneEdge{"sep_conv_3x3", 5}));

@@ -26,7 +26,7 @@ namespace {
 SearchNetwork tiny_network(const std::vector<std::string>& ops, int64_t layers = 3) {
   SearchNetworkOptions o(4, 5, layers);
   o.in_channels(1).primitives(ops);
-  return SearchNetwork(o);
+  return make_search_network(o);
 }
 
 std::string read_file(const fs::path& p) {
@@ -47,12 +47,12 @@ fs::path fresh_dir(const std::string& name) {
 TEST(SearchNetwork, ParameterCountEqualsTheReferenceImplementation) {
   // Counted with the reference PyTorch model_search.Network (3 input channels, 10 classes).
   SearchNetworkOptions o(16, 10, 8);
-  SearchNetwork net(o);
+  SearchNetwork net = make_search_network(o);
   int64_t n = 0;
   for (auto& p : net->weight_parameters()) n += p.numel();
   EXPECT_EQ(n, 1930618);
   SearchNetworkOptions small(8, 10, 5);
-  SearchNetwork net2(small);
+  SearchNetwork net2 = make_search_network(small);
   n = 0;
   for (auto& p : net2->weight_parameters()) n += p.numel();
   EXPECT_EQ(n, 394210);
@@ -62,7 +62,7 @@ TEST(SearchNetwork, ParameterCountEqualsTheReferenceImplementation) {
 
 TEST(SearchNetwork, StateDictKeysFollowTheReferenceLayout) {
   SearchNetworkOptions o(8, 10, 5);
-  SearchNetwork net(o);
+  SearchNetwork net = make_search_network(o);
   auto params = net->named_parameters();
   auto buffers = net->named_buffers();
   EXPECT_TRUE(params.contains("stem.0.weight"));
@@ -84,7 +84,7 @@ TEST(SearchNetwork, OutputShapeForGrayAndColourInputs) {
   auto net = tiny_network(noisydarts_primitives());
   EXPECT_EQ(net->forward(torch::randn({3, 1, 28, 28})).sizes(), torch::IntArrayRef({3, 5}));
   SearchNetworkOptions o(4, 10, 2);
-  SearchNetwork c(o);
+  SearchNetwork c = make_search_network(o);
   EXPECT_EQ(c->forward(torch::randn({2, 3, 32, 32})).sizes(), torch::IntArrayRef({2, 10}));
 }
 
@@ -119,7 +119,7 @@ TEST(SearchNetwork, EvalModeIsDeterministicTrainModeIsNoisy) {
   NoiseOptions n;
   n.lambda = 0.5;
   o.in_channels(1).primitives({"skip_connect"}).noise(n);
-  SearchNetwork net(o);
+  SearchNetwork net = make_search_network(o);
   auto x = torch::randn({2, 1, 8, 8});
   net->eval();
   EXPECT_TRUE(net->forward(x).equal(net->forward(x)));

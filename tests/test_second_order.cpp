@@ -33,7 +33,7 @@ nd::SearchNetwork tiny_net(bool noise = false, uint64_t seed = 3) {
   nd::NoiseOptions n;
   if (!noise) n.type = nd::NoiseType::kNone;
   o.noise(n).alpha_init_std(0.5);  // distinct alphas: a generic point, not the uniform start
-  nd::SearchNetwork net(o);
+  nd::SearchNetwork net = make_search_network(o);
   net->to(torch::kDouble);
   net->train();
   return net;

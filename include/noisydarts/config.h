@@ -24,6 +24,9 @@ struct SearchConfig {
   AugmentOptions augment{};
   int workers = 1;                    ///< data threads preparing batches
   // Network.
+  std::string space = "darts";        ///< spaces.h: darts | darts-s2..s4 | nb201 | mbv2
+  double se_ratio = 0;                ///< mbv2: squeeze-excite ratio of the candidates (0 = none)
+  bool swish = false;                 ///< mbv2: swish instead of ReLU in the candidates
   int64_t channels = 16;
   int64_t layers = 8;
   int64_t steps = 4;
@@ -59,6 +62,10 @@ struct SearchConfig {
   /// Overrides the fields present in `j` (same keys as to_json()); unknown keys or wrong types
   /// throw ConfigError naming the key (`where` names the source, e.g. the file).
   void merge_json(const nlohmann::json& j, const std::string& where);
+  /// For a space with a fixed op set (space_primitives of spaces.h): takes that set when
+  /// `primitives` are still `preset_primitives` (none were given). validate() then refuses any
+  /// other set for such a space.
+  void apply_space(const std::vector<std::string>& preset_primitives);
   /// Range checks; throws UsageError naming the option.
   void validate() const;
 };

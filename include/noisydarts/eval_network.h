@@ -1,5 +1,8 @@
 #pragma once
-/// The evaluation network trained from scratch on a genotype (SPEC 3): NetworkCIFAR-style
+/// The evaluation network trained from scratch on a genotype. `nb201` genotypes build the
+/// NAS-Bench-201 network (C = channels, N = layers cells per stage; no auxiliary head) and `mbv2`
+/// genotypes the MobileNetV2-like chain (channels and layers unused; ImageNet style: stem stride
+/// 2); see space_networks.h. DARTS cells (SPEC 3): NetworkCIFAR-style
 /// (stem 3x3 conv to 3C + BN, L cells) or NetworkImageNet-style (two strided stems, 224 px),
 /// affine BatchNorm everywhere, auxiliary head after cell 2L/3, drop-path on non-identity ops.
 /// Registered names follow the reference layout (SPEC 6): stem.{0,1} (ImageNet: stem0.*,
@@ -107,6 +110,8 @@ class EvalNetworkImpl : public torch::nn::Module {
   std::vector<EvalCell> cell_list_;
   AuxiliaryHead auxiliary_head_{nullptr};
   torch::nn::Linear classifier_{nullptr};
+  /// nb201 / mbv2 genotypes: the whole network (space_networks.h); empty for DARTS cells.
+  std::function<torch::Tensor(const torch::Tensor&, double, int64_t*)> body_;
 };
 TORCH_MODULE(EvalNetwork);
 

@@ -18,7 +18,9 @@ const std::vector<std::string>& darts_primitives();
 
 /// ReLU -> conv(k, stride, pad) -> BN, registered as `op.{0,1,2}`.
 struct ReLUConvBNImpl : torch::nn::Module {
-  ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride, int64_t pad, bool affine);
+  /// `bias`: the convolution has a bias (NAS-Bench-201's search ops: bias = !affine).
+  ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride, int64_t pad, bool affine,
+                 bool bias = false);
   torch::Tensor forward(const torch::Tensor& x) { return op->forward(x); }
   torch::nn::Sequential op{nullptr};
 };

@@ -33,6 +33,11 @@ int64_t count_parameters(const torch::nn::Module& m, const std::string& exclude_
 /// zeros under NoGradGuard; the network's training flag is restored).
 ModelProfile profile_network(EvalNetwork& net, int64_t channels, int64_t h, int64_t w);
 
+/// The recipe size (channels, layers) of a genotype's evaluation network: DARTS cells C 36, L 20
+/// (ImageNet style: C 48, L 14); nb201 C 16, N 5 (the benchmark's); mbv2 (0, 0): fixed layout.
+std::pair<int64_t, int64_t> default_eval_size(const Genotype& g, EvalStyle style);
+/// "C 36, L 20" / "C 16, N 5" / "fixed chain" for messages.
+std::string eval_size_text(const Genotype& g, std::pair<int64_t, int64_t> size);
 /// Profile of the evaluation network of `g` with C = `channels`, L = `layers` for input `shape`
 /// (channels, height, width, classes). Needs no data files.
 ModelProfile profile_genotype(const Genotype& g, int64_t channels, int64_t layers,

@@ -9,6 +9,7 @@
 #include "noisydarts/architect.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/hessian.h"
+#include "noisydarts/search_network.h"
 
 namespace noisydarts {
 
@@ -44,6 +45,10 @@ struct WeightStepResult {
 WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
                                     const std::vector<torch::Tensor>& weights, const Batch& batch,
                                     double grad_clip, const GradReducer& reduce = {});
+
+/// The (freshly initialised) search network a configuration describes, for inputs of `shape`
+/// (channels, height, classes are used): the space, op set, noise and sizes of `cfg`.
+SearchNetwork build_search_network(const SearchConfig& cfg, const DataShape& shape);
 
 /// Path of the newest checkpoint in a run directory, or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);

@@ -1,8 +1,14 @@
 #pragma once
-/// The DARTS search network (supernet): stem, L search cells of mixed edges, classifier, and the
-/// architecture parameters alphas_normal / alphas_reduce (SPEC 1.1, 2.1). Module names follow
-/// the reference layout (SPEC 6): stem.{0,1}, cells.{i}.preprocess{0,1}, cells.{i}._ops.{edge},
-/// classifier, alphas_normal, alphas_reduce.
+/// Search networks (supernets) of every search space (spaces.h). SearchNetworkImpl is the
+/// interface the search loop, the architect and the Hessian analysis use; make_search_network
+/// builds the one of a space:
+/// - DARTS (SPEC 1.1, 2.1): stem, L search cells of mixed edges, classifier, and the
+///   architecture parameters alphas_normal / alphas_reduce. Module names follow the reference
+///   layout (SPEC 6): stem.{0,1}, cells.{i}.preprocess{0,1}, cells.{i}._ops.{edge}, classifier.
+/// - NAS-Bench-201 (SPEC 2.2): stem, 3 stages of N cells with residual reduction blocks between
+///   them, lastact, classifier; one `alphas` [6, 5] shared by every cell.
+/// - mbv2 (SPEC 2.3): fixed stem and depthwise-separable block, 19 mixed layers, head; one
+///   `alphas` [19, 7].
 #include <torch/torch.h>
 #include <memory>
 #include <string>
@@ -26,6 +32,12 @@ struct SearchNetworkOptions {
   TORCH_ARG(std::vector<std::string>, primitives) = noisydarts_default_primitives();
   TORCH_ARG(NoiseOptions, noise) = {};
   TORCH_ARG(double, alpha_init_std) = 1e-3;  ///< alphas ~ alpha_init_std * N(0, 1)
+  /// Genotype family (spaces.h genotype_space): darts | nb201 | mbv2. nb201 reads `channels`
+  /// (C, benchmark 16) and `layers` (N cells per stage, benchmark 5); mbv2 ignores both.
+  TORCH_ARG(std::string, space) = "darts";
+  TORCH_ARG(double, se_ratio) = 0;     ///< mbv2: squeeze-excite ratio of the candidates (0: none)
+  TORCH_ARG(bool, swish) = false;      ///< mbv2: swish instead of ReLU in the candidates
+  TORCH_ARG(int64_t, image_size) = 32; ///< mbv2: the stem has stride 2 only for images >= 64 px
 
   static std::vector<std::string> noisydarts_default_primitives();
 };
@@ -50,37 +62,72 @@ class SearchCellImpl : public torch::nn::Module {
 };
 TORCH_MODULE(SearchCell);
 
+/// What every search network offers: the logits, its weights and architecture parameters, the
+/// genotype of its current alphas and the noise state of its mixed ops.
 class SearchNetworkImpl : public torch::nn::Module {
  public:
   explicit SearchNetworkImpl(SearchNetworkOptions options);
+  ~SearchNetworkImpl() override = default;
   /// Logits [B, num_classes]. Noise and skip drop-path act only in training mode.
-  torch::Tensor forward(const torch::Tensor& x);
+  virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+  /// The genotype derived from the current alphas (SPEC 1.1; spaces' own rules).
+  virtual Genotype genotype() const = 0;
 
   /// Network weights w (everything except the alphas), in registration order.
   std::vector<torch::Tensor> weight_parameters();
-  /// {alphas_normal, alphas_reduce}, each [num_edges, num_ops].
-  std::vector<torch::Tensor> arch_parameters() { return {alphas_normal_, alphas_reduce_}; }
-  torch::Tensor& alphas_normal() { return alphas_normal_; }
-  torch::Tensor& alphas_reduce() { return alphas_reduce_; }
+  /// The architecture parameters, in arch_names() order (DARTS: alphas_normal, alphas_reduce;
+  /// nb201, mbv2: alphas), each [rows, candidates].
+  std::vector<torch::Tensor> arch_parameters() const { return arch_; }
+  const std::vector<std::string>& arch_names() const { return arch_names_; }
+  /// The architecture parameter registered as `name`; throws ConfigError when there is none.
+  torch::Tensor& arch_parameter(const std::string& name);
+  /// DARTS' two alphas (arch_parameter("alphas_normal"/"alphas_reduce")).
+  torch::Tensor& alphas_normal() { return arch_parameter("alphas_normal"); }
+  torch::Tensor& alphas_reduce() { return arch_parameter("alphas_reduce"); }
+  /// The softmax weights the forward uses for arch parameter `i` (mbv2: disallowed skips 0);
+  /// `as_double`: computed in double precision (for logs).
+  virtual torch::Tensor arch_weights(size_t i, bool as_double = false) const {
+    return torch::softmax(as_double ? arch_[i].to(torch::kDouble) : arch_[i], -1);
+  }
+  /// Candidate names of the columns of every arch parameter.
+  const std::vector<std::string>& candidates() const { return options_.primitives(); }
 
-  /// The genotype derived from the current alphas (SPEC 1.1).
-  Genotype genotype() const;
   /// Sets the noise decay factor for the coming forwards (noise_decay_factor of noise.h).
   void set_noise_decay(double decay) { noise_->decay = decay; }
   const NoiseState& noise() const { return *noise_; }
   NoiseState& noise() { return *noise_; }
   const SearchNetworkOptions& options() const { return options_; }
-  int64_t num_edges() const;
+  /// Rows of the first architecture parameter (DARTS: edges of a cell).
+  int64_t num_edges() const { return arch_.front().size(0); }
 
- private:
+ protected:
+  /// Registers an architecture parameter [rows, candidates] ~ alpha_init_std * N(0, 1).
+  void add_arch_parameter(const std::string& name, int64_t rows);
   SearchNetworkOptions options_;
   std::shared_ptr<NoiseState> noise_;
+
+ private:
+  std::vector<torch::Tensor> arch_;
+  std::vector<std::string> arch_names_;
+};
+TORCH_MODULE(SearchNetwork);
+
+/// The DARTS supernet (also the RobustDARTS spaces S1-S4, which only change the op set).
+class DartsSearchNetworkImpl : public SearchNetworkImpl {
+ public:
+  explicit DartsSearchNetworkImpl(SearchNetworkOptions options);
+  torch::Tensor forward(const torch::Tensor& x) override;
+  Genotype genotype() const override;
+
+ private:
   torch::nn::Sequential stem_{nullptr};
   torch::nn::ModuleList cells_{nullptr};
   std::vector<SearchCell> cell_list_;
   torch::nn::Linear classifier_{nullptr};
-  torch::Tensor alphas_normal_, alphas_reduce_;
 };
-TORCH_MODULE(SearchNetwork);
+
+/// Builds the search network of `options.space()` (darts | nb201 | mbv2). Throws ConfigError /
+/// c10::ValueError on bad options.
+SearchNetwork make_search_network(SearchNetworkOptions options);
 
 }  // namespace noisydarts
