@@ -97,8 +97,14 @@ struct SearchData {
   std::vector<int64_t> w_idx, a_idx;
 };
 
-SearchData load_search_data(const SearchConfig& cfg) {
-  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
+SearchData load_search_data(const SearchConfig& cfg,
+                            const std::function<void(const std::string&)>& progress = {}) {
+  LoadOptions lo;
+  lo.seed = cfg.seed;
+  lo.image_size = cfg.image_size;
+  lo.threads = at::get_num_threads();  // set from --threads before the data is loaded
+  lo.progress = progress;
+  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, lo);
   SearchData d;
   d.train = subset(data.train, cfg.subset, cfg.seed);
   std::tie(d.w_idx, d.a_idx) = split_indices(d.train.size(), cfg.train_portion, cfg.seed);
@@ -220,7 +226,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   keep_freed_memory();
 
   // ---- Data: everything is validated before the run directory is touched.
-  SearchData sd = load_search_data(cfg);
+  SearchData sd = load_search_data(cfg, cb.progress ? std::function<void(const std::string&)>(info) : nullptr);
   const Dataset& train = sd.train;
   const auto& w_idx = sd.w_idx;
   const auto& a_idx = sd.a_idx;
@@ -599,7 +605,8 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   {
     // The derived cell's evaluation network at the CIFAR recipe size (C 36, L 20) on this
     // dataset's input shape: what `noisydarts profile --genotype DIR/genotype.json` prints.
-    const auto prof = profile_genotype(g, 36, 20, dataset_shape(cfg.dataset));
+    DataShape shape{train.images.size(1), train.images.size(2), train.images.size(3), train.num_classes};
+    const auto prof = profile_genotype(g, 36, 20, shape);
     char b[160];
     std::snprintf(b, sizeof b, "%.3f M params, %.1f M multiply-adds (C 36, L 20, %s input)",
                   prof.params / 1e6, prof.macs / 1e6, cfg.dataset.c_str());
