@@ -152,9 +152,10 @@ void add_search_command(CLI::App& app, Action& run) {
     return flags.back().opt;
   };
   bind("-o,--out", "out", "Run directory (created; required)");
-  bind("--dataset", "dataset", "fashion-mnist (default) | mnist | cifar10 | cifar100 | synthetic")
-      ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"}));
+  bind("--dataset", "dataset", "fashion-mnist (default) | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
+      ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"}));
   bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
+  bind("--image-size", "image_size", "folder dataset: resize (shorter side) and centre-crop every image to S x S pixels, 8..512 (32)");
   bind("--subset", "subset", "Use only N training images (0 = all; small scale: 2000)");
   bind("--train-portion", "train_portion", "Share of the training images in the weight half (0.5)");
   bind("--epochs", "epochs", "Search epochs");

@@ -77,9 +77,10 @@ void add_train_command(CLI::App& app, Action& run) {
   };
   bind("-o,--out", "out", "Run directory (created; required)");
   bind("-g,--genotype", "genotype", "Built-in name (DARTS_V1, DARTS_V2, NASNet, AmoebaNet, NoisyDARTS_a, NoisyDARTS_b), a .json/.txt file, or inline text/JSON");
-  bind("--dataset", "dataset", "fashion-mnist | mnist | cifar10 | cifar100 | synthetic")
-      ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic"}));
+  bind("--dataset", "dataset", "fashion-mnist | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
+      ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"}));
   bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
+  bind("--image-size", "image_size", "folder dataset: resize (shorter side) and centre-crop every image to S x S pixels, 8..512 (32)");
   bind("--subset", "subset", "Use only N training images (0 = all)");
   bind("--valid-portion", "valid_portion", "Share of the training images held out for model selection (0 = none: last epoch)");
   bind("--batch-size", "batch_size", "Training batch size");

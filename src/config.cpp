@@ -55,6 +55,7 @@ json SearchConfig::to_json() const {
               {"dataset", dataset},
               {"data_dir", data_dir},
               {"subset", subset},
+              {"image_size", image_size},
               {"train_portion", train_portion},
               {"batch_size", batch_size},
               {"augment",
@@ -132,6 +133,7 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
     dataset = cur["dataset"];
     data_dir = cur["data_dir"];
     subset = cur["subset"];
+    image_size = cur["image_size"];
     train_portion = cur["train_portion"];
     batch_size = cur["batch_size"];
     augment.crop_padding = cur["augment"]["crop_padding"];
@@ -196,6 +198,9 @@ void SearchConfig::validate() const {
   need(layers >= 1 && layers <= 100, "--layers must be in [1, 100], got " + std::to_string(layers));
   need(steps >= 1 && multiplier >= 1 && multiplier <= steps, "steps/multiplier must satisfy 1 <= multiplier <= steps");
   need(subset >= 0, "--subset must be >= 0, got " + std::to_string(subset));
+  need(image_size >= kMinImageSize && image_size <= kMaxImageSize,
+       "--image-size must be in [" + std::to_string(kMinImageSize) + ", " + std::to_string(kMaxImageSize) +
+           "], got " + std::to_string(image_size));
   need(train_portion > 0 && train_portion < 1, "--train-portion must be in (0, 1), got " + std::to_string(train_portion));
   need(lr > 0 && lr_min >= 0 && lr_min <= lr, "--lr must be > 0 and --lr-min in [0, lr]");
   need(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1)");

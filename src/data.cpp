@@ -355,8 +355,10 @@ DataShape dataset_shape(const std::string& name) {
   if (name == "cifar10") return {3, 32, 32, 10};
   if (name == "cifar100") return {3, 32, 32, 100};
   if (name == "imagenet") return {3, 224, 224, 1000};
+  if (name == "folder")
+    throw UsageError("the shape of dataset folder depends on its files: give its directory and image size");
   throw UsageError("--dataset: unknown dataset '" + name +
-                   "' (choose fashion-mnist, mnist, cifar10, cifar100, synthetic or imagenet)");
+                   "' (choose fashion-mnist, mnist, cifar10, cifar100, folder, synthetic or imagenet)");
 }
 
 std::string default_data_dir(const std::string& name) {
@@ -596,6 +598,20 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> split_indices(int64_t n, d
 
 DatasetPair load_dataset(const std::string& name, const std::string& dir, uint64_t seed,
                          int64_t synthetic_train) {
+  LoadOptions opt;
+  opt.seed = seed;
+  opt.synthetic_train = synthetic_train;
+  return load_dataset(name, dir, opt);
+}
+
+DatasetPair load_dataset(const std::string& name, const std::string& dir, const LoadOptions& opt) {
+  const uint64_t seed = opt.seed;
+  const int64_t synthetic_train = opt.synthetic_train;
+  if (name == "folder") {  // src/image_folder.cpp
+    DatasetPair out = load_folder_dataset(dir, opt);
+    out.train.name = out.test.name = name;
+    return out;
+  }
   const DataShape shape = dataset_shape(name);  // UsageError for unknown names
   DatasetPair out;
   if (name == "synthetic") {
@@ -608,7 +624,7 @@ DatasetPair load_dataset(const std::string& name, const std::string& dir, uint64
                               shape.height, shape.classes, mix(seed, 2));
   } else if (name == "imagenet") {
     throw UsageError("dataset imagenet cannot be loaded for search/training yet (only its shape "
-                     "is known); use fashion-mnist, mnist, cifar10, cifar100 or synthetic");
+                     "is known); use fashion-mnist, mnist, cifar10, cifar100, folder or synthetic");
   } else {
     const std::string d = dir.empty() ? default_data_dir(name) : dir;
     if (d.empty())

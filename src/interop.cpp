@@ -467,10 +467,26 @@ SearchNetwork load_search_network(const std::string& checkpoint) {
       throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
     }
   }
-  const DataShape shape = dataset_shape(cfg.dataset);
-  SearchNetwork net = build_search_network(cfg, shape);
   torch::serialize::InputArchive a;
   open_checkpoint(checkpoint, "search", a);
+  DataShape shape;
+  if (cfg.dataset == "folder") {
+    // An image folder's class count is not part of the config (and the folder may be gone):
+    // the classifier's rows give it; folder images are always RGB.
+    try {
+      torch::serialize::InputArchive m, head;
+      torch::Tensor w;
+      a.read("model", m);
+      m.read("classifier", head);
+      head.read("weight", w);
+      shape = {3, cfg.image_size, cfg.image_size, w.size(0)};
+    } catch (const std::exception&) {
+      throw CheckpointError("checkpoint " + checkpoint + " lacks the classifier of its search network");
+    }
+  } else {
+    shape = dataset_shape(cfg.dataset);
+  }
+  SearchNetwork net = build_search_network(cfg, shape);
   try {
     torch::serialize::InputArchive m;
     a.read("model", m);

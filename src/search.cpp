@@ -99,8 +99,14 @@ struct SearchData {
   std::vector<int64_t> w_idx, a_idx;
 };
 
-SearchData load_search_data(const SearchConfig& cfg) {
-  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
+SearchData load_search_data(const SearchConfig& cfg,
+                            const std::function<void(const std::string&)>& progress = {}) {
+  LoadOptions lo;
+  lo.seed = cfg.seed;
+  lo.image_size = cfg.image_size;
+  lo.threads = at::get_num_threads();  // set from --threads before the data is loaded
+  lo.progress = progress;
+  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, lo);
   SearchData d;
   d.train = subset(data.train, cfg.subset, cfg.seed);
   std::tie(d.w_idx, d.a_idx) = split_indices(d.train.size(), cfg.train_portion, cfg.seed);
@@ -232,7 +238,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   keep_freed_memory();
 
   // ---- Data: everything is validated before the run directory is touched.
-  SearchData sd = load_search_data(cfg);
+  SearchData sd = load_search_data(cfg, cb.progress ? std::function<void(const std::string&)>(info) : nullptr);
   const Dataset& train = sd.train;
   const auto& w_idx = sd.w_idx;
   const auto& a_idx = sd.a_idx;

@@ -38,6 +38,7 @@ void visit_fields(Self& c, F&& f) {
   f("dataset", c.dataset);
   f("data_dir", c.data_dir);
   f("subset", c.subset);
+  f("image_size", c.image_size);
   f("valid_portion", c.valid_portion);
   f("batch_size", c.batch_size);
   f("crop_padding", c.crop_padding);
@@ -139,6 +140,9 @@ void TrainConfig::validate() const {
   check(batch_size >= 1, "--batch-size must be >= 1, got " + std::to_string(batch_size));
   check(valid_portion >= 0 && valid_portion < 1, "--valid-portion must be in [0, 1), got " + std::to_string(valid_portion));
   check(subset >= 0, "--subset must be >= 0");
+  check(image_size >= kMinImageSize && image_size <= kMaxImageSize,
+        "--image-size must be in [" + std::to_string(kMinImageSize) + ", " + std::to_string(kMaxImageSize) +
+            "], got " + std::to_string(image_size));
   check(crop_padding >= 0 && cutout >= 0, "--crop-padding and --cutout must be >= 0");
   check(workers >= 1, "--workers must be >= 1");
   check_threads(threads);
@@ -256,7 +260,11 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string&
   TrainConfig cfg;
   EvalNetwork net = load_trained_network(checkpoint, &cfg);
   const std::string dir = !data_dir.empty() ? data_dir : !cfg.data_dir.empty() ? cfg.data_dir : default_data_dir(cfg.dataset);
-  DatasetPair data = load_dataset(cfg.dataset, dir, cfg.seed);
+  LoadOptions lo;
+  lo.seed = cfg.seed;
+  lo.image_size = cfg.image_size;
+  lo.threads = at::get_num_threads();
+  DatasetPair data = load_dataset(cfg.dataset, dir, lo);
   // Normalise with the training statistics, as during training.
   data.test.mean = data.train.mean;
   data.test.std = data.train.std;
@@ -320,7 +328,12 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
 
   // ---- Data, validated before the run directory is touched. The validation split comes from
   // the training set; the test set is touched once, at the end.
-  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed);
+  LoadOptions lo;
+  lo.seed = cfg.seed;
+  lo.image_size = cfg.image_size;
+  lo.threads = threads;
+  if (cb.progress) lo.progress = info;
+  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, lo);
   Dataset train = subset(data.train, cfg.subset, cfg.seed);
   data.test.mean = train.mean;
   data.test.std = train.std;

@@ -19,6 +19,7 @@ struct SearchConfig {
   std::string dataset = "fashion-mnist";
   std::string data_dir;               ///< empty: the dataset's default directory
   int64_t subset = 0;                 ///< use only this many training images (0 = all)
+  int64_t image_size = 32;            ///< folder dataset: image side in pixels, [8, 512]
   double train_portion = 0.5;         ///< weight half / architecture half split
   int64_t batch_size = 128;
   AugmentOptions augment{};

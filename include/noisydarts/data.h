@@ -1,9 +1,10 @@
 #pragma once
-/// Datasets (IDX, CIFAR binary, synthetic), the deterministic search split, augmentation and a
-/// prefetching batch stream (SPEC 4).
+/// Datasets (IDX, CIFAR binary, image folders, synthetic), the deterministic search split,
+/// augmentation and a prefetching batch stream (SPEC 4).
 #include <torch/torch.h>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
@@ -32,8 +33,11 @@ struct DataShape {
   int64_t channels = 0, height = 0, width = 0, classes = 0;
 };
 /// Shape of `name` in {fashion-mnist, mnist, cifar10, cifar100, synthetic, imagenet}.
-/// Throws UsageError for unknown names.
+/// Throws UsageError for unknown names and for `folder`, whose shape depends on its files.
 DataShape dataset_shape(const std::string& name);
+/// As above, and `folder`: {3, image_size, image_size, number of class folders of dir/train}
+/// (lists the folders, decodes nothing; DataError when dir/train is missing or has no class).
+DataShape dataset_shape(const std::string& name, const std::string& dir, int64_t image_size);
 
 /// Default directory of a named dataset (fashion-mnist: /usr/share/datasets/fashion-mnist from
 /// Debian's dataset-fashion-mnist package). Empty when there is none.
@@ -48,6 +52,45 @@ std::string default_data_dir(const std::string& name);
 /// Throws DataError naming the file on missing, empty, truncated, wrong-magic or inconsistent files.
 DatasetPair load_dataset(const std::string& name, const std::string& dir, uint64_t seed = 0,
                          int64_t synthetic_train = 1024);
+
+/// What load_dataset needs beyond the name and the directory.
+struct LoadOptions {
+  uint64_t seed = 0;
+  int64_t synthetic_train = 1024;  ///< synthetic: training images (the test set has a fifth)
+  int64_t image_size = 32;         ///< folder: side in pixels of the stored square images, [8, 512]
+  int threads = 0;                 ///< folder: decoding threads (0 = all cores)
+  /// folder: called with a one-line status every ~2 s while a long load runs (may be empty).
+  std::function<void(const std::string&)> progress;
+};
+/// load_dataset with every option; `name` may also be `folder` (load_folder_dataset).
+DatasetPair load_dataset(const std::string& name, const std::string& dir, const LoadOptions& opt);
+
+/// Smallest and largest accepted `image_size` of the folder dataset.
+constexpr int64_t kMinImageSize = 8, kMaxImageSize = 512;
+
+/// The image-folder dataset (src/image_folder.cpp), ImageNet style:
+///   dir/train/<class>/<...>/*.png|*.jpg|*.jpeg  (extensions case-insensitive, other files ignored)
+///   dir/val/<class>/...  or, when there is no val/, dir/test/<class>/...
+/// Classes are the sorted sub-folder names of train/ (label = position); a class folder of the
+/// held-out split must be one of them. Files are taken in sorted path order (sub-folders of a
+/// class folder included; names starting with '.' skipped). Every image is decoded once (stb_image;
+/// grayscale expanded to RGB, alpha dropped), resized so that its shorter side is `image_size`
+/// (separable triangle filter as PIL's bilinear: bilinear when upscaling, area-weighted when
+/// downscaling) and centre-cropped to image_size x image_size. The whole set stays in memory as uint8:
+/// N * 3 * image_size^2 bytes (ImageNet-1k's 1.28 M images at 64 px: 15.7 GB; at 224 px: 193 GB,
+/// which does not fit, while downsampled copies such as ImageNet16-120 do).
+/// Decoding uses `opt.threads` threads; the result does not depend on their number.
+/// Throws DataError naming the folder or file: missing train/ or val/test, a class folder without
+/// images, a val class unknown to train/, an undecodable image, memory that cannot be allocated.
+DatasetPair load_folder_dataset(const std::string& dir, const LoadOptions& opt);
+/// Sorted class folder names of `split_dir` (DataError when it is missing or has none).
+std::vector<std::string> folder_classes(const std::string& split_dir);
+/// Decodes one PNG/JPEG file into uint8 [3, image_size, image_size] (resize + centre crop as in
+/// load_folder_dataset). DataError naming `path` when it cannot be read or decoded.
+torch::Tensor load_image_file(const std::string& path, int64_t image_size);
+/// The resize + centre crop of load_image_file on decoded interleaved RGB bytes (h x w x 3).
+torch::Tensor resize_center_crop(const uint8_t* rgb, int64_t width, int64_t height,
+                                 int64_t image_size);
 
 /// Reads one IDX image file (magic 2051, ubyte, 3 dims) and its label file (magic 2049).
 Dataset load_idx(const std::string& images_path, const std::string& labels_path);

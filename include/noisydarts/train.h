@@ -27,6 +27,7 @@ struct TrainConfig {
   std::string dataset = "fashion-mnist";
   std::string data_dir;               ///< empty: the dataset's default directory
   int64_t subset = 0;                 ///< use only this many training images (0 = all)
+  int64_t image_size = 32;            ///< folder dataset: image side in pixels, [8, 512]
   double valid_portion = 0.1;         ///< share of the training images held out for model selection
   int64_t batch_size = 96;
   int64_t crop_padding = 4;           ///< random-crop padding in pixels (0 = off)
