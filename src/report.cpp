@@ -21,6 +21,7 @@
 
 #include "noisydarts/error.h"
 #include "noisydarts/genotype.h"
+#include "noisydarts/spaces.h"
 
 namespace noisydarts {
 
@@ -586,7 +587,8 @@ std::vector<std::pair<int, int>> edge_list(int steps) {
   return e;
 }
 
-const char* kAlphaKeys[] = {"alphas_normal", "alphas_reduce"};
+/// DARTS: the two cells' tables; nb201 / mbv2: the one table of the cell / chain.
+const char* kAlphaKeys[] = {"alphas_normal", "alphas_reduce", "alphas"};
 
 /// Checks one metrics line: known numeric keys are numbers (or null), alpha tables are
 /// rectangular [edges][ops] with a triangular edge count and one column per primitive.
@@ -611,7 +613,7 @@ void check_metrics_line(const json& m, const std::string& where) {
   for (const char* key : kAlphaKeys) {
     if (!m.contains(key)) continue;
     const auto& t = m[key];
-    if (!t.is_array() || steps_for_rows(t.size()) < 0)
+    if (!t.is_array() || (std::string(key) != "alphas" && steps_for_rows(t.size()) < 0))
       throw DataError(where + ": '" + key + "' is not a table of 2, 5, 9, 14, ... edges");
     if (width == 0) throw DataError(where + ": '" + key + "' without 'primitives'");
     for (size_t r = 0; r < t.size(); ++r) {
@@ -747,6 +749,13 @@ std::optional<Genotype> final_genotype(const RunData& run, std::string* source) 
 }
 
 std::string cell_diagram(const RunData& run, const std::optional<Genotype>& g, bool reduce, const std::string& id_prefix) {
+  if (g && g->space != "darts") {
+    // nb201 cell / mbv2 chain: Graphviz's drawing (cell.svg / chain.svg, held in normal_svg), or
+    // the genotype text above only.
+    if (reduce) return "";
+    const std::string embedded = run.genotype.is_null() ? "" : embed_graphviz_svg(run.normal_svg, id_prefix);
+    return embedded.empty() ? "<p class=\"note\">No diagram (Graphviz `dot` was not installed).</p>\n" : embedded;
+  }
   const std::string& svg = reduce ? run.reduce_svg : run.normal_svg;
   // Graphviz's drawing is only right when it shows the final genotype (genotype.json).
   if (!svg.empty() && !run.genotype.is_null()) {
@@ -875,7 +884,7 @@ std::string render_alpha_section(const RunData& run, const std::optional<Genotyp
     o << "<p class=\"note\">This run recorded no architecture weights.</p>\n";
     return o.str();
   }
-  o << "<p class=\"note\">One panel per edge (rows of the alpha table, node by node). The dashed line is the "
+  o << "<p class=\"note\">One panel per edge or layer (rows of the alpha table, node by node). The dashed line is the "
        "uniform weight 1/"
     << prims.size() << ". The y axis is shared by all panels of a cell. Panels framed in green are the edges kept "
     << "in the final genotype, with the op kept.</p>\n<p class=\"legendbar\">";
@@ -886,7 +895,7 @@ std::string render_alpha_section(const RunData& run, const std::optional<Genotyp
       << "\" stroke-width=\"" << (skip ? 3.5 : 2) << "\"/></svg> " << esc(prims[k]) << "</span>";
   }
   o << "</p>\n";
-  for (int c = 0; c < 2; ++c) {
+  for (int c = 0; c < 3; ++c) {
     const char* key = kAlphaKeys[c];
     size_t rows = 0;
     double lo = INFINITY, hi = -INFINITY;
@@ -900,22 +909,50 @@ std::string render_alpha_section(const RunData& run, const std::optional<Genotyp
     lo = std::min(lo, 1.0 / prims.size());
     hi = std::max(hi, 1.0 / prims.size());
     const Axis shared = make_axis(lo, hi, false, 4);
-    const int steps = steps_for_rows(rows);
-    const auto edges = edge_list(steps);
-    const std::vector<GeneEdge>* kept = g ? (c == 0 ? &g->normal : &g->reduce) : nullptr;
-    o << "<h3>" << (c == 0 ? "Normal cell" : "Reduction cell") << "</h3>\n<div class=\"panels\">\n";
-    int row_node = -1;  // one row of panels per intermediate node: its 2, 3, 4, ... input edges
-    json jcell = json::array();
-    for (size_t e = 0; e < edges.size(); ++e) {
-      const auto [node, input] = edges[e];
-      if (node != row_node) {
-        o << (row_node >= 0 ? "</div>\n" : "") << "<div class=\"noderow\">";
-        row_node = node;
+    // Per row of the table: the panel row it goes in, its title and the op the genotype kept.
+    struct RowInfo {
+      int group;
+      std::string title, kept;
+    };
+    std::vector<RowInfo> info;
+    std::string heading;
+    if (c < 2) {  // a DARTS cell: one panel row per intermediate node, 2 of its edges kept
+      heading = c == 0 ? "Normal cell" : "Reduction cell";
+      const int steps = steps_for_rows(rows);
+      const std::vector<GeneEdge>* kept = g && g->space == "darts" ? (c == 0 ? &g->normal : &g->reduce) : nullptr;
+      for (const auto& [node, input] : edge_list(steps)) {
+        std::string k;
+        if (kept && kept->size() == static_cast<size_t>(2 * steps))
+          for (int j = 0; j < 2; ++j)
+            if ((*kept)[2 * node + j].second == input) k = (*kept)[2 * node + j].first;
+        info.push_back({node, "node " + std::to_string(node) + " \u2190 " + node_name(input), k});
       }
-      std::string kept_op;
-      if (kept && kept->size() == static_cast<size_t>(2 * steps))
-        for (int k = 0; k < 2; ++k)
-          if ((*kept)[2 * node + k].second == input) kept_op = (*kept)[2 * node + k].first;
+    } else if (rows == nb201_edges().size()) {  // the NAS-Bench-201 cell: every edge kept
+      heading = "NAS-Bench-201 cell (node j \u2190 node i)";
+      for (size_t e = 0; e < rows; ++e) {
+        const auto [j, i] = nb201_edges()[e];
+        const bool known = g && g->space == "nb201";
+        info.push_back({j, "node " + std::to_string(j) + " \u2190 " + std::to_string(i), known ? g->normal[e].first : ""});
+      }
+    } else {  // the mbv2 chain: one panel row per stage width
+      heading = "mbv2 chain (one panel per layer)";
+      const auto& layout = mbv2_layout();
+      for (size_t e = 0; e < rows; ++e) {
+        const int64_t width = e < layout.size() ? layout[e].out_channels : 0;
+        const bool known = g && g->space == "mbv2" && e < g->layers.size();
+        info.push_back({static_cast<int>(width), "layer " + std::to_string(e) + " (" + std::to_string(width) + " ch)",
+                        known ? g->layers[e] : ""});
+      }
+    }
+    o << "<h3>" << esc(heading) << "</h3>\n<div class=\"panels\">\n";
+    int row_group = -1;
+    json jcell = json::array();
+    for (size_t e = 0; e < rows && e < info.size(); ++e) {
+      if (info[e].group != row_group) {
+        o << (row_group >= 0 ? "</div>\n" : "") << "<div class=\"noderow\">";
+        row_group = info[e].group;
+      }
+      const std::string& kept_op = info[e].kept;
       std::vector<Series> series;
       json jedge = json::object();
       for (size_t k = 0; k < prims.size(); ++k) {
@@ -936,7 +973,7 @@ std::string render_alpha_section(const RunData& run, const std::optional<Genotyp
       }
       jcell.push_back(jedge);
       Plot p;
-      p.title = "node " + std::to_string(node) + " \u2190 " + node_name(input) + (kept_op.empty() ? "" : "  \u2713");
+      p.title = info[e].title + (kept_op.empty() ? "" : "  \u2713");
       p.xlabel = "";
       p.width = 250;
       p.height = 160;
@@ -946,7 +983,7 @@ std::string render_alpha_section(const RunData& run, const std::optional<Genotyp
       p.hlines = {1.0 / prims.size()};
       p.css_class = "plot edge-panel";
       p.frame_color = kept_op.empty() ? "" : "#2c8c2c";
-      p.attrs = {{"data-cell", c == 0 ? "normal" : "reduce"}, {"data-edge", std::to_string(e)}};
+      p.attrs = {{"data-cell", c == 0 ? "normal" : c == 1 ? "reduce" : "cell"}, {"data-edge", std::to_string(e)}};
       if (!kept_op.empty()) p.attrs.push_back({"data-kept", kept_op});
       o << "<div>" << render_plot(p, series);
       if (!kept_op.empty()) o << "<div class=\"kept\" style=\"font-size:11px\">kept: " << esc(kept_op) << "</div>";
@@ -1113,8 +1150,9 @@ RunData load_run(const std::string& run_dir) {
       throw ConfigError(path + ": " + first_line(e.what()));
     }
   }
-  run.normal_svg = slurp(dir / "normal.svg").value_or("");
-  run.reduce_svg = slurp(dir / "reduce.svg").value_or("");
+  const std::string space = run.genotype.is_object() ? run.genotype.value("space", std::string("darts")) : "darts";
+  run.normal_svg = slurp(dir / (space == "nb201" ? "cell.svg" : space == "mbv2" ? "chain.svg" : "normal.svg")).value_or("");
+  run.reduce_svg = space == "darts" ? slurp(dir / "reduce.svg").value_or("") : "";
   return run;
 }
 
@@ -1153,15 +1191,14 @@ std::string render_report(const RunData& run) {
 
 std::string write_report(const std::string& run_dir) {
   RunData run = load_run(run_dir);
-  if ((run.normal_svg.empty() || run.reduce_svg.empty()) && !run.genotype.is_null()) {
+  if (!run.genotype.is_null()) {
     // Graphviz may have been installed after the search: render the diagrams now if it is.
     try {
       const Genotype g = genotype_from_json(run.genotype);
-      const fs::path dir(run_dir);
-      write_cell_diagram(g.normal, g.normal_concat, "normal cell", (dir / "normal").string());
-      write_cell_diagram(g.reduce, g.reduce_concat, "reduction cell", (dir / "reduce").string());
-      run.normal_svg = slurp(dir / "normal.svg").value_or("");
-      run.reduce_svg = slurp(dir / "reduce.svg").value_or("");
+      if (run.normal_svg.empty() || (g.space == "darts" && run.reduce_svg.empty())) {
+        write_genotype_diagrams(g, run_dir);
+        run = load_run(run_dir);
+      }
     } catch (const Error&) {
       // Diagrams are drawn by the report itself then.
     }

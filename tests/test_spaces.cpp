@@ -260,7 +260,7 @@ TEST(Spaces, Nb201AlphaGradientMatchesFiniteDifferences) {
   const auto x = torch::randn({3, 1, 8, 8}, torch::kDouble);
   const auto y = torch::tensor({0, 1, 2});
   auto loss = [&] { return torch::nn::functional::cross_entropy(net->forward(x), y); };
-  auto& a = net->arch_parameters()[0];
+  torch::Tensor a = net->arch_parameters()[0];
   {
     torch::NoGradGuard g;
     a.copy_(torch::randn({6, 5}, torch::kDouble));
@@ -343,6 +343,15 @@ TEST(Spaces, CliSearchesNb201AndTrainsTheFoundStringFromScratch) {
   EXPECT_NE(r.out.find(genotype_to_text(g)), std::string::npos);
   EXPECT_TRUE(fs::exists(dir / "cell.dot"));
   EXPECT_TRUE(fs::exists(dir / "report.html"));
+  {
+    // The report draws one alpha panel per NB201 edge, each marked with the op kept.
+    const std::string html = slurp((dir / "report.html").string());
+    size_t panels = 0;
+    for (size_t p = html.find("edge-panel"); p != std::string::npos; p = html.find("edge-panel", p + 1)) ++panels;
+    EXPECT_EQ(panels, 6u);
+    EXPECT_NE(html.find("kept: " + g.normal[0].first), std::string::npos);
+    EXPECT_FALSE(fs::exists(dir / "normal.dot"));
+  }
   const auto cfg = nlohmann::json::parse(slurp((dir / "config.json").string()));
   EXPECT_EQ(cfg["space"], "nb201");
   EXPECT_EQ(cfg["primitives"], nlohmann::json(nb201_primitives()));
