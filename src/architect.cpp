@@ -5,6 +5,13 @@
 
 namespace noisydarts {
 
+void reduce_param_grads(std::vector<torch::Tensor> params, const GradReducer& reduce) {
+  std::vector<torch::Tensor> g;
+  for (const auto& p : params) g.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+  reduce(g);
+  for (size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = g[i];
+}
+
 Architect::Architect(SearchNetwork net, ArchitectOptions opt) : net_(std::move(net)) {
   adam_ = std::make_unique<torch::optim::Adam>(
       net_->arch_parameters(), torch::optim::AdamOptions(opt.lr)

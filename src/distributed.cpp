@@ -112,13 +112,8 @@ void Distributed::allreduce_sum(std::vector<torch::Tensor>& ts) {
 }
 
 void Distributed::allreduce_mean(std::vector<torch::Tensor>& ts) {
-  run("all-reduce", [&] {
-    flat_apply(ts, [&](torch::Tensor& flat) {
-      std::vector<torch::Tensor> v{flat};
-      impl_->pg->allreduce(v)->wait(timeout_);
-      flat.div_(env_.world);
-    });
-  });
+  allreduce_sum(ts);
+  for (auto& t : ts) t.div_(env_.world);
 }
 
 void Distributed::broadcast(std::vector<torch::Tensor>& ts, int root) {

@@ -172,12 +172,7 @@ WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
   // gradient all-reduce (so none waits forever) and the caller stops all of them together.
   if (!std::isfinite(r.loss) && !reduce) return r;
   torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
-  if (reduce) {
-    std::vector<torch::Tensor> g;
-    for (const auto& w : weights) g.push_back(w.grad().defined() ? w.grad() : torch::zeros_like(w));
-    reduce(g);
-    for (size_t i = 0; i < weights.size(); ++i) const_cast<torch::Tensor&>(weights[i]).mutable_grad() = g[i];
-  }
+  if (reduce) reduce_param_grads(weights, reduce);
   torch::nn::utils::clip_grad_norm_(weights, grad_clip);
   sgd.step();
   return r;
@@ -537,9 +532,11 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     }
     if (cfg.hessian_every > 0 && (epoch + 1) % cfg.hessian_every == 0) {
       const auto t_h = Clock::now();
-      // Every rank computes it on the same (unsharded) batch and weights: the same number.
-      BatchStream curvature_stream(train, a_idx, eval_stream_options(cfg));
-      const auto eig = hessian_dominant_eigenvalue(net, curvature_batch(curvature_stream, device),
+      // Every rank computes it on the same (unsharded) batch and weights: the same number. A
+      // single process's eval stream is that unsharded stream already.
+      std::unique_ptr<BatchStream> unsharded;
+      if (dist) unsharded = std::make_unique<BatchStream>(train, a_idx, eval_stream_options(cfg));
+      const auto eig = hessian_dominant_eigenvalue(net, curvature_batch(dist ? *unsharded : eval_stream, device),
                                                    EigenOptions{static_cast<int>(cfg.hessian_iters), 1e-3, cfg.seed});
       m["hessian_eigenvalue"] = eig.eigenvalue;
       m["hessian_iterations"] = eig.iterations;

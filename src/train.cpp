@@ -11,6 +11,7 @@
 #include <sstream>
 #include <thread>
 
+#include "noisydarts/architect.h"
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/distributed.h"
 #include "noisydarts/config.h"
@@ -489,10 +490,7 @@ TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
         // Every rank joins the backward and the all-reduces (none waits forever); the step's
         // loss and counts over all ranks decide together whether to stop.
         loss.backward();
-        std::vector<torch::Tensor> g;
-        for (auto& p : params) g.push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
-        dist->allreduce_mean(g);
-        for (size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = g[i];
+        reduce_param_grads(params, dist->mean_reducer());
         std::vector<torch::Tensor> st{torch::tensor({lv * b_seen, static_cast<double>(b_correct), static_cast<double>(b_seen)}, torch::kDouble)};
         dist->allreduce_sum(st);
         b_seen = static_cast<int64_t>(st[0][2].item<double>());

@@ -14,6 +14,10 @@ namespace noisydarts {
 /// Averages a list of gradients across data-parallel ranks in place (no-op on one process).
 using GradReducer = std::function<void(std::vector<torch::Tensor>&)>;
 
+/// Passes the .grad() of every parameter (zeros where one got none) through `reduce` and stores
+/// the results back as the gradients (data parallelism: the average over the ranks).
+void reduce_param_grads(std::vector<torch::Tensor> params, const GradReducer& reduce);
+
 struct ArchitectOptions {
   double lr = 3e-4;
   double beta1 = 0.5, beta2 = 0.999;
