@@ -1090,6 +1090,14 @@ std::string summary_rows(const RunData& run) {
 // Public API
 // ------------------------------------------------------------------------------------------
 
+/// Reads the Graphviz drawings of the run's genotype: normal.svg and reduce.svg (DARTS cells),
+/// else cell.svg (nb201) or chain.svg (mbv2) into normal_svg. Missing files leave them empty.
+void load_diagrams(RunData& run, const fs::path& dir) {
+  const std::string space = run.genotype.is_object() ? run.genotype.value("space", std::string("darts")) : "darts";
+  run.normal_svg = slurp(dir / (space == "nb201" ? "cell.svg" : space == "mbv2" ? "chain.svg" : "normal.svg")).value_or("");
+  run.reduce_svg = space == "darts" ? slurp(dir / "reduce.svg").value_or("") : "";
+}
+
 RunData load_run(const std::string& run_dir) {
   std::error_code ec;
   if (!fs::exists(run_dir, ec)) throw ConfigError("run directory " + run_dir + " does not exist");
@@ -1150,9 +1158,7 @@ RunData load_run(const std::string& run_dir) {
       throw ConfigError(path + ": " + first_line(e.what()));
     }
   }
-  const std::string space = run.genotype.is_object() ? run.genotype.value("space", std::string("darts")) : "darts";
-  run.normal_svg = slurp(dir / (space == "nb201" ? "cell.svg" : space == "mbv2" ? "chain.svg" : "normal.svg")).value_or("");
-  run.reduce_svg = space == "darts" ? slurp(dir / "reduce.svg").value_or("") : "";
+  load_diagrams(run, dir);
   return run;
 }
 
@@ -1197,7 +1203,7 @@ std::string write_report(const std::string& run_dir) {
       const Genotype g = genotype_from_json(run.genotype);
       if (run.normal_svg.empty() || (g.space == "darts" && run.reduce_svg.empty())) {
         write_genotype_diagrams(g, run_dir);
-        run = load_run(run_dir);
+        load_diagrams(run, run_dir);
       }
     } catch (const Error&) {
       // Diagrams are drawn by the report itself then.

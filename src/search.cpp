@@ -115,13 +115,13 @@ SearchData load_search_data(const SearchConfig& cfg,
   return d;
 }
 
+/// The input geometry of the loaded images (whatever the dataset's nominal shape).
+DataShape shape_of(const Dataset& d) {
+  return {d.images.size(1), d.images.size(2), d.images.size(3), d.num_classes};
+}
+
 SearchNetwork build_search_network(const SearchConfig& cfg, const SearchData& d) {
-  DataShape shape;
-  shape.channels = d.train.images.size(1);
-  shape.height = d.train.images.size(2);
-  shape.width = d.train.images.size(3);
-  shape.classes = d.train.num_classes;
-  return noisydarts::build_search_network(cfg, shape);
+  return noisydarts::build_search_network(cfg, shape_of(d.train));
 }
 
 /// The architecture half in fixed order without augmentation (eval-mode accuracy, curvature).
@@ -626,12 +626,7 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
     // nb201: C 16, N 5) on this dataset's input shape: what `noisydarts profile --genotype
     // DIR/genotype.json --dataset D` prints.
     const auto size = default_eval_size(g, EvalStyle::kCifar);
-    DataShape shape;
-    shape.channels = train.images.size(1);
-    shape.height = train.images.size(2);
-    shape.width = train.images.size(3);
-    shape.classes = train.num_classes;
-    const auto prof = profile_genotype(g, size.first, size.second, shape);
+    const auto prof = profile_genotype(g, size.first, size.second, shape_of(train));
     char b[200];
     std::snprintf(b, sizeof b, "%.3f M params, %.1f M multiply-adds (%s, %s input)", prof.params / 1e6, prof.macs / 1e6,
                   eval_size_text(g, size).c_str(), cfg.dataset.c_str());

@@ -125,7 +125,7 @@ torch::Tensor Nb201SearchNetworkImpl::forward(const torch::Tensor& x) {
 
 Genotype Nb201SearchNetworkImpl::genotype() const {
   torch::NoGradGuard g;
-  return derive_nb201(torch::softmax(arch_parameters()[0].detach().to(torch::kCPU, torch::kDouble), -1), options_.primitives());
+  return derive_nb201(arch_weights(0, /*as_double=*/true).detach().cpu(), options_.primitives());
 }
 
 EvalBody register_nb201_network(nn::Module& owner, const Genotype& g, int64_t c, int64_t n, int64_t in_channels,
