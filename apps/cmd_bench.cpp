@@ -16,6 +16,7 @@
 #include "noisydarts/architect.h"
 #include "noisydarts/error.h"
 #include "noisydarts/eval_network.h"
+#include "noisydarts/fused_ops.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/runtime.h"
@@ -36,6 +37,7 @@ struct BenchOptions {
   std::string genotype = "NoisyDARTS_a";
   std::string device = "cpu";
   bool json = false;
+  bool no_fused = false;
 };
 
 double peak_rss_mb() {
@@ -56,6 +58,8 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
       ->check(CLI::Range(0, 100000))->capture_default_str();
   cmd->add_option("--threads", o.threads, "Compute threads (0 = all cores)")->check(CLI::Range(0, 1024))->capture_default_str();
   cmd->add_option("--device", o.device, "cpu | cuda | cuda:N")->capture_default_str();
+  cmd->add_flag("--no-fused", o.no_fused,
+                "Run the search ops module by module as the reference does, instead of the fused nodes (docs/bench.md)");
   cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
 }
 
@@ -92,7 +96,8 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"layers", o.layers},
                      {"in_channels", o.in_channels},
                      {"image_size", o.image_size},
-                     {"device", o.device}};
+                     {"device", o.device},
+                     {"fused", fused_ops_enabled()}};
     if (what == "search-step") j["order"] = o.order;
     std::printf("%s\n", j.dump().c_str());
   } else {
@@ -105,6 +110,7 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
 void setup(const BenchOptions& o) {
   at::set_num_threads(o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   nd::keep_freed_memory();
+  nd::set_fused_ops(!o.no_fused);
 }
 
 std::function<void()> sync_for(torch::Device d) {

@@ -1,6 +1,7 @@
 #include "noisydarts/architect.h"
 
 #include "noisydarts/checkpoint.h"
+#include "noisydarts/fused_ops.h"
 #include "noisydarts/hessian.h"
 
 namespace noisydarts {
@@ -21,6 +22,9 @@ Architect::Architect(SearchNetwork net, ArchitectOptions opt) : net_(std::move(n
 
 ArchStepResult Architect::step(const Batch& valid) {
   auto alphas = net_->arch_parameters();
+  // The weights are constants of this step: frozen, the forward records no weight-gradient
+  // paths (and the fused ops compute no weight gradients).
+  WeightsFrozen frozen(net_->weight_parameters());
   auto logits = net_->forward(valid.x);
   auto loss = torch::nn::functional::cross_entropy(logits, valid.y);
   // Only the alphas' gradient is needed: autograd::grad leaves the weights' .grad untouched and

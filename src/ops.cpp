@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "noisydarts/error.h"
+#include "noisydarts/fused_ops.h"
 
 namespace noisydarts {
 namespace nn = torch::nn;
@@ -86,6 +87,41 @@ struct NoiseOpImpl : nn::Module {
 };
 TORCH_MODULE(NoiseOp);
 
+// The search network's separable / dilated convolutions (non-affine BN): same modules and
+// names as SeqOp, but with fused_ops_enabled() the forward runs each `ReLU, depthwise, 1x1, BN`
+// chain as one fused node (fused_ops.h).
+struct SearchConvOpImpl : nn::Module {
+  struct Chain {
+    std::shared_ptr<nn::Conv2dImpl> dw, pw;
+    std::shared_ptr<nn::BatchNorm2dImpl> bn;
+    int64_t stride, pad, dilation;
+  };
+  SearchConvOpImpl(int64_t c, int64_t k, int64_t stride, int64_t dilation, int chains) {
+    nn::Sequential s;
+    const int64_t pad = (k / 2) * dilation;
+    for (int i = 0; i < chains; ++i) {
+      Chain ch{conv(c, c, k, i == 0 ? stride : 1, pad, dilation, c).ptr(), conv(c, c, 1, 1, 0).ptr(),
+               bn(c, false).ptr(), i == 0 ? stride : 1, pad, dilation};
+      s->push_back(relu());
+      s->push_back(nn::Conv2d(ch.dw));
+      s->push_back(nn::Conv2d(ch.pw));
+      s->push_back(nn::BatchNorm2d(ch.bn));
+      chains_.push_back(ch);
+    }
+    op = register_module("op", s);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (!fused_ops_enabled()) return op->forward(x);
+    auto y = x;
+    for (const auto& ch : chains_)
+      y = fused_relu_dw_pw_bn(y, ch.dw->weight, ch.pw->weight, *ch.bn, ch.stride, ch.pad, ch.dilation);
+    return y;
+  }
+  nn::Sequential op{nullptr};
+  std::vector<Chain> chains_;
+};
+TORCH_MODULE(SearchConvOp);
+
 struct IdentityOpImpl : nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return x; }
 };
@@ -94,8 +130,15 @@ TORCH_MODULE(IdentityOp);
 
 ReLUConvBNImpl::ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride,
                                int64_t pad, bool affine, bool bias) {
-  op = register_module("op", nn::Sequential(relu(), nn::Conv2d(nn::Conv2dOptions(c_in, c_out, k).stride(stride).padding(pad).bias(bias)),
-                                            bn(c_out, affine)));
+  conv_ = nn::Conv2d(nn::Conv2dOptions(c_in, c_out, k).stride(stride).padding(pad).bias(bias)).ptr();
+  bn_ = bn(c_out, affine).ptr();
+  op = register_module("op", nn::Sequential(relu(), nn::Conv2d(conv_), nn::BatchNorm2d(bn_)));
+  fusable_ = !affine && !bias && k == 1 && stride == 1 && pad == 0;
+}
+
+torch::Tensor ReLUConvBNImpl::forward(const torch::Tensor& x) {
+  if (fusable_ && fused_ops_enabled()) return fused_relu_pw_bn(x, conv_->weight, *bn_);
+  return op->forward(x);
 }
 
 FactorizedReduceImpl::FactorizedReduceImpl(int64_t c_in, int64_t c_out, bool affine) {
@@ -106,6 +149,8 @@ FactorizedReduceImpl::FactorizedReduceImpl(int64_t c_in, int64_t c_out, bool aff
 }
 
 torch::Tensor FactorizedReduceImpl::forward(const torch::Tensor& x) {
+  if (!bn->options.affine() && fused_ops_enabled())  // the search network: one fused node
+    return fused_factorized_reduce(x, conv_1->weight, conv_2->weight, *bn);
   auto r = torch::relu(x);
   using torch::indexing::Slice;
   auto shifted = r.index({Slice(), Slice(), Slice(1, torch::indexing::None), Slice(1, torch::indexing::None)});
@@ -139,6 +184,13 @@ torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride,
     return nn::AnyModule(SeqOp(nn::Sequential(relu(), conv(c, c, k, stride, p, 2, c),
                                               conv(c, c, 1, 1, 0), bn(c, affine))));
   };
+  if (!affine) {  // the search network's chains, fusable (same modules and names)
+    if (name == "sep_conv_3x3") return nn::AnyModule(SearchConvOp(c, 3, stride, 1, 2));
+    if (name == "sep_conv_5x5") return nn::AnyModule(SearchConvOp(c, 5, stride, 1, 2));
+    if (name == "sep_conv_7x7") return nn::AnyModule(SearchConvOp(c, 7, stride, 1, 2));
+    if (name == "dil_conv_3x3") return nn::AnyModule(SearchConvOp(c, 3, stride, 2, 1));
+    if (name == "dil_conv_5x5") return nn::AnyModule(SearchConvOp(c, 5, stride, 2, 1));
+  }
   if (name == "none") return nn::AnyModule(Zero(stride));
   if (name == "max_pool_3x3") return nn::AnyModule(MaxPoolOp(stride));
   if (name == "avg_pool_3x3") return nn::AnyModule(AvgPoolOp(stride));

@@ -42,6 +42,7 @@ class MixedOpImpl : public torch::nn::Module {
   torch::nn::ModuleList ops_list_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr};
   std::shared_ptr<NoiseState> noise_;
+  int64_t stride_;
 };
 TORCH_MODULE(MixedOp);
 

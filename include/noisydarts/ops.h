@@ -21,8 +21,15 @@ struct ReLUConvBNImpl : torch::nn::Module {
   /// `bias`: the convolution has a bias (NAS-Bench-201's search ops: bias = !affine).
   ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride, int64_t pad, bool affine,
                  bool bias = false);
-  torch::Tensor forward(const torch::Tensor& x) { return op->forward(x); }
+  /// With fused_ops_enabled() a search-network 1x1 (non-affine BN, no bias, stride 1) runs as one
+  /// fused node (fused_ops.h); otherwise module by module.
+  torch::Tensor forward(const torch::Tensor& x);
   torch::nn::Sequential op{nullptr};
+
+ private:
+  std::shared_ptr<torch::nn::Conv2dImpl> conv_;
+  std::shared_ptr<torch::nn::BatchNorm2dImpl> bn_;
+  bool fusable_ = false;
 };
 TORCH_MODULE(ReLUConvBN);
 

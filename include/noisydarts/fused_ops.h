@@ -1,0 +1,76 @@
+#pragma once
+/// Fused, memory-lean forms of the search network's candidate ops (issue 9; docs/bench.md).
+///
+/// The search supernet runs every candidate of every edge, so its cost is the saved activations
+/// and the backward of the depthwise (separable and dilated) convolutions. The fused forms compute
+/// exactly the same function as the module chains they replace, with:
+/// - one autograd node per `ReLU -> depthwise conv -> 1x1 conv -> BN` chain that saves only its
+///   input (the edge's input, shared by every candidate) and its output; the intermediates are
+///   recomputed in the backward (a depthwise forward, the cheapest part);
+/// - BatchNorm (non-affine) differentiated from its *output* (x_hat) and 1/std, so the
+///   pre-normalisation tensor is never kept;
+/// - own CPU kernels for the depthwise convolution (any kernel size, stride, dilation, with the
+///   ReLU folded into the input read and its mask into the input-gradient write) and the 1x1
+///   convolution, deterministic and independent of the thread count;
+/// - pools followed by BN saving nothing but their output (indices recomputed).
+/// Weight gradients are computed only for weights that require grad at forward time (the
+/// architecture step freezes the weights, see WeightsFrozen). A backward that must itself be
+/// differentiable (create_graph, the Hessian analysis) recomputes the chain with ATen's ops and
+/// differentiates that, so double backward stays exact. Other devices and dtypes than CPU float
+/// use ATen's convolutions inside the same fused nodes.
+#include <torch/torch.h>
+
+namespace noisydarts {
+
+/// Process-wide switch (default on). Off: the search ops run their module chains op by op, as
+/// the reference does (tests compare the two; `bench search-step --no-fused` measures it).
+void set_fused_ops(bool on);
+bool fused_ops_enabled();
+
+/// Depthwise 2-D convolution of NCHW `x` with weight [C, 1, k, k]; `relu_input` convolves
+/// relu(x) instead of x. CPU float uses the own kernel, anything else ATen.
+torch::Tensor depthwise_conv2d(const torch::Tensor& x, const torch::Tensor& w, int64_t stride,
+                               int64_t pad, int64_t dilation, bool relu_input = false);
+/// Gradients of depthwise_conv2d: d/dx (times the ReLU mask when `relu_input`) and d/dw.
+/// Undefined tensors for the ones not asked for.
+std::pair<torch::Tensor, torch::Tensor> depthwise_conv2d_backward(
+    const torch::Tensor& grad_out, const torch::Tensor& x, const torch::Tensor& w, int64_t stride,
+    int64_t pad, int64_t dilation, bool relu_input, bool need_input, bool need_weight);
+
+/// `BN(conv1x1(depthwise(relu(x))))`, differentiable in x, w_dw and w_pw. `bn` is a non-affine
+/// BatchNorm2d whose running statistics (and batch count) are updated as its forward would.
+torch::Tensor fused_relu_dw_pw_bn(const torch::Tensor& x, const torch::Tensor& w_dw,
+                                  const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn,
+                                  int64_t stride, int64_t pad, int64_t dilation);
+
+/// `BN(conv1x1(relu(x)))` (the search cell's 1x1 preprocessing), differentiable in x and w_pw.
+torch::Tensor fused_relu_pw_bn(const torch::Tensor& x, const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn);
+
+/// FactorizedReduce with a non-affine BN: `BN(cat(w1 * relu(x)[::2, ::2], w2 * relu(x)[1::2, 1::2]))`
+/// (1x1 convolutions; the second half zero-padded for odd sizes), differentiable in x, w1, w2.
+torch::Tensor fused_factorized_reduce(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
+                                      torch::nn::BatchNorm2dImpl& bn);
+
+/// `sum_k w[k] * ys[k]` as one node (the mixed edge's output): no per-op products are kept.
+torch::Tensor weighted_sum(const torch::Tensor& w, const std::vector<torch::Tensor>& ys);
+
+/// `BN(pool3x3(x))` for max (`max_pool == true`) or average (count_include_pad false) pooling,
+/// padding 1, differentiable in x.
+torch::Tensor fused_pool_bn(const torch::Tensor& x, bool max_pool, int64_t stride,
+                            torch::nn::BatchNorm2dImpl& bn);
+
+/// While alive, every parameter in `params` has requires_grad false (restored on destruction):
+/// a forward run under it builds no weight-gradient paths.
+class WeightsFrozen {
+ public:
+  explicit WeightsFrozen(std::vector<torch::Tensor> params);
+  ~WeightsFrozen();
+  WeightsFrozen(const WeightsFrozen&) = delete;
+  WeightsFrozen& operator=(const WeightsFrozen&) = delete;
+
+ private:
+  std::vector<torch::Tensor> params_;
+  std::vector<bool> was_;
+};
+
+}  // namespace noisydarts

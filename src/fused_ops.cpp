@@ -1,0 +1,931 @@
+#include "noisydarts/fused_ops.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
+namespace noisydarts {
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+std::atomic<bool> g_fused{true};
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels (float, NCHW contiguous). Each image plane (n, c) is independent. It is copied into
+// a zero-padded scratch buffer split into stride x stride phase sub-planes (rows and columns by
+// their residue mod stride), each `wq` columns wide. In that layout the output, kept `wq` wide
+// too (the extra columns are discarded), is for every kernel tap one contiguous multiply-add of
+// the whole plane at a fixed offset: long vectorisable loops even for 7x7 or 14x14 images. The
+// input gradient is the same scatter in reverse, the weight gradient one dot product per tap.
+// Planes run in parallel; per-plane weight-gradient partials are summed over the batch in a
+// fixed order afterwards, so results do not depend on the thread count.
+// ---------------------------------------------------------------------------------------------
+struct Geom {
+  int64_t h, w, oh, ow, k, s, p, d;
+  int64_t hq, wq, sub, len, buf;  // phase rows/columns, phase size, output length, buffer size
+  int64_t offset(int64_t kh, int64_t kw) const {
+    const int64_t a = kh * d, b = kw * d;
+    return ((a % s) * s + b % s) * sub + (a / s) * wq + b / s;
+  }
+  int64_t at(int64_t row, int64_t col) const {  // padded coordinates
+    return ((row % s) * s + col % s) * sub + (row / s) * wq + col / s;
+  }
+  // Buffer offsets of input row ih / column iw (padding added), tabulated: no divisions in
+  // the per-pixel loops of strided planes.
+  std::vector<int64_t> row_at, col_at;
+};
+
+Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
+  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}};
+  g.oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
+  g.ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
+  g.hq = (h + 2 * p + s - 1) / s;
+  g.wq = (w + 2 * p + s - 1) / s;
+  g.sub = g.hq * g.wq;
+  g.len = g.oh * g.wq;
+  // The discarded columns of the last rows read past the last phase: slack.
+  g.buf = s * s * g.sub + (k - 1) * d + g.wq + 16;
+  for (int64_t ih = 0; ih < h; ++ih) g.row_at.push_back(g.at(ih + p, 0) - g.at(0, 0));
+  for (int64_t iw = 0; iw < w; ++iw) g.col_at.push_back(g.at(0, iw + p));
+  return g;
+}
+
+#define ND_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// x plane (h x w) -> phase buffer padded with `pad`, relu applied when asked.
+ND_CLONES void fill_phases(const float* x, float* buf, const Geom& g, bool relu, float pad = 0.f) {
+  for (int64_t i = 0; i < g.buf; ++i) buf[i] = pad;
+  for (int64_t ih = 0; ih < g.h; ++ih) {
+    const float* src = x + ih * g.w;
+    if (g.s == 1) {
+      float* dst = buf + g.at(ih + g.p, g.p);
+#pragma omp simd
+      for (int64_t iw = 0; iw < g.w; ++iw) dst[iw] = relu ? (src[iw] > 0.f ? src[iw] : 0.f) : src[iw];
+      continue;
+    }
+    float* dst = buf + g.row_at[ih];
+    if (g.s == 2) {  // two contiguous runs, one per column phase
+      for (int64_t iw0 = 0; iw0 < 2 && iw0 < g.w; ++iw0) {
+        float* d = dst + g.col_at[iw0];
+        const float* sr = src + iw0;
+        const int64_t cnt = (g.w - iw0 + 1) / 2;
+#pragma omp simd
+        for (int64_t j = 0; j < cnt; ++j) d[j] = relu ? (sr[2 * j] > 0.f ? sr[2 * j] : 0.f) : sr[2 * j];
+      }
+      continue;
+    }
+    const int64_t* col = g.col_at.data();
+    for (int64_t iw = 0; iw < g.w; ++iw) {
+      const float v = src[iw];
+      dst[col[iw]] = relu ? (v > 0.f ? v : 0.f) : v;
+    }
+  }
+}
+
+// Outputs in blocks of kBlock floats (one AVX-512 register) held across all the taps: one load
+// and one multiply-add per tap, no store until the block is done. (Wider blocks spill.)
+constexpr int64_t kBlock = 16;
+constexpr int64_t kMaxTaps = 64;  // kernels up to 8x8 use the own kernel, larger ones ATen
+
+ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, float* out, const Geom& g) {
+  const int64_t kk = g.k * g.k;  // <= kMaxTaps (checked by the callers)
+  int64_t offs[kMaxTaps];
+  for (int64_t kh = 0; kh < g.k; ++kh)
+    for (int64_t kw = 0; kw < g.k; ++kw) offs[kh * g.k + kw] = g.offset(kh, kw);
+  int64_t i0 = 0;
+  for (; i0 + kBlock <= g.len; i0 += kBlock) {
+    float acc[kBlock] = {};
+    for (int64_t t = 0; t < kk; ++t) {
+      const float* src = buf + offs[t] + i0;
+      const float wv = wt[t];
+#pragma omp simd
+      for (int64_t v = 0; v < kBlock; ++v) acc[v] += wv * src[v];
+    }
+    for (int64_t v = 0; v < kBlock; ++v) ext[i0 + v] = acc[v];
+  }
+  for (int64_t i = i0; i < g.len; ++i) {
+    float a = 0.f;
+    for (int64_t t = 0; t < kk; ++t) a += wt[t] * buf[offs[t] + i];
+    ext[i] = a;
+  }
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t ow = 0; ow < g.ow; ++ow) out[oh * g.ow + ow] = ext[oh * g.wq + ow];
+}
+
+// grad_out plane -> `wq`-wide copy with zeros in the discarded columns.
+ND_CLONES void extend_grad(const float* go, float* ext, const Geom& g) {
+  for (int64_t oh = 0; oh < g.oh; ++oh) {
+    for (int64_t ow = 0; ow < g.ow; ++ow) ext[oh * g.wq + ow] = go[oh * g.ow + ow];
+    for (int64_t ow = g.ow; ow < g.wq; ++ow) ext[oh * g.wq + ow] = 0.f;
+  }
+}
+
+// Scatter of the extended grad_out into the zeroed phase buffer `gbuf`.
+ND_CLONES void dw_grad_input_plane(const float* ext, const float* wt, float* gbuf, const Geom& g) {
+  for (int64_t i = 0; i < g.buf; ++i) gbuf[i] = 0.f;
+  for (int64_t kh = 0; kh < g.k; ++kh)
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      float* dst = gbuf + g.offset(kh, kw);
+      const float wv = wt[kh * g.k + kw];
+#pragma omp simd
+      for (int64_t i = 0; i < g.len; ++i) dst[i] += wv * ext[i];
+    }
+}
+
+// Phase buffer -> input-gradient plane, times the ReLU mask of x when `relu`.
+ND_CLONES void gather_phases(const float* gbuf, const float* x, float* gx, const Geom& g, bool relu) {
+  for (int64_t ih = 0; ih < g.h; ++ih) {
+    const float* xr = x + ih * g.w;
+    float* out = gx + ih * g.w;
+    if (g.s == 1) {
+      const float* src = gbuf + g.at(ih + g.p, g.p);
+#pragma omp simd
+      for (int64_t iw = 0; iw < g.w; ++iw) out[iw] = relu ? (xr[iw] > 0.f ? src[iw] : 0.f) : src[iw];
+      continue;
+    }
+    const float* src = gbuf + g.row_at[ih];
+    if (g.s == 2) {
+      for (int64_t iw0 = 0; iw0 < 2 && iw0 < g.w; ++iw0) {
+        const float* sp = src + g.col_at[iw0];
+        const float* xs = xr + iw0;
+        float* o = out + iw0;
+        const int64_t cnt = (g.w - iw0 + 1) / 2;
+#pragma omp simd
+        for (int64_t j = 0; j < cnt; ++j) o[2 * j] = relu ? (xs[2 * j] > 0.f ? sp[j] : 0.f) : sp[j];
+      }
+      continue;
+    }
+    const int64_t* col = g.col_at.data();
+    for (int64_t iw = 0; iw < g.w; ++iw) {
+      const float v = src[col[iw]];
+      out[iw] = relu ? (xr[iw] > 0.f ? v : 0.f) : v;
+    }
+  }
+}
+
+ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* part, const Geom& g) {
+  for (int64_t kh = 0; kh < g.k; ++kh)
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const float* src = buf + g.offset(kh, kw);
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t i = 0; i < g.len; ++i) a += src[i] * ext[i];
+      part[kh * g.k + kw] = a;
+    }
+}
+
+// 1x1 convolution y[n] = W relu?(x[n]) on [C, HW] planes of one image (`transpose`: W^T, the
+// input gradient, then times the ReLU mask of `mask` when given); and the weight gradient.
+ND_CLONES void pw_image(const float* x, const float* w, float* y, int64_t ci, int64_t co, int64_t hw,
+                        bool transpose, bool relu, const float* mask) {
+  auto wat = [&](int64_t o, int64_t i) { return transpose ? w[i * co + o] : w[o * ci + i]; };
+  auto store = [&](int64_t o, int64_t j, float v) {
+    y[o * hw + j] = (mask && !(mask[o * hw + j] > 0.f)) ? 0.f : v;
+  };
+  constexpr int64_t V = kBlock;
+  int64_t o = 0;
+  // Four outputs at a time, each input vector loaded once for the four.
+  for (; o + 4 <= co; o += 4) {
+    int64_t j0 = 0;
+    for (; j0 + V <= hw; j0 += V) {
+      float a0[V] = {}, a1[V] = {}, a2[V] = {}, a3[V] = {};
+      for (int64_t i = 0; i < ci; ++i) {
+        const float* xi = x + i * hw + j0;
+        const float w0 = wat(o, i), w1 = wat(o + 1, i), w2 = wat(o + 2, i), w3 = wat(o + 3, i);
+        if (relu) {
+#pragma omp simd
+          for (int64_t v = 0; v < V; ++v) {
+            const float xv = xi[v] > 0.f ? xi[v] : 0.f;
+            a0[v] += w0 * xv, a1[v] += w1 * xv, a2[v] += w2 * xv, a3[v] += w3 * xv;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t v = 0; v < V; ++v) {
+            const float xv = xi[v];
+            a0[v] += w0 * xv, a1[v] += w1 * xv, a2[v] += w2 * xv, a3[v] += w3 * xv;
+          }
+        }
+      }
+      for (int64_t v = 0; v < V; ++v) {
+        store(o, j0 + v, a0[v]);
+        store(o + 1, j0 + v, a1[v]);
+        store(o + 2, j0 + v, a2[v]);
+        store(o + 3, j0 + v, a3[v]);
+      }
+    }
+    for (int64_t j = j0; j < hw; ++j)
+      for (int64_t q = 0; q < 4; ++q) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < ci; ++i) {
+          const float xv = x[i * hw + j];
+          acc += wat(o + q, i) * (relu && !(xv > 0.f) ? 0.f : xv);
+        }
+        store(o + q, j, acc);
+      }
+  }
+  for (; o < co; ++o)
+    for (int64_t j = 0; j < hw; ++j) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < ci; ++i) {
+        const float xv = x[i * hw + j];
+        acc += wat(o, i) * (relu && !(xv > 0.f) ? 0.f : xv);
+      }
+      store(o, j, acc);
+    }
+}
+
+ND_CLONES void pw_grad_weight_image(const float* gy, const float* x, float* part, int64_t ci,
+                                    int64_t co, int64_t hw, bool relu) {
+  for (int64_t o = 0; o < co; ++o)
+    for (int64_t i = 0; i < ci; ++i) {
+      const float* a = gy + o * hw;
+      const float* b = x + i * hw;
+      float acc = 0.f;
+      if (relu) {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < hw; ++j) acc += a[j] * (b[j] > 0.f ? b[j] : 0.f);
+      } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < hw; ++j) acc += a[j] * b[j];
+      }
+      part[o * ci + i] = acc;
+    }
+}
+
+// 3x3 pooling, padding 1, on the phase layout (`buf` filled with -inf padding for max, 0 for
+// average). Forward: ext = max or sum of the taps (then / count, count_include_pad = false).
+ND_CLONES void pool_forward_plane(const float* buf, float* ext, float* out, const float* count,
+                                  const Geom& g, bool max_pool) {
+  const float init = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
+  for (int64_t i = 0; i < g.len; ++i) ext[i] = init;
+  for (int64_t kh = 0; kh < 3; ++kh)
+    for (int64_t kw = 0; kw < 3; ++kw) {
+      const float* src = buf + g.offset(kh, kw);
+      if (max_pool) {
+#pragma omp simd
+        for (int64_t i = 0; i < g.len; ++i) ext[i] = (src[i] > ext[i] || src[i] != src[i]) ? src[i] : ext[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < g.len; ++i) ext[i] += src[i];
+      }
+    }
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t ow = 0; ow < g.ow; ++ow)
+      out[oh * g.ow + ow] = max_pool ? ext[oh * g.wq + ow] : ext[oh * g.wq + ow] / count[oh * g.wq + ow];
+}
+
+// Max-pool input gradient: each output's gradient goes to its first maximal tap in (kh, kw)
+// order, as ATen's indices do. `ext` holds the maxima, `gext` the extended grad_out, `done`
+// scratch; `gbuf` (zeroed) receives the scatter.
+ND_CLONES void max_pool_grad_plane(const float* buf, const float* ext, const float* gext, float* done,
+                                   float* gbuf, const Geom& g) {
+  for (int64_t i = 0; i < g.len; ++i) done[i] = 0.f;
+  for (int64_t kh = 0; kh < 3; ++kh)
+    for (int64_t kw = 0; kw < 3; ++kw) {
+      const int64_t off = g.offset(kh, kw);
+      const float* src = buf + off;
+      float* dst = gbuf + off;
+#pragma omp simd
+      for (int64_t i = 0; i < g.len; ++i) {
+        const bool hit = done[i] == 0.f && (src[i] == ext[i] || src[i] != src[i]);
+        dst[i] += hit ? gext[i] : 0.f;
+        done[i] = hit ? 1.f : done[i];
+      }
+    }
+}
+
+bool own_kernel(const Tensor& x) {
+  return x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.layout() == torch::kStrided;
+}
+
+// Sums partials [n, m] over n in a fixed order (double accumulation) into a tensor of `shape`.
+Tensor sum_partials(const std::vector<float>& part, int64_t n, int64_t m, at::IntArrayRef shape) {
+  auto out = torch::empty(shape, torch::kFloat);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      double acc = 0;
+      for (int64_t i = 0; i < n; ++i) acc += part[i * m + j];
+      o[j] = static_cast<float>(acc);
+    }
+  });
+  return out;
+}
+
+// Per-image loop over [N, ...] tensors, in parallel.
+template <typename F>
+void for_images(int64_t n, const F& f) {
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(i);
+  });
+}
+
+// 1x1 convolution of relu?(x).
+Tensor pointwise(const Tensor& x, const Tensor& w, bool relu) {
+  if (!own_kernel(x)) return at::conv2d(relu ? at::relu(x) : x, w);
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t n = xc.size(0), ci = xc.size(1), co = wc.size(0), hw = xc.size(2) * xc.size(3);
+  auto y = torch::empty({n, co, xc.size(2), xc.size(3)}, xc.options());
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_images(n, [&](int64_t i) { pw_image(xp + i * ci * hw, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr); });
+  return y;
+}
+
+// d/d input of pointwise(x, w, relu) (x: the input; the ReLU mask is applied when `relu`).
+Tensor pointwise_grad_input(const Tensor& gy, const Tensor& w, const Tensor& x, bool relu) {
+  if (!own_kernel(gy)) {
+    auto g = std::get<0>(at::convolution_backward(gy, relu ? at::relu(x) : x, w, c10::nullopt, {1, 1}, {0, 0},
+                                                  {1, 1}, false, {0, 0}, 1, {true, false, false}));
+    return relu ? g * (x > 0) : g;
+  }
+  auto gc = gy.contiguous();
+  auto wc = w.contiguous();
+  auto xc = relu ? x.contiguous() : Tensor();
+  const int64_t n = gc.size(0), co = gc.size(1), ci = wc.size(1), hw = gc.size(2) * gc.size(3);
+  auto gx = torch::empty({n, ci, gc.size(2), gc.size(3)}, gc.options());
+  const float *gp = gc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *mp = relu ? xc.data_ptr<float>() : nullptr;
+  float* xp = gx.data_ptr<float>();
+  for_images(n, [&](int64_t i) {
+    pw_image(gp + i * co * hw, wp, xp + i * ci * hw, co, ci, hw, true, false, relu ? mp + i * ci * hw : nullptr);
+  });
+  return gx;
+}
+
+Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w, bool relu) {
+  if (!own_kernel(gy))
+    return std::get<1>(at::convolution_backward(gy, relu ? at::relu(x) : x, w, c10::nullopt, {1, 1}, {0, 0},
+                                                {1, 1}, false, {0, 0}, 1, {false, true, false}));
+  auto gc = gy.contiguous();
+  auto xc = x.contiguous();
+  const int64_t n = gc.size(0), co = gc.size(1), ci = xc.size(1), hw = gc.size(2) * gc.size(3);
+  std::vector<float> part(static_cast<size_t>(n * co * ci));
+  const float *gp = gc.data_ptr<float>(), *xp = xc.data_ptr<float>();
+  for_images(n, [&](int64_t i) {
+    pw_grad_weight_image(gp + i * co * hw, xp + i * ci * hw, part.data() + i * co * ci, ci, co, hw, relu);
+  });
+  return sum_partials(part, n, co * ci, w.sizes());
+}
+
+// 3x3 pooling, padding 1 (average: count_include_pad false).
+Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
+  if (!own_kernel(x))
+    return max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
+  auto xc = x.contiguous();
+  const int64_t n = xc.size(0), c = xc.size(1);
+  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> count(static_cast<size_t>(g.len), 1.f);
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const int64_t r0 = std::max<int64_t>(oh * s - 1, 0), r1 = std::min<int64_t>(oh * s + 2, g.h);
+      const int64_t c0 = std::max<int64_t>(ow * s - 1, 0), c1 = std::min<int64_t>(ow * s + 2, g.w);
+      count[oh * g.wq + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
+    }
+  const float pad = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
+  at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
+    for (int64_t i = b; i < e; ++i) {
+      fill_phases(xp + i * g.h * g.w, buf.data(), g, false, pad);
+      pool_forward_plane(buf.data(), ext.data(), yp + i * g.oh * g.ow, count.data(), g, max_pool);
+    }
+  });
+  return y;
+}
+
+Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s) {
+  if (!own_kernel(x)) {
+    if (!max_pool) return at::avg_pool2d_backward(gy, x, {3, 3}, {s, s}, {1, 1}, false, false, c10::nullopt);
+    auto idx = std::get<1>(at::max_pool2d_with_indices(x, {3, 3}, {s, s}, {1, 1}));
+    return at::max_pool2d_with_indices_backward(gy, x, {3, 3}, {s, s}, {1, 1}, {1, 1}, false, idx);
+  }
+  auto xc = x.contiguous();
+  auto gc = gy.contiguous();
+  const int64_t n = xc.size(0), c = xc.size(1);
+  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  auto gx = torch::empty_like(xc);
+  const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
+  float* gxp = gx.data_ptr<float>();
+  std::vector<float> count(static_cast<size_t>(g.len), 1.f);
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const int64_t r0 = std::max<int64_t>(oh * s - 1, 0), r1 = std::min<int64_t>(oh * s + 2, g.h);
+      const int64_t c0 = std::max<int64_t>(ow * s - 1, 0), c1 = std::min<int64_t>(ow * s + 2, g.w);
+      count[oh * g.wq + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
+    }
+  const float ones[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+  at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(static_cast<size_t>(g.buf)), gbuf(static_cast<size_t>(g.buf));
+    std::vector<float> ext(static_cast<size_t>(g.len)), gext(static_cast<size_t>(g.len)), tmp(static_cast<size_t>(g.len));
+    for (int64_t i = b; i < e; ++i) {
+      extend_grad(gp + i * g.oh * g.ow, gext.data(), g);
+      if (max_pool) {
+        fill_phases(xp + i * g.h * g.w, buf.data(), g, false, -std::numeric_limits<float>::infinity());
+        pool_forward_plane(buf.data(), ext.data(), tmp.data(), count.data(), g, true);
+        std::fill(gbuf.begin(), gbuf.end(), 0.f);
+        max_pool_grad_plane(buf.data(), ext.data(), gext.data(), tmp.data(), gbuf.data(), g);
+      } else {
+        for (int64_t j = 0; j < g.len; ++j) gext[j] /= count[j];
+        dw_grad_input_plane(gext.data(), ones, gbuf.data(), g);
+      }
+      gather_phases(gbuf.data(), xp + i * g.h * g.w, gxp + i * g.h * g.w, g, false);
+    }
+  });
+  return gx;
+}
+
+// ---- BatchNorm (non-affine) with a backward from its output ----------------------------------
+struct BnParams {
+  bool training;
+  double momentum;
+  double eps;
+};
+
+// What BatchNorm2dImpl::forward would use, with its batch counter advanced as it would.
+BnParams bn_params(torch::nn::BatchNorm2dImpl& bn) {
+  const auto& o = bn.options;
+  TORCH_CHECK(!o.affine(), "fused ops need a non-affine BatchNorm");
+  BnParams p{bn.is_training() || !o.track_running_stats(), o.momentum().value_or(0.0), o.eps()};
+  if (bn.is_training() && o.track_running_stats() && bn.num_batches_tracked.defined()) {
+    torch::NoGradGuard ng;
+    bn.num_batches_tracked += 1;
+    if (!o.momentum()) p.momentum = 1.0 / bn.num_batches_tracked.item<double>();
+  }
+  return p;
+}
+
+// y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
+std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm, const Tensor& rv,
+                                             const BnParams& p) {
+  if (!p.training) {
+    auto invstd = (rv + p.eps).rsqrt();
+    const auto view = std::vector<int64_t>{1, x.size(1), 1, 1};
+    return {(x - rm.view(view)) * invstd.view(view), rm.clone(), invstd};
+  }
+  if (!own_kernel(x) || !x.is_contiguous() || x.dim() != 4)
+    return at::native_batch_norm(x, {}, {}, rm, rv, p.training, p.momentum, p.eps);
+  // Own kernel: per channel, two passes for the statistics (double accumulation of float
+  // partial sums per image plane), one to normalise.
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  auto y = torch::empty_like(x);
+  auto mean = torch::empty({c}, x.options()), invstd = torch::empty({c}, x.options());
+  std::vector<double> var_unbiased(static_cast<size_t>(c));
+  const float* xp = x.data_ptr<float>();
+  float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
+  const double count = static_cast<double>(n * hw);
+  at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) {
+      double sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* src = xp + (i * c + ch) * hw;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < hw; ++j) acc += src[j];
+        sum += acc;
+      }
+      const double mu = sum / count;
+      const float muf = static_cast<float>(mu);
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* src = xp + (i * c + ch) * hw;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < hw; ++j) acc += (src[j] - muf) * (src[j] - muf);
+        ss += acc;
+      }
+      const double var = ss / count;
+      const float is = static_cast<float>(1.0 / std::sqrt(var + p.eps));
+      for (int64_t i = 0; i < n; ++i) {
+        const float* src = xp + (i * c + ch) * hw;
+        float* dst = yp + (i * c + ch) * hw;
+#pragma omp simd
+        for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - muf) * is;
+      }
+      mp[ch] = muf;
+      ip[ch] = is;
+      var_unbiased[ch] = count > 1 ? ss / (count - 1) : var;
+    }
+  });
+  if (rm.defined()) {
+    torch::NoGradGuard ng;
+    auto vu = torch::from_blob(var_unbiased.data(), {c}, torch::kDouble).to(rv.dtype());
+    rm.mul_(1 - p.momentum).add_(mean, p.momentum);
+    rv.mul_(1 - p.momentum).add_(vu, p.momentum);
+  }
+  return {y, mean, invstd};
+}
+
+// d BN / d x from the output y = x_hat: invstd * (g - mean(g) - y * mean(g * y)) in training
+// mode, invstd * g with running statistics.
+Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd,
+                   bool training, double eps) {
+  const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
+  if (!training) return g * invstd.view(view);
+  auto zero = torch::zeros_like(invstd), one = torch::ones_like(invstd);
+  auto gx = std::get<0>(at::native_batch_norm_backward(g.contiguous(), y, {}, {}, {}, zero, one, true,
+                                                       eps, {true, false, false}));
+  return gx.mul_(invstd.view(view));
+}
+
+// Differentiable (ATen ops) BN with the given mode, for the double-backward path.
+Tensor bn_differentiable(const Tensor& x, const Tensor& mean, const Tensor& invstd, bool training,
+                         double eps) {
+  if (training) return at::batch_norm(x, {}, {}, {}, {}, true, 0.0, eps, false);
+  const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
+  return (x - mean.view(view)) * invstd.view(view);
+}
+
+// ---- Autograd nodes ------------------------------------------------------------------------
+// BN(conv1x1(depthwise(relu(x)))) or, with an empty depthwise weight, BN(conv1x1(relu(x))).
+struct ChainFn : torch::autograd::Function<ChainFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
+                        const Tensor& rm, const Tensor& rv, bool training, double momentum,
+                        double eps, int64_t stride, int64_t pad, int64_t dil) {
+    const bool has_dw = w_dw.numel() > 0;  // an empty placeholder: no depthwise convolution
+    Tensor y, mean, invstd;
+    {
+      auto p = has_dw ? pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false)
+                      : pointwise(x, w_pw, /*relu=*/true);
+      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps});
+    }
+    ctx->save_for_backward({x, w_dw, w_pw, y, mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["geom"] = std::vector<int64_t>{stride, pad, dil};
+    ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), has_dw && w_dw.requires_grad(), w_pw.requires_grad()};
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sv = ctx->get_saved_variables();
+    const auto &x = sv[0], &w_dw = sv[1], &w_pw = sv[2], &y = sv[3], &mean = sv[4], &invstd = sv[5];
+    const bool has_dw = w_dw.numel() > 0;
+    const bool training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const auto geom = ctx->saved_data["geom"].toIntVector();
+    const auto need = ctx->saved_data["need"].toIntVector();
+    const int64_t s = geom[0], pad = geom[1], dil = geom[2];
+    variable_list out(11);
+    const Tensor& g = grads[0];
+    if (torch::GradMode::is_enabled()) {
+      // create_graph: differentiate a recomputation built from ATen's differentiable ops.
+      auto d = at::relu(x);
+      if (has_dw) d = at::conv2d(d, w_dw, {}, {s, s}, {pad, pad}, {dil, dil}, x.size(1));
+      auto b = bn_differentiable(at::conv2d(d, w_pw), mean, invstd, training, eps);
+      variable_list ins;
+      std::vector<int> idx;
+      for (int i = 0; i < 3; ++i)
+        if (need[i] && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
+      if (ins.empty()) return out;
+      auto gs = torch::autograd::grad({b}, ins, {g}, /*retain_graph=*/true, /*create_graph=*/true, true);
+      for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
+      return out;
+    }
+    auto gp = bn_backward(g, y, mean, invstd, training, eps);
+    if (!has_dw) {
+      if (need[2]) out[2] = pointwise_grad_weight(gp, x, w_pw, true);
+      if (need[0]) out[0] = pointwise_grad_input(gp, w_pw, x, true);
+      return out;
+    }
+    Tensor d;  // the depthwise output, recomputed (cheaper than keeping it)
+    if (need[2] || !own_kernel(gp)) d = depthwise_conv2d(x, w_dw, s, pad, dil, true);
+    if (need[2]) out[2] = pointwise_grad_weight(gp, d, w_pw, false);
+    if (need[0] || need[1]) {
+      auto gd = pointwise_grad_input(gp, w_pw, d, false);
+      gp.reset();
+      d.reset();
+      std::tie(out[0], out[1]) = depthwise_conv2d_backward(gd, x, w_dw, s, pad, dil, true, need[0], need[1]);
+    }
+    return out;
+  }
+};
+
+struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& rm, const Tensor& rv,
+                        bool max_pool, int64_t stride, bool training, double momentum, double eps) {
+    Tensor y, mean, invstd;
+    std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps});
+    ctx->save_for_backward({x, y, mean, invstd});
+    ctx->saved_data["max"] = max_pool;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sv = ctx->get_saved_variables();
+    const auto &x = sv[0], &y = sv[1], &mean = sv[2], &invstd = sv[3];
+    const bool max_pool = ctx->saved_data["max"].toBool(), training = ctx->saved_data["training"].toBool();
+    const int64_t s = ctx->saved_data["stride"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    variable_list out(8);
+    if (!x.requires_grad()) return out;
+    if (torch::GradMode::is_enabled()) {
+      auto p = max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
+      out[0] = torch::autograd::grad({bn_differentiable(p, mean, invstd, training, eps)}, {x}, {grads[0]}, true, true)[0];
+      return out;
+    }
+    out[0] = pool_backward(bn_backward(grads[0], y, mean, invstd, training, eps), x, max_pool, s);
+    return out;
+  }
+};
+
+// FactorizedReduce: BN(cat(conv1x1(relu(x)[::2, ::2]), conv1x1(relu(x)[1::2, 1::2]))), the
+// second half zero-padded to the first's size for odd inputs.
+Tensor fr_subsample(const Tensor& x, int64_t off) {
+  using torch::indexing::None;
+  using torch::indexing::Slice;
+  auto s = x.index({Slice(), Slice(), Slice(off, None, 2), Slice(off, None, 2)});
+  const int64_t h = (x.size(2) + 1) / 2, w = (x.size(3) + 1) / 2;
+  if (s.size(2) != h || s.size(3) != w) s = at::constant_pad_nd(s, {0, w - s.size(3), 0, h - s.size(2)});
+  return s.contiguous();
+}
+
+struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                        const Tensor& rm, const Tensor& rv, bool training, double momentum, double eps) {
+    Tensor y, mean, invstd;
+    {
+      auto p = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
+      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps});
+    }
+    ctx->save_for_backward({x, w1, w2, y, mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), w1.requires_grad(), w2.requires_grad()};
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    using torch::indexing::None;
+    using torch::indexing::Slice;
+    auto sv = ctx->get_saved_variables();
+    const auto &x = sv[0], &w1 = sv[1], &w2 = sv[2], &y = sv[3], &mean = sv[4], &invstd = sv[5];
+    const bool training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const auto need = ctx->saved_data["need"].toIntVector();
+    variable_list out(8);
+    if (torch::GradMode::is_enabled()) {
+      auto r = at::relu(x);
+      auto a = at::conv2d(r, w1, {}, {2, 2});
+      auto b = at::conv2d(r.index({Slice(), Slice(), Slice(1, None), Slice(1, None)}), w2, {}, {2, 2});
+      if (b.size(2) != a.size(2) || b.size(3) != a.size(3))
+        b = at::constant_pad_nd(b, {0, a.size(3) - b.size(3), 0, a.size(2) - b.size(2)});
+      auto bn = bn_differentiable(at::cat({a, b}, 1), mean, invstd, training, eps);
+      variable_list ins;
+      std::vector<int> idx;
+      for (int i = 0; i < 3; ++i)
+        if (need[i] && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
+      if (ins.empty()) return out;
+      auto gs = torch::autograd::grad({bn}, ins, {grads[0]}, true, true, true);
+      for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
+      return out;
+    }
+    auto gp = bn_backward(grads[0], y, mean, invstd, training, eps);
+    const int64_t half = w1.size(0);
+    auto gp1 = gp.slice(1, 0, half).contiguous(), gp2 = gp.slice(1, half).contiguous();
+    gp.reset();
+    auto s0 = fr_subsample(x, 0), s1 = fr_subsample(x, 1);
+    if (need[1]) out[1] = pointwise_grad_weight(gp1, s0, w1, true);
+    if (need[2]) out[2] = pointwise_grad_weight(gp2, s1, w2, true);
+    if (need[0]) {
+      auto gx = torch::zeros_like(x);
+      auto g0 = pointwise_grad_input(gp1, w1, s0, true), g1 = pointwise_grad_input(gp2, w2, s1, true);
+      gx.index({Slice(), Slice(), Slice(0, None, 2), Slice(0, None, 2)}).copy_(g0);
+      auto t1 = gx.index({Slice(), Slice(), Slice(1, None, 2), Slice(1, None, 2)});
+      t1.copy_(g1.index({Slice(), Slice(), Slice(0, t1.size(2)), Slice(0, t1.size(3))}));
+      out[0] = gx;
+    }
+    return out;
+  }
+};
+
+// sum_k w[k] * y_k over the listed ops: a hand-made autograd node (any number of inputs).
+Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
+  bool own = true;
+  for (const auto& y : ys) own = own && own_kernel(y) && y.is_contiguous() && y.sizes() == ys[0].sizes();
+  if (!own) {
+    auto out = ys[0] * w[0];
+    for (size_t j = 1; j < ys.size(); ++j) out = out + ys[j] * w[static_cast<int64_t>(j)];
+    return out;
+  }
+  auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  auto out = torch::empty_like(ys[0]);
+  const int64_t n = out.numel(), k = static_cast<int64_t>(ys.size());
+  std::vector<const float*> src(k);
+  std::vector<float> wv(k);
+  for (int64_t j = 0; j < k; ++j) {
+    src[j] = ys[j].data_ptr<float>();
+    wv[j] = static_cast<float>(wd.data_ptr<double>()[j]);
+  }
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    const float* s0 = src[0];
+    const float w0 = wv[0];
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) o[i] = w0 * s0[i];
+    for (int64_t j = 1; j < k; ++j) {
+      const float* sj = src[j];
+      const float wj = wv[j];
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) o[i] += wj * sj[i];
+    }
+  });
+  return out;
+}
+
+struct WeightedSumBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable w_;
+  std::vector<torch::autograd::SavedVariable> ys_;
+  std::string name() const override { return "noisydarts::WeightedSumBackward"; }
+  void release_variables() override {
+    w_.reset_data();
+    for (auto& y : ys_) y.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const Tensor w = w_.unpack();
+    std::vector<Tensor> ys;
+    for (auto& y : ys_) ys.push_back(y.unpack());
+    const int64_t k = static_cast<int64_t>(ys.size());
+    variable_list out(1 + k);
+    const Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    if (torch::GradMode::is_enabled() || !own_kernel(g)) {  // differentiable ATen form
+      if (should_compute_output(0)) {
+        std::vector<Tensor> gw;
+        for (int64_t j = 0; j < k; ++j) gw.push_back((g * ys[j]).sum());
+        out[0] = torch::stack(gw);
+      }
+      for (int64_t j = 0; j < k; ++j)
+        if (should_compute_output(1 + j)) out[1 + j] = g * w[j];
+      return out;
+    }
+    auto gc = g.contiguous();
+    const float* gp = gc.data_ptr<float>();
+    const int64_t n = gc.numel();
+    if (should_compute_output(0)) {
+      // Dot products in fixed blocks summed in order: independent of the thread count.
+      const int64_t block = 16384, nb = (n + block - 1) / block;
+      std::vector<float> part(static_cast<size_t>(nb * k));
+      std::vector<Tensor> yc;
+      for (const auto& y : ys) yc.push_back(y.contiguous());
+      at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+        for (int64_t bi = b; bi < e; ++bi) {
+          const int64_t i0 = bi * block, i1 = std::min(n, i0 + block);
+          for (int64_t j = 0; j < k; ++j) {
+            const float* sj = yc[j].data_ptr<float>();
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = i0; i < i1; ++i) acc += gp[i] * sj[i];
+            part[bi * k + j] = acc;
+          }
+        }
+      });
+      out[0] = sum_partials(part, nb, k, {k}).to(w.options());
+    }
+    auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
+    for (int64_t j = 0; j < k; ++j)
+      if (should_compute_output(1 + j)) out[1 + j] = gc * static_cast<float>(wd.data_ptr<double>()[j]);
+    return out;
+  }
+};
+}  // namespace
+
+void set_fused_ops(bool on) { g_fused = on; }
+bool fused_ops_enabled() { return g_fused; }
+
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& w, int64_t stride, int64_t pad, int64_t dilation,
+                        bool relu_input) {
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(0) == x.size(1) && w.size(1) == 1 && w.size(2) == w.size(3),
+              "depthwise_conv2d: bad shapes ", x.sizes(), " and ", w.sizes());
+  if (!own_kernel(x) || w.size(2) * w.size(3) > kMaxTaps) {
+    auto in = relu_input ? at::relu(x) : x;
+    return at::conv2d(in, w, {}, {stride, stride}, {pad, pad}, {dilation, dilation}, x.size(1));
+  }
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t n = xc.size(0), c = xc.size(1);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
+  auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t plane = g.h * g.w, kk = g.k * g.k;
+  at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
+    for (int64_t i = b; i < e; ++i) {
+      fill_phases(xp + i * plane, buf.data(), g, relu_input);
+      dw_forward_plane(buf.data(), wp + (i % c) * kk, ext.data(), yp + i * g.oh * g.ow, g);
+    }
+  });
+  return y;
+}
+
+std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, const Tensor& x, const Tensor& w,
+                                                    int64_t stride, int64_t pad, int64_t dilation,
+                                                    bool relu_input, bool need_input, bool need_weight) {
+  if (!need_input && !need_weight) return {};
+  if (!own_kernel(x) || w.size(2) * w.size(3) > kMaxTaps) {
+    auto in = relu_input ? at::relu(x) : x;
+    auto r = at::convolution_backward(grad_out, in, w, c10::nullopt, {stride, stride}, {pad, pad},
+                                      {dilation, dilation}, false, {0, 0}, x.size(1),
+                                      {need_input, need_weight, false});
+    auto gx = std::get<0>(r);
+    if (need_input && relu_input) gx = gx * (x > 0);
+    return {gx, std::get<1>(r)};
+  }
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto gc = grad_out.contiguous();
+  const int64_t n = xc.size(0), c = xc.size(1);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "depthwise_conv2d_backward: grad shape ", gc.sizes());
+  Tensor gx;
+  if (need_input) gx = torch::empty_like(xc);
+  std::vector<float> part(need_weight ? static_cast<size_t>(n * c * g.k * g.k) : 0);
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *gp = gc.data_ptr<float>();
+  float* gxp = need_input ? gx.data_ptr<float>() : nullptr;
+  const int64_t plane = g.h * g.w, oplane = g.oh * g.ow, kk = g.k * g.k;
+  at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
+    for (int64_t i = b; i < e; ++i) {
+      extend_grad(gp + i * oplane, ext.data(), g);
+      if (need_weight) {
+        fill_phases(xp + i * plane, buf.data(), g, relu_input);
+        dw_grad_weight_plane(buf.data(), ext.data(), part.data() + i * kk, g);
+      }
+      if (need_input) {
+        dw_grad_input_plane(ext.data(), wp + (i % c) * kk, buf.data(), g);
+        gather_phases(buf.data(), xp + i * plane, gxp + i * plane, g, relu_input);
+      }
+    }
+  });
+  Tensor gw;
+  if (need_weight) gw = sum_partials(part, n, c * kk, w.sizes());  // part is [n][c][kk]
+  return {gx, gw};
+}
+
+Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
+                           torch::nn::BatchNorm2dImpl& bn, int64_t stride, int64_t pad, int64_t dilation) {
+  const BnParams p = bn_params(bn);
+  return ChainFn::apply(x, w_dw, w_pw, bn.running_mean, bn.running_var, p.training, p.momentum, p.eps,
+                        stride, pad, dilation);
+}
+
+Tensor fused_relu_pw_bn(const Tensor& x, const Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn) {
+  return fused_relu_dw_pw_bn(x, torch::empty({0}, w_pw.options().requires_grad(false)), w_pw, bn, 1, 0, 1);
+}
+
+Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& w2, torch::nn::BatchNorm2dImpl& bn) {
+  const BnParams p = bn_params(bn);
+  return FactorizedReduceFn::apply(x, w1, w2, bn.running_mean, bn.running_var, p.training, p.momentum, p.eps);
+}
+
+Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::BatchNorm2dImpl& bn) {
+  const BnParams p = bn_params(bn);
+  return PoolBnFn::apply(x, bn.running_mean, bn.running_var, max_pool, stride, p.training, p.momentum, p.eps);
+}
+
+Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys) {
+  TORCH_CHECK(!ys.empty() && w.dim() == 1 && w.size(0) == static_cast<int64_t>(ys.size()),
+              "weighted_sum: ", ys.size(), " tensors and weights of shape ", w.sizes());
+  bool needs_grad = torch::GradMode::is_enabled() && w.requires_grad();
+  for (const auto& y : ys) needs_grad = needs_grad || (torch::GradMode::is_enabled() && y.requires_grad());
+  Tensor out;
+  {
+    torch::NoGradGuard ng;
+    out = weighted_sum_forward(w, ys);
+  }
+  if (!needs_grad) return out;
+  auto node = std::shared_ptr<WeightedSumBackward>(new WeightedSumBackward(), torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(w, ys));
+  node->w_ = torch::autograd::SavedVariable(w, false);
+  for (const auto& y : ys) node->ys_.emplace_back(y, false);
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
+WeightsFrozen::WeightsFrozen(std::vector<torch::Tensor> params) : params_(std::move(params)) {
+  for (auto& p : params_) {
+    was_.push_back(p.requires_grad());
+    p.set_requires_grad(false);
+  }
+}
+
+WeightsFrozen::~WeightsFrozen() {
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].set_requires_grad(was_[i]);
+}
+
+}  // namespace noisydarts

@@ -1,0 +1,276 @@
+// The fused search ops (fused_ops.h) against the module-by-module forms they replace: values,
+// gradients, running statistics, double backward and thread independence.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "noisydarts/architect.h"
+#include "noisydarts/fused_ops.h"
+#include "noisydarts/hessian.h"
+#include "noisydarts/mixed_op.h"
+#include "noisydarts/ops.h"
+#include "noisydarts/search_network.h"
+
+using namespace noisydarts;
+namespace nn = torch::nn;
+
+namespace {
+
+// Restores the process-wide switch after a test.
+struct FusedSwitch {
+  explicit FusedSwitch(bool on) : was(fused_ops_enabled()) { set_fused_ops(on); }
+  ~FusedSwitch() { set_fused_ops(was); }
+  bool was;
+};
+
+struct ThreadCount {
+  explicit ThreadCount(int n) : was(at::get_num_threads()) { at::set_num_threads(n); }
+  ~ThreadCount() { at::set_num_threads(was); }
+  int was;
+};
+
+void expect_close(const torch::Tensor& a, const torch::Tensor& b, double rtol, const std::string& what) {
+  ASSERT_TRUE(a.defined() && b.defined()) << what;
+  ASSERT_EQ(a.sizes(), b.sizes()) << what;
+  const double scale = std::max(1.0, b.abs().max().item<double>());
+  const double err = (a - b).abs().max().item<double>();
+  EXPECT_LE(err, rtol * scale) << what << ": max error " << err << " at scale " << scale;
+}
+
+// The same shapes and weights through the own kernel (CPU float) and ATen (double, the
+// reference): depthwise forward and both gradients.
+void check_depthwise(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t s, int64_t d, bool relu) {
+  torch::manual_seed(k * 100 + s * 10 + d);
+  const int64_t pad = (k / 2) * d;
+  auto x = torch::randn({n, c, h, w});
+  auto wt = torch::randn({c, 1, k, k});
+  auto xd = x.to(torch::kDouble).requires_grad_();
+  auto wd = wt.to(torch::kDouble).requires_grad_();
+  auto ref = torch::conv2d(relu ? torch::relu(xd) : xd, wd, {}, {s, s}, {pad, pad}, {d, d}, c);
+  auto y = depthwise_conv2d(x, wt, s, pad, d, relu);
+  const std::string tag = "k" + std::to_string(k) + " s" + std::to_string(s) + " d" + std::to_string(d) +
+                          " " + std::to_string(h) + "x" + std::to_string(w) + (relu ? " relu" : "");
+  expect_close(y.to(torch::kDouble), ref.detach(), 1e-5, tag + " forward");
+  auto g = torch::randn(ref.sizes(), torch::kDouble);
+  auto refg = torch::autograd::grad({ref}, {xd, wd}, {g});
+  auto got = depthwise_conv2d_backward(g.to(torch::kFloat), x, wt, s, pad, d, relu, true, true);
+  expect_close(got.first.to(torch::kDouble), refg[0], 1e-5, tag + " grad input");
+  expect_close(got.second.to(torch::kDouble), refg[1], 1e-5, tag + " grad weight");
+  auto only_w = depthwise_conv2d_backward(g.to(torch::kFloat), x, wt, s, pad, d, relu, false, true);
+  EXPECT_FALSE(only_w.first.defined());
+  EXPECT_TRUE(torch::equal(only_w.second, got.second)) << tag;
+}
+
+}  // namespace
+
+TEST(Fused, DepthwiseKernelMatchesATenForEveryGeometryOfTheSpaces) {
+  for (int64_t k : {3, 5, 7})
+    for (int64_t s : {1, 2})
+      for (int64_t d : {1, 2}) check_depthwise(3, 4, 9, 9, k, s, d, d == 2);
+  // Odd, non-square and tiny planes (7x7 after two reductions, 1x1 at the end of deep nets).
+  check_depthwise(2, 3, 7, 11, 5, 2, 2, true);
+  check_depthwise(2, 3, 14, 6, 3, 1, 1, false);
+  check_depthwise(2, 3, 1, 1, 3, 1, 1, true);
+  check_depthwise(2, 3, 2, 2, 5, 2, 2, true);
+}
+
+TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) {
+  for (const std::string name : {"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"})
+    for (int64_t stride : {1, 2}) {
+      torch::manual_seed(3);
+      auto op = make_op(name, 6, stride, /*affine=*/false);
+      auto twin = make_op(name, 6, stride, false);
+      // Same weights in both.
+      {
+        torch::NoGradGuard ng;
+        auto a = op.ptr()->named_parameters(), b = twin.ptr()->named_parameters();
+        for (const auto& kv : a) b[kv.key()].copy_(kv.value());
+      }
+      auto x = torch::randn({4, 6, 10, 10}).requires_grad_();
+      auto x2 = x.detach().clone().requires_grad_();
+      torch::Tensor y, y2;
+      {
+        FusedSwitch on(true);
+        y = op.forward(x);
+      }
+      {
+        FusedSwitch off(false);
+        y2 = twin.forward(x2);
+      }
+      const std::string tag = name + " stride " + std::to_string(stride);
+      expect_close(y, y2, 1e-5, tag + " forward");
+      auto g = torch::randn_like(y);
+      auto pa = op.ptr()->parameters(), pb = twin.ptr()->parameters();
+      std::vector<torch::Tensor> ia{x}, ib{x2};
+      ia.insert(ia.end(), pa.begin(), pa.end());
+      ib.insert(ib.end(), pb.begin(), pb.end());
+      auto ga = torch::autograd::grad({y}, ia, {g});
+      auto gb = torch::autograd::grad({y2}, ib, {g});
+      ASSERT_EQ(ga.size(), gb.size());
+      for (size_t i = 0; i < ga.size(); ++i) expect_close(ga[i], gb[i], 1e-4, tag + " grad " + std::to_string(i));
+      // Running statistics and batch counters advanced identically.
+      auto ba = op.ptr()->named_buffers(), bb = twin.ptr()->named_buffers();
+      ASSERT_EQ(ba.size(), bb.size());
+      for (const auto& kv : ba) {
+        if (kv.value().scalar_type() == torch::kLong) EXPECT_TRUE(torch::equal(kv.value(), bb[kv.key()])) << kv.key();
+        else expect_close(kv.value(), bb[kv.key()], 1e-5, tag + " buffer " + kv.key());
+      }
+      // Evaluation mode (running statistics) too.
+      op.ptr()->eval();
+      twin.ptr()->eval();
+      FusedSwitch on(true);
+      auto ye = op.forward(x);
+      set_fused_ops(false);
+      auto ye2 = twin.forward(x2);
+      expect_close(ye, ye2, 1e-5, tag + " eval forward");
+    }
+}
+
+TEST(Fused, PoolsWithBatchNormMatchTheModulesAndMaxPoolTiesGoToTheFirstTap) {
+  for (bool max_pool : {true, false})
+    for (int64_t stride : {1, 2}) {
+      torch::manual_seed(5);
+      auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(3).affine(false));
+      auto bn2 = nn::BatchNorm2d(nn::BatchNorm2dOptions(3).affine(false));
+      // Rounded values: many ties inside the 3x3 windows.
+      auto x = torch::randn({2, 3, 9, 7}).mul(2).round().requires_grad_();
+      auto x2 = x.detach().clone().requires_grad_();
+      auto y = fused_pool_bn(x, max_pool, stride, *bn);
+      auto p = max_pool ? torch::max_pool2d(x2, {3, 3}, {stride, stride}, {1, 1})
+                        : torch::avg_pool2d(x2, {3, 3}, {stride, stride}, {1, 1}, false, false);
+      auto y2 = bn2->forward(p);
+      const std::string tag = std::string(max_pool ? "max" : "avg") + " stride " + std::to_string(stride);
+      expect_close(y, y2, 1e-5, tag + " forward");
+      auto g = torch::randn_like(y);
+      expect_close(torch::autograd::grad({y}, {x}, {g})[0], torch::autograd::grad({y2}, {x2}, {g})[0], 1e-5,
+                   tag + " grad");
+      expect_close(bn->running_var, bn2->running_var, 1e-6, tag + " running var");
+    }
+}
+
+TEST(Fused, WeightedSumValuesAndGradients) {
+  torch::manual_seed(7);
+  auto w = torch::softmax(torch::randn({3}), 0).detach().requires_grad_();
+  std::vector<torch::Tensor> ys{torch::randn({2, 4, 5, 5}).requires_grad_(), torch::randn({2, 4, 5, 5}),
+                                torch::randn({2, 4, 5, 5}).requires_grad_()};
+  auto out = weighted_sum(w, ys);
+  auto ref = w[0] * ys[0] + w[1] * ys[1] + w[2] * ys[2];
+  expect_close(out, ref, 1e-6, "sum");
+  auto g = torch::randn_like(out);
+  auto ga = torch::autograd::grad({out}, {w, ys[0], ys[2]}, {g});
+  auto gb = torch::autograd::grad({ref}, {w, ys[0], ys[2]}, {g});
+  for (size_t i = 0; i < ga.size(); ++i) expect_close(ga[i], gb[i], 1e-5, "grad " + std::to_string(i));
+  // No graph when nothing needs a gradient.
+  torch::NoGradGuard ng;
+  EXPECT_FALSE(weighted_sum(w, ys).requires_grad());
+}
+
+TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
+  // DARTS' 8 ops (with `none`) and NoisyDARTS' 7 with noise and skip drop-path: the noise draws
+  // happen in the same order either way, so the same seed gives the same network outputs.
+  for (const bool darts : {true, false}) {
+    SearchNetworkOptions o(4, 5, 3);
+    o.in_channels(1);
+    if (darts) o.primitives(darts_primitives());
+    else {
+      NoiseOptions no;
+      no.lambda = 0.2;
+      no.skip_drop_path = 0.3;
+      o.noise(no);
+    }
+    torch::manual_seed(11);
+    auto net = make_search_network(o);
+    torch::manual_seed(11);
+    auto twin = make_search_network(o);
+    auto x = torch::randn({6, 1, 12, 12});
+    auto y = torch::randint(0, 5, {6});
+    auto run = [&](SearchNetwork& n, bool fused) {
+      FusedSwitch sw(fused);
+      torch::manual_seed(99);
+      auto logits = n->forward(x);
+      auto loss = torch::nn::functional::cross_entropy(logits, y);
+      auto params = n->arch_parameters();
+      auto w = n->weight_parameters();
+      params.insert(params.end(), w.begin(), w.end());
+      auto g = torch::autograd::grad({loss}, params, {}, false, false, /*allow_unused=*/true);
+      return std::make_pair(logits.detach(), g);
+    };
+    auto a = run(net, true), b = run(twin, false);
+    const std::string tag = darts ? "darts" : "noisydarts";
+    expect_close(a.first, b.first, 1e-4, tag + " logits");
+    ASSERT_EQ(a.second.size(), b.second.size());
+    for (size_t i = 0; i < a.second.size(); ++i) {
+      if (!a.second[i].defined() || !b.second[i].defined()) {
+        EXPECT_EQ(a.second[i].defined(), b.second[i].defined()) << tag << " gradient " << i;
+        continue;
+      }
+      expect_close(a.second[i], b.second[i], 1e-3, tag + " gradient " + std::to_string(i));
+    }
+  }
+}
+
+TEST(Fused, ArchitectureStepFreezesTheWeightsAndRestoresThem) {
+  SearchNetworkOptions o(4, 5, 2);
+  o.in_channels(1);
+  torch::manual_seed(13);
+  auto net = make_search_network(o);
+  torch::manual_seed(13);
+  auto twin = make_search_network(o);
+  Batch b{torch::randn({4, 1, 8, 8}), torch::randint(0, 5, {4})};
+  Architect arch(net, ArchitectOptions{}), arch2(twin, ArchitectOptions{});
+  {
+    FusedSwitch on(true);
+    torch::manual_seed(1);
+    arch.step(b);
+  }
+  {
+    FusedSwitch off(false);
+    torch::manual_seed(1);
+    arch2.step(b);
+  }
+  for (const auto& p : net->weight_parameters()) {
+    EXPECT_TRUE(p.requires_grad());
+    EXPECT_FALSE(p.grad().defined());
+  }
+  auto a = net->arch_parameters(), c = twin->arch_parameters();
+  for (size_t i = 0; i < a.size(); ++i) expect_close(a[i], c[i], 1e-6, "alphas after one Adam step");
+}
+
+TEST(Fused, DoubleBackwardThroughFusedOpsMatchesTheModules) {
+  SearchNetworkOptions o(4, 5, 3);
+  o.in_channels(1).primitives(darts_primitives());
+  torch::manual_seed(17);
+  auto net = make_search_network(o);
+  Batch b{torch::randn({4, 1, 8, 8}), torch::randint(0, 5, {4})};
+  std::vector<torch::Tensor> v;
+  for (const auto& a : net->arch_parameters()) v.push_back(torch::randn_like(a));
+  std::vector<torch::Tensor> fused, plain;
+  {
+    FusedSwitch on(true);
+    fused = alpha_hessian_vector_product(net, b, v);
+  }
+  {
+    FusedSwitch off(false);
+    plain = alpha_hessian_vector_product(net, b, v);
+  }
+  ASSERT_EQ(fused.size(), plain.size());
+  for (size_t i = 0; i < fused.size(); ++i) expect_close(fused[i], plain[i], 1e-3, "Hv " + std::to_string(i));
+  EXPECT_GT(fused[0].abs().max().item<double>(), 0.0);
+}
+
+TEST(Fused, ResultsDoNotDependOnTheThreadCount) {
+  torch::manual_seed(19);
+  auto op = make_op("sep_conv_5x5", 8, 2, false);
+  auto x = torch::randn({5, 8, 15, 15}).requires_grad_();
+  auto run = [&](int threads) {
+    ThreadCount t(threads);
+    FusedSwitch on(true);
+    auto y = op.forward(x);
+    auto params = op.ptr()->parameters();
+    params.insert(params.begin(), x);
+    auto g = torch::autograd::grad({y.pow(2).sum()}, params);
+    g.insert(g.begin(), y.detach());
+    return g;
+  };
+  auto one = run(1), two = run(2);
+  for (size_t i = 0; i < one.size(); ++i) EXPECT_TRUE(torch::equal(one[i], two[i])) << "tensor " << i;
+}
