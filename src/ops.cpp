@@ -99,14 +99,20 @@ struct SearchConvOpImpl : nn::Module {
   SearchConvOpImpl(int64_t c, int64_t k, int64_t stride, int64_t dilation, int chains) {
     nn::Sequential s;
     const int64_t pad = (k / 2) * dilation;
-    for (int i = 0; i < chains; ++i) {
-      Chain ch{conv(c, c, k, i == 0 ? stride : 1, pad, dilation, c).ptr(), conv(c, c, 1, 1, 0).ptr(),
-               bn(c, false).ptr(), i == 0 ? stride : 1, pad, dilation};
+    // Weights are drawn in the order SeqOp's Sequential(...) argument list drew them (GCC
+    // evaluates arguments right to left: last chain first, 1x1 before depthwise), so a seed
+    // gives the same initial network as before the fused form existed.
+    chains_.resize(static_cast<size_t>(chains));
+    for (int i = chains - 1; i >= 0; --i) {
+      auto pw = conv(c, c, 1, 1, 0).ptr();
+      auto dw = conv(c, c, k, i == 0 ? stride : 1, pad, dilation, c).ptr();
+      chains_[static_cast<size_t>(i)] = Chain{dw, pw, bn(c, false).ptr(), i == 0 ? stride : 1, pad, dilation};
+    }
+    for (const auto& ch : chains_) {
       s->push_back(relu());
       s->push_back(nn::Conv2d(ch.dw));
       s->push_back(nn::Conv2d(ch.pw));
       s->push_back(nn::BatchNorm2d(ch.bn));
-      chains_.push_back(ch);
     }
     op = register_module("op", s);
   }
