@@ -57,7 +57,11 @@ Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d)
   return g;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ND_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ND_CLONES
+#endif
 
 // x plane (h x w) -> phase buffer padded with `pad`, relu applied when asked.
 ND_CLONES void fill_phases(const float* x, float* buf, const Geom& g, bool relu, float pad = 0.f) {
@@ -375,6 +379,19 @@ Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w,
   return sum_partials(part, n, co * ci, w.sizes());
 }
 
+// Valid input pixels under each 3x3 window (padding 1), in the `wq`-wide output layout: the
+// average pool's divisor (count_include_pad false).
+std::vector<float> pool_counts(const Geom& g) {
+  std::vector<float> count(static_cast<size_t>(g.len), 1.f);
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const int64_t r0 = std::max<int64_t>(oh * g.s - 1, 0), r1 = std::min<int64_t>(oh * g.s + 2, g.h);
+      const int64_t c0 = std::max<int64_t>(ow * g.s - 1, 0), c1 = std::min<int64_t>(ow * g.s + 2, g.w);
+      count[oh * g.wq + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
+    }
+  return count;
+}
+
 // 3x3 pooling, padding 1 (average: count_include_pad false).
 Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   if (!own_kernel(x))
@@ -385,13 +402,7 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  std::vector<float> count(static_cast<size_t>(g.len), 1.f);
-  for (int64_t oh = 0; oh < g.oh; ++oh)
-    for (int64_t ow = 0; ow < g.ow; ++ow) {
-      const int64_t r0 = std::max<int64_t>(oh * s - 1, 0), r1 = std::min<int64_t>(oh * s + 2, g.h);
-      const int64_t c0 = std::max<int64_t>(ow * s - 1, 0), c1 = std::min<int64_t>(ow * s + 2, g.w);
-      count[oh * g.wq + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
-    }
+  const std::vector<float> count = pool_counts(g);
   const float pad = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
@@ -416,13 +427,7 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   auto gx = torch::empty_like(xc);
   const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
-  std::vector<float> count(static_cast<size_t>(g.len), 1.f);
-  for (int64_t oh = 0; oh < g.oh; ++oh)
-    for (int64_t ow = 0; ow < g.ow; ++ow) {
-      const int64_t r0 = std::max<int64_t>(oh * s - 1, 0), r1 = std::min<int64_t>(oh * s + 2, g.h);
-      const int64_t c0 = std::max<int64_t>(ow * s - 1, 0), c1 = std::min<int64_t>(ow * s + 2, g.w);
-      count[oh * g.wq + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
-    }
+  const std::vector<float> count = pool_counts(g);
   const float ones[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(g.buf)), gbuf(static_cast<size_t>(g.buf));
