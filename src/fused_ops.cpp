@@ -4,12 +4,16 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
 namespace noisydarts {
+int nd_exp_flags = 0;  // EXPERIMENT
 using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -38,12 +42,12 @@ struct Geom {
     return ((row % s) * s + col % s) * sub + (row / s) * wq + col / s;
   }
   // Buffer offsets of input row ih / column iw (padding added), tabulated: no divisions in
-  // the per-pixel loops of strided planes.
-  std::vector<int64_t> row_at, col_at;
+  // the per-pixel loops of strided planes; and of each kernel tap (kh * k + kw).
+  std::vector<int64_t> row_at, col_at, tap;
 };
 
 Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
-  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}};
+  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}, {}};
   g.oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
   g.ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
   g.hq = (h + 2 * p + s - 1) / s;
@@ -54,17 +58,126 @@ Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d)
   g.buf = s * s * g.sub + (k - 1) * d + g.wq + 16;
   for (int64_t ih = 0; ih < h; ++ih) g.row_at.push_back(g.at(ih + p, 0) - g.at(0, 0));
   for (int64_t iw = 0; iw < w; ++iw) g.col_at.push_back(g.at(0, iw + p));
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw) g.tap.push_back(g.offset(kh, kw));
   return g;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ND_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ND_AVX512 1
 #else
 #define ND_CLONES
 #endif
 
+// Planes are short rows (28, 14 or 7 floats): compiled loops handle their tails one float at a
+// time. On AVX-512 machines the row copies of the phase layout use masked 16-float loads and
+// stores instead (a whole 7- or 14-float row in one instruction); elsewhere the loops below.
+#ifdef ND_AVX512
+bool use_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes && !(nd_exp_flags & 1);
+}
+#define ND_AVX512_FN __attribute__((target("avx512f")))
+
+constexpr __mmask16 all = 0xFFFF;
+
+ND_AVX512_FN inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? all : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// The 16 lanes summed in a fixed order.
+ND_AVX512_FN inline float hsum(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float a = 0.f;
+  for (float f : t) a += f;
+  return a;
+}
+
+// dst[0, n) = relu?(src[0, n)) ("v > 0 ? v : 0": max(v, 0) returns 0 for NaN and -0 as well).
+ND_AVX512_FN inline void row_copy(float* dst, const float* src, int64_t n, bool relu) {
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(n - j);
+    __m512 v = _mm512_maskz_loadu_ps(m, src + j);
+    if (relu) v = _mm512_maskz_max_ps(all, v, z);
+    _mm512_mask_storeu_ps(dst + j, m, v);
+  }
+}
+
+// dst[0, n) = src[0, min(n, have)) followed by zeros.
+ND_AVX512_FN inline void row_copy_pad(float* dst, const float* src, int64_t have, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm512_mask_storeu_ps(dst + j, lanes(n - j), _mm512_maskz_loadu_ps(lanes(have - j), src + j));
+}
+
+// dst[0, n) = (mask[j] > 0 ? src[j] : 0), or src when mask is null.
+ND_AVX512_FN inline void row_copy_masked(float* dst, const float* src, const float* mask, int64_t n) {
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes(n - j);
+    const __mmask16 keep = mask ? _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mask + j), z, _CMP_GT_OQ) : m;
+    _mm512_mask_storeu_ps(dst + j, m, _mm512_maskz_loadu_ps(keep, src + j));
+  }
+}
+
+// Row of n floats -> its even columns (to `even`) and odd columns (to `odd`), relu?.
+ND_AVX512_FN inline void row_split2(float* even, float* odd, const float* src, int64_t n, bool relu) {
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 z = _mm512_setzero_ps();
+  const int64_t ne = (n + 1) / 2, no = n / 2;
+  for (int64_t j = 0; 2 * j < n; j += 16) {
+    __m512 lo = _mm512_maskz_loadu_ps(lanes(n - 2 * j), src + 2 * j);
+    __m512 hi = _mm512_maskz_loadu_ps(lanes(n - 2 * j - 16), src + 2 * j + 16);
+    if (relu) lo = _mm512_maskz_max_ps(all, lo, z), hi = _mm512_maskz_max_ps(all, hi, z);
+    _mm512_mask_storeu_ps(even + j, lanes(ne - j), _mm512_permutex2var_ps(lo, ie, hi));
+    _mm512_mask_storeu_ps(odd + j, lanes(no - j), _mm512_permutex2var_ps(lo, io, hi));
+  }
+}
+
+// The reverse: dst[2j] = even[j], dst[2j + 1] = odd[j], for 2j(+1) < n, times (mask > 0) when given.
+ND_AVX512_FN inline void row_join2(float* dst, const float* even, const float* odd, const float* mask, int64_t n) {
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 z = _mm512_setzero_ps();
+  const int64_t ne = (n + 1) / 2, no = n / 2;
+  for (int64_t j = 0; 2 * j < n; j += 16) {
+    const __m512 e = _mm512_maskz_loadu_ps(lanes(ne - j), even + j);
+    const __m512 o = _mm512_maskz_loadu_ps(lanes(no - j), odd + j);
+    const __mmask16 m0 = lanes(n - 2 * j), m1 = lanes(n - 2 * j - 16);
+    __m512 lo = _mm512_permutex2var_ps(e, il, o), hi = _mm512_permutex2var_ps(e, ih, o);
+    if (mask) {
+      lo = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m0, _mm512_maskz_loadu_ps(m0, mask + 2 * j), z, _CMP_GT_OQ), lo);
+      hi = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m1, _mm512_maskz_loadu_ps(m1, mask + 2 * j + 16), z, _CMP_GT_OQ), hi);
+    }
+    _mm512_mask_storeu_ps(dst + 2 * j, m0, lo);
+    _mm512_mask_storeu_ps(dst + 2 * j + 16, m1, hi);
+  }
+}
+#endif
+
+#ifdef ND_AVX512
+ND_AVX512_FN void fill_phases_avx512(const float* x, float* buf, const Geom& g, bool relu, float pad) {
+  const __m512 pv = _mm512_set1_ps(pad);
+  for (int64_t i = 0; i < g.buf; i += 16) _mm512_mask_storeu_ps(buf + i, lanes(g.buf - i), pv);
+  for (int64_t ih = 0; ih < g.h; ++ih) {
+    if (g.s == 1) {
+      row_copy(buf + g.at(ih + g.p, g.p), x + ih * g.w, g.w, relu);
+    } else {
+      float* dst = buf + g.row_at[ih];
+      row_split2(dst + g.col_at[0], dst + g.col_at[1], x + ih * g.w, g.w, relu);
+    }
+  }
+}
+#endif
+
 // x plane (h x w) -> phase buffer padded with `pad`, relu applied when asked.
 ND_CLONES void fill_phases(const float* x, float* buf, const Geom& g, bool relu, float pad = 0.f) {
+#ifdef ND_AVX512
+  if (use_avx512() && (g.s == 1 || (g.s == 2 && g.w >= 2))) return fill_phases_avx512(x, buf, g, relu, pad);
+#endif
   for (int64_t i = 0; i < g.buf; ++i) buf[i] = pad;
   for (int64_t ih = 0; ih < g.h; ++ih) {
     const float* src = x + ih * g.w;
@@ -93,16 +206,63 @@ ND_CLONES void fill_phases(const float* x, float* buf, const Geom& g, bool relu,
   }
 }
 
+// `wq`-wide output rows -> the output plane (the extra columns dropped), times (mask > 0) when
+// a mask plane (of the output's shape) is given.
+ND_CLONES void compact_rows(const float* ext, float* out, const Geom& g, const float* mask = nullptr) {
+#ifdef ND_AVX512
+  if (use_avx512()) {
+    for (int64_t oh = 0; oh < g.oh; ++oh)
+      row_copy_masked(out + oh * g.ow, ext + oh * g.wq, mask ? mask + oh * g.ow : nullptr, g.ow);
+    return;
+  }
+#endif
+  for (int64_t oh = 0; oh < g.oh; ++oh)
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const int64_t j = oh * g.ow + ow;
+      out[j] = (mask && !(mask[j] > 0.f)) ? 0.f : ext[oh * g.wq + ow];
+    }
+}
+
 // Outputs in blocks of kBlock floats (one AVX-512 register) held across all the taps: one load
 // and one multiply-add per tap, no store until the block is done. (Wider blocks spill.)
 constexpr int64_t kBlock = 16;
 constexpr int64_t kMaxTaps = 64;  // kernels up to 8x8 use the own kernel, larger ones ATen
 
-ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, float* out, const Geom& g) {
+#ifdef ND_AVX512
+// dw_forward_plane's taps on AVX-512: 64 outputs (four registers) per pass over the taps, so
+// the four multiply-add chains overlap; masked at the end of the plane.
+ND_AVX512_FN void dw_taps_avx512(const float* buf, const float* wt, const int64_t* offs, int64_t kk, float* ext,
+                                 int64_t len) {
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t i0 = 0; i0 < len; i0 += 64) {
+    const __mmask16 m0 = lanes(len - i0), m1 = lanes(len - i0 - 16), m2 = lanes(len - i0 - 32), m3 = lanes(len - i0 - 48);
+    __m512 a0 = z, a1 = z, a2 = z, a3 = z;
+    for (int64_t t = 0; t < kk; ++t) {
+      const float* src = buf + offs[t] + i0;
+      const __m512 wv = _mm512_set1_ps(wt[t]);
+      a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m0, src), a0);
+      a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m1, src + 16), a1);
+      a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m2, src + 32), a2);
+      a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m3, src + 48), a3);
+    }
+    _mm512_mask_storeu_ps(ext + i0, m0, a0);
+    _mm512_mask_storeu_ps(ext + i0 + 16, m1, a1);
+    _mm512_mask_storeu_ps(ext + i0 + 32, m2, a2);
+    _mm512_mask_storeu_ps(ext + i0 + 48, m3, a3);
+  }
+}
+#endif
+
+ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, float* out, const Geom& g,
+                                const float* mask = nullptr) {
   const int64_t kk = g.k * g.k;  // <= kMaxTaps (checked by the callers)
-  int64_t offs[kMaxTaps];
-  for (int64_t kh = 0; kh < g.k; ++kh)
-    for (int64_t kw = 0; kw < g.k; ++kw) offs[kh * g.k + kw] = g.offset(kh, kw);
+  const int64_t* offs = g.tap.data();
+#ifdef ND_AVX512
+  if (use_avx512() && !(nd_exp_flags & 8)) {
+    dw_taps_avx512(buf, wt, offs, kk, ext, g.len);
+    return compact_rows(ext, out, g, mask);
+  }
+#endif
   int64_t i0 = 0;
   for (; i0 + kBlock <= g.len; i0 += kBlock) {
     float acc[kBlock] = {};
@@ -119,12 +279,17 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
     for (int64_t t = 0; t < kk; ++t) a += wt[t] * buf[offs[t] + i];
     ext[i] = a;
   }
-  for (int64_t oh = 0; oh < g.oh; ++oh)
-    for (int64_t ow = 0; ow < g.ow; ++ow) out[oh * g.ow + ow] = ext[oh * g.wq + ow];
+  compact_rows(ext, out, g, mask);
 }
 
 // grad_out plane -> `wq`-wide copy with zeros in the discarded columns.
 ND_CLONES void extend_grad(const float* go, float* ext, const Geom& g) {
+#ifdef ND_AVX512
+  if (use_avx512()) {
+    for (int64_t oh = 0; oh < g.oh; ++oh) row_copy_pad(ext + oh * g.wq, go + oh * g.ow, g.ow, g.wq);
+    return;
+  }
+#endif
   for (int64_t oh = 0; oh < g.oh; ++oh) {
     for (int64_t ow = 0; ow < g.ow; ++ow) ext[oh * g.wq + ow] = go[oh * g.ow + ow];
     for (int64_t ow = g.ow; ow < g.wq; ++ow) ext[oh * g.wq + ow] = 0.f;
@@ -136,7 +301,7 @@ ND_CLONES void dw_grad_input_plane(const float* ext, const float* wt, float* gbu
   for (int64_t i = 0; i < g.buf; ++i) gbuf[i] = 0.f;
   for (int64_t kh = 0; kh < g.k; ++kh)
     for (int64_t kw = 0; kw < g.k; ++kw) {
-      float* dst = gbuf + g.offset(kh, kw);
+      float* dst = gbuf + g.tap[kh * g.k + kw];
       const float wv = wt[kh * g.k + kw];
 #pragma omp simd
       for (int64_t i = 0; i < g.len; ++i) dst[i] += wv * ext[i];
@@ -145,6 +310,20 @@ ND_CLONES void dw_grad_input_plane(const float* ext, const float* wt, float* gbu
 
 // Phase buffer -> input-gradient plane, times the ReLU mask of x when `relu`.
 ND_CLONES void gather_phases(const float* gbuf, const float* x, float* gx, const Geom& g, bool relu) {
+#ifdef ND_AVX512
+  if (use_avx512() && (g.s == 1 || (g.s == 2 && g.w >= 2))) {
+    for (int64_t ih = 0; ih < g.h; ++ih) {
+      const float* mask = relu ? x + ih * g.w : nullptr;
+      if (g.s == 1) {
+        row_copy_masked(gx + ih * g.w, gbuf + g.at(ih + g.p, g.p), mask, g.w);
+      } else {
+        const float* src = gbuf + g.row_at[ih];
+        row_join2(gx + ih * g.w, src + g.col_at[0], src + g.col_at[1], mask, g.w);
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t ih = 0; ih < g.h; ++ih) {
     const float* xr = x + ih * g.w;
     float* out = gx + ih * g.w;
@@ -174,10 +353,41 @@ ND_CLONES void gather_phases(const float* gbuf, const float* x, float* gx, const
   }
 }
 
+#ifdef ND_AVX512
+// dw_grad_weight_plane on AVX-512: four taps per pass over the plane (four independent
+// accumulators, the gradient vector loaded once for the four).
+ND_AVX512_FN void dw_grad_weight_avx512(const float* buf, const float* ext, float* part, const Geom& g) {
+  const int64_t kk = g.k * g.k;
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t t0 = 0; t0 < kk; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, kk - t0);
+    const float* src[4];
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t t = t0 + std::min(q, nt - 1);
+      src[q] = buf + g.tap[t];
+    }
+    __m512 a0 = z, a1 = z, a2 = z, a3 = z;
+    for (int64_t i = 0; i < g.len; i += 16) {
+      const __mmask16 m = lanes(g.len - i);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, ext + i);
+      a0 = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, src[0] + i), a0);
+      a1 = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, src[1] + i), a1);
+      a2 = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, src[2] + i), a2);
+      a3 = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, src[3] + i), a3);
+    }
+    const __m512 a[4] = {a0, a1, a2, a3};
+    for (int64_t q = 0; q < nt; ++q) part[t0 + q] = hsum(a[q]);
+  }
+}
+#endif
+
 ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* part, const Geom& g) {
+#ifdef ND_AVX512
+  if (use_avx512() && !(nd_exp_flags & 8)) return dw_grad_weight_avx512(buf, ext, part, g);
+#endif
   for (int64_t kh = 0; kh < g.k; ++kh)
     for (int64_t kw = 0; kw < g.k; ++kw) {
-      const float* src = buf + g.offset(kh, kw);
+      const float* src = buf + g.tap[kh * g.k + kw];
       float a = 0.f;
 #pragma omp simd reduction(+ : a)
       for (int64_t i = 0; i < g.len; ++i) a += src[i] * ext[i];
@@ -185,10 +395,97 @@ ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* p
     }
 }
 
+#ifdef ND_AVX512
+// y = (mk > 0 ? v : 0) on the lanes m (y = v without mk).
+ND_AVX512_FN inline void store_kept(float* y, const float* mk, __mmask16 m, __m512 v) {
+  if (mk) v = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mk), _mm512_setzero_ps(), _CMP_GT_OQ), v);
+  _mm512_mask_storeu_ps(y, m, v);
+}
+
+// pw_image on AVX-512: w(o, i) = w[o * so + i * si]. Blocks of 8 outputs x 32 pixels: 16
+// accumulators in registers, two input loads and 16 multiply-adds (weights broadcast from
+// memory) per input channel; masked loads and stores at the plane's end.
+ND_AVX512_FN void pw_image_avx512(const float* x, const float* w, float* y, int64_t ci, int64_t co, int64_t hw,
+                                  int64_t so, int64_t si, bool relu, const float* mask) {
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < hw; j0 += 32) {
+    const __mmask16 m0 = lanes(hw - j0), m1 = lanes(hw - j0 - 16);
+    int64_t o = 0;
+    for (; o + 8 <= co; o += 8) {
+      __m512 a[16];
+      for (int q = 0; q < 16; ++q) a[q] = z;
+      for (int64_t i = 0; i < ci; ++i) {
+        __m512 x0 = _mm512_maskz_loadu_ps(m0, x + i * hw + j0), x1 = _mm512_maskz_loadu_ps(m1, x + i * hw + j0 + 16);
+        if (relu) x0 = _mm512_maskz_max_ps(all, x0, z), x1 = _mm512_maskz_max_ps(all, x1, z);
+        const float* wi = w + o * so + i * si;
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          const __m512 wv = _mm512_set1_ps(wi[q * so]);
+          a[2 * q] = _mm512_fmadd_ps(wv, x0, a[2 * q]);
+          a[2 * q + 1] = _mm512_fmadd_ps(wv, x1, a[2 * q + 1]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        const int64_t at = (o + q) * hw + j0;
+        store_kept(y + at, mask ? mask + at : nullptr, m0, a[2 * q]);
+        store_kept(y + at + 16, mask ? mask + at + 16 : nullptr, m1, a[2 * q + 1]);
+      }
+    }
+    for (; o < co; ++o) {
+      __m512 a0 = z, a1 = z;
+      for (int64_t i = 0; i < ci; ++i) {
+        __m512 x0 = _mm512_maskz_loadu_ps(m0, x + i * hw + j0), x1 = _mm512_maskz_loadu_ps(m1, x + i * hw + j0 + 16);
+        if (relu) x0 = _mm512_maskz_max_ps(all, x0, z), x1 = _mm512_maskz_max_ps(all, x1, z);
+        const __m512 wv = _mm512_set1_ps(w[o * so + i * si]);
+        a0 = _mm512_fmadd_ps(wv, x0, a0);
+        a1 = _mm512_fmadd_ps(wv, x1, a1);
+      }
+      const int64_t at = o * hw + j0;
+      store_kept(y + at, mask ? mask + at : nullptr, m0, a0);
+      store_kept(y + at + 16, mask ? mask + at + 16 : nullptr, m1, a1);
+    }
+  }
+}
+
+// part[o * ci + i] = sum_j gy[o, j] relu?(x[i, j]): blocks of 4 x 4 (o, i) pairs, 16 vector
+// accumulators, each input vector loaded once per block.
+ND_AVX512_FN void pw_grad_weight_image_avx512(const float* gy, const float* x, float* part, int64_t ci,
+                                              int64_t co, int64_t hw, bool relu) {
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t o0 = 0; o0 < co; o0 += 4)
+    for (int64_t i0 = 0; i0 < ci; i0 += 4) {
+      const int64_t no = std::min<int64_t>(4, co - o0), ni = std::min<int64_t>(4, ci - i0);
+      __m512 a[16];
+      for (int q = 0; q < 16; ++q) a[q] = z;
+      for (int64_t j = 0; j < hw; j += 16) {
+        const __mmask16 m = lanes(hw - j);
+        __m512 g[4], v[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          g[q] = _mm512_maskz_loadu_ps(q < no ? m : 0, gy + (o0 + (q < no ? q : 0)) * hw + j);
+          v[q] = _mm512_maskz_loadu_ps(q < ni ? m : 0, x + (i0 + (q < ni ? q : 0)) * hw + j);
+          if (relu) v[q] = _mm512_maskz_max_ps(all, v[q], z);
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p)
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) a[p * 4 + q] = _mm512_fmadd_ps(g[p], v[q], a[p * 4 + q]);
+      }
+      for (int64_t p = 0; p < no; ++p)
+        for (int64_t q = 0; q < ni; ++q) part[(o0 + p) * ci + i0 + q] = hsum(a[p * 4 + q]);
+    }
+}
+#endif
+
 // 1x1 convolution y[n] = W relu?(x[n]) on [C, HW] planes of one image (`transpose`: W^T, the
 // input gradient, then times the ReLU mask of `mask` when given); and the weight gradient.
 ND_CLONES void pw_image(const float* x, const float* w, float* y, int64_t ci, int64_t co, int64_t hw,
                         bool transpose, bool relu, const float* mask) {
+#ifdef ND_AVX512
+  if (use_avx512() && !(nd_exp_flags & 4))
+    return pw_image_avx512(x, w, y, ci, co, hw, transpose ? 1 : ci, transpose ? co : 1, relu, mask);
+#endif
   auto wat = [&](int64_t o, int64_t i) { return transpose ? w[i * co + o] : w[o * ci + i]; };
   auto store = [&](int64_t o, int64_t j, float v) {
     y[o * hw + j] = (mask && !(mask[o * hw + j] > 0.f)) ? 0.f : v;
@@ -247,6 +544,9 @@ ND_CLONES void pw_image(const float* x, const float* w, float* y, int64_t ci, in
 
 ND_CLONES void pw_grad_weight_image(const float* gy, const float* x, float* part, int64_t ci,
                                     int64_t co, int64_t hw, bool relu) {
+#ifdef ND_AVX512
+  if (use_avx512() && !(nd_exp_flags & 4)) return pw_grad_weight_image_avx512(gy, x, part, ci, co, hw, relu);
+#endif
   for (int64_t o = 0; o < co; ++o)
     for (int64_t i = 0; i < ci; ++i) {
       const float* a = gy + o * hw;
@@ -271,7 +571,7 @@ ND_CLONES void pool_forward_plane(const float* buf, float* ext, float* out, cons
   for (int64_t i = 0; i < g.len; ++i) ext[i] = init;
   for (int64_t kh = 0; kh < 3; ++kh)
     for (int64_t kw = 0; kw < 3; ++kw) {
-      const float* src = buf + g.offset(kh, kw);
+      const float* src = buf + g.tap[kh * 3 + kw];
       if (max_pool) {
 #pragma omp simd
         for (int64_t i = 0; i < g.len; ++i) ext[i] = (src[i] > ext[i] || src[i] != src[i]) ? src[i] : ext[i];
@@ -280,9 +580,9 @@ ND_CLONES void pool_forward_plane(const float* buf, float* ext, float* out, cons
         for (int64_t i = 0; i < g.len; ++i) ext[i] += src[i];
       }
     }
-  for (int64_t oh = 0; oh < g.oh; ++oh)
-    for (int64_t ow = 0; ow < g.ow; ++ow)
-      out[oh * g.ow + ow] = max_pool ? ext[oh * g.wq + ow] : ext[oh * g.wq + ow] / count[oh * g.wq + ow];
+  if (!max_pool)
+    for (int64_t i = 0; i < g.len; ++i) ext[i] /= count[i];
+  compact_rows(ext, out, g);
 }
 
 // Max-pool input gradient: each output's gradient goes to its first maximal tap in (kh, kw)
@@ -293,7 +593,7 @@ ND_CLONES void max_pool_grad_plane(const float* buf, const float* ext, const flo
   for (int64_t i = 0; i < g.len; ++i) done[i] = 0.f;
   for (int64_t kh = 0; kh < 3; ++kh)
     for (int64_t kw = 0; kw < 3; ++kw) {
-      const int64_t off = g.offset(kh, kw);
+      const int64_t off = g.tap[kh * 3 + kw];
       const float* src = buf + off;
       float* dst = gbuf + off;
 #pragma omp simd
@@ -536,6 +836,37 @@ Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const T
                    bool training, double eps) {
   const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
   if (!training) return g * invstd.view(view);
+  if (own_kernel(g) && own_kernel(y) && y.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
+      invstd.scalar_type() == torch::kFloat && !(nd_exp_flags & 32)) {
+    // Per channel: the two sums (per-plane float partials added in double, in order), then
+    // the gradient in one pass.
+    auto gc = g.contiguous();
+    const int64_t n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
+    auto gx = torch::empty_like(gc);
+    const float *gp = gc.data_ptr<float>(), *yp = y.data_ptr<float>(), *ip = invstd.data_ptr<float>();
+    float* op = gx.data_ptr<float>();
+    const double count = static_cast<double>(n * hw);
+    at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
+      for (int64_t ch = b; ch < e; ++ch) {
+        double sg = 0, sgy = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const float *gr = gp + (i * c + ch) * hw, *yr = yp + (i * c + ch) * hw;
+          float a = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : a, a2)
+          for (int64_t j = 0; j < hw; ++j) a += gr[j], a2 += gr[j] * yr[j];
+          sg += a, sgy += a2;
+        }
+        const float mg = static_cast<float>(sg / count), mgy = static_cast<float>(sgy / count), is = ip[ch];
+        for (int64_t i = 0; i < n; ++i) {
+          const float *gr = gp + (i * c + ch) * hw, *yr = yp + (i * c + ch) * hw;
+          float* orow = op + (i * c + ch) * hw;
+#pragma omp simd
+          for (int64_t j = 0; j < hw; ++j) orow[j] = is * (gr[j] - mg - yr[j] * mgy);
+        }
+      }
+    });
+    return gx;
+  }
   auto zero = torch::zeros_like(invstd), one = torch::ones_like(invstd);
   auto gx = std::get<0>(at::native_batch_norm_backward(g.contiguous(), y, {}, {}, {}, zero, one, true,
                                                        eps, {true, false, false}));
@@ -777,32 +1108,43 @@ struct WeightedSumBackward : torch::autograd::Node {
         if (should_compute_output(1 + j)) out[1 + j] = g * w[j];
       return out;
     }
+    // One pass over g in blocks: the k dot products <g, y_j> (per-block partials summed in a
+    // fixed order: independent of the thread count) and the k input gradients w_j g.
     auto gc = g.contiguous();
     const float* gp = gc.data_ptr<float>();
     const int64_t n = gc.numel();
-    if (should_compute_output(0)) {
-      // Dot products in fixed blocks summed in order: independent of the thread count.
-      const int64_t block = 16384, nb = (n + block - 1) / block;
-      std::vector<float> part(static_cast<size_t>(nb * k));
-      std::vector<Tensor> yc;
-      for (const auto& y : ys) yc.push_back(y.contiguous());
-      at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-        for (int64_t bi = b; bi < e; ++bi) {
-          const int64_t i0 = bi * block, i1 = std::min(n, i0 + block);
-          for (int64_t j = 0; j < k; ++j) {
-            const float* sj = yc[j].data_ptr<float>();
+    const bool need_w = should_compute_output(0);
+    auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
+    std::vector<float> wv(static_cast<size_t>(k));
+    std::vector<const float*> ysrc(static_cast<size_t>(k), nullptr);
+    std::vector<float*> gdst(static_cast<size_t>(k), nullptr);
+    std::vector<Tensor> yc(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) {
+      wv[j] = static_cast<float>(wd.data_ptr<double>()[j]);
+      if (need_w) yc[j] = ys[j].contiguous(), ysrc[j] = yc[j].data_ptr<float>();
+      if (should_compute_output(1 + j)) out[1 + j] = torch::empty_like(gc), gdst[j] = out[1 + j].data_ptr<float>();
+    }
+    const int64_t block = 16384, nb = (n + block - 1) / block;
+    std::vector<float> part(need_w ? static_cast<size_t>(nb * k) : 0);
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      for (int64_t bi = b; bi < e; ++bi) {
+        const int64_t i0 = bi * block, i1 = std::min(n, i0 + block);
+        for (int64_t j = 0; j < k; ++j) {
+          if (const float* sj = ysrc[j]) {
             float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
             for (int64_t i = i0; i < i1; ++i) acc += gp[i] * sj[i];
             part[bi * k + j] = acc;
           }
+          if (float* dj = gdst[j]) {
+            const float wj = wv[j];
+#pragma omp simd
+            for (int64_t i = i0; i < i1; ++i) dj[i] = gp[i] * wj;
+          }
         }
-      });
-      out[0] = sum_partials(part, nb, k, {k}).to(w.options());
-    }
-    auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
-    for (int64_t j = 0; j < k; ++j)
-      if (should_compute_output(1 + j)) out[1 + j] = gc * static_cast<float>(wd.data_ptr<double>()[j]);
+      }
+    });
+    if (need_w) out[0] = sum_partials(part, nb, k, {k}).to(w.options());
     return out;
   }
 };
@@ -863,15 +1205,33 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *gp = gc.data_ptr<float>();
   float* gxp = need_input ? gx.data_ptr<float>() : nullptr;
   const int64_t plane = g.h * g.w, oplane = g.oh * g.ow, kk = g.k * g.k;
+  // Stride 1: the input gradient is the forward kernel (registers accumulate across the taps,
+  // one store per output) run on grad_out padded by (k - 1) d - pad, with the kernel flipped.
+  // Other strides: the scatter of dw_grad_input_plane into the phase layout.
+  const int64_t back_pad = (g.k - 1) * g.d - g.p;
+  const bool gather_form = g.s == 1 && back_pad >= 0 && !(nd_exp_flags & 16);
+  const Geom gg = gather_form ? make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d) : Geom{};
+  std::vector<float> flipped;
+  if (need_input && gather_form) {
+    TORCH_CHECK(gg.oh == g.h && gg.ow == g.w, "depthwise_conv2d_backward: bad geometry");
+    flipped.resize(static_cast<size_t>(c * kk));
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t t = 0; t < kk; ++t) flipped[ch * kk + t] = wp[ch * kk + kk - 1 - t];
+  }
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
+    std::vector<float> gbuf(static_cast<size_t>(gather_form ? gg.buf : 0)), gext(static_cast<size_t>(gather_form ? gg.len : 0));
     for (int64_t i = b; i < e; ++i) {
-      extend_grad(gp + i * oplane, ext.data(), g);
+      if (need_weight || !gather_form) extend_grad(gp + i * oplane, ext.data(), g);
       if (need_weight) {
         fill_phases(xp + i * plane, buf.data(), g, relu_input);
         dw_grad_weight_plane(buf.data(), ext.data(), part.data() + i * kk, g);
       }
-      if (need_input) {
+      if (need_input && gather_form) {
+        fill_phases(gp + i * oplane, gbuf.data(), gg, false);
+        dw_forward_plane(gbuf.data(), flipped.data() + (i % c) * kk, gext.data(), gxp + i * plane, gg,
+                         relu_input ? xp + i * plane : nullptr);
+      } else if (need_input) {
         dw_grad_input_plane(ext.data(), wp + (i % c) * kk, buf.data(), g);
         gather_phases(buf.data(), xp + i * plane, gxp + i * plane, g, relu_input);
       }
