@@ -632,7 +632,25 @@ void for_images(int64_t n, const F& f) {
 }
 
 // 1x1 convolution of relu?(x).
-Tensor pointwise(const Tensor& x, const Tensor& w, bool relu) {
+// Mean and sum of squared deviations from it of each [N, C] plane of a batch-norm input,
+// computed by the kernel that wrote the plane while it is in cache (empty: not computed).
+struct PlaneStats {
+  std::vector<float> mean, m2;
+};
+
+void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < hw; ++j) acc += src[j];
+  const float mu = acc / static_cast<float>(hw);
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < hw; ++j) sq += (src[j] - mu) * (src[j] - mu);
+  mean = mu, m2 = sq;
+}
+
+// 1x1 convolution of relu?(x); with `stats`, also each output plane's statistics.
+Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats = nullptr) {
   if (!own_kernel(x)) return at::conv2d(relu ? at::relu(x) : x, w);
   auto xc = x.contiguous();
   auto wc = w.contiguous();
@@ -640,7 +658,12 @@ Tensor pointwise(const Tensor& x, const Tensor& w, bool relu) {
   auto y = torch::empty({n, co, xc.size(2), xc.size(3)}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_images(n, [&](int64_t i) { pw_image(xp + i * ci * hw, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr); });
+  if (stats) stats->mean.resize(static_cast<size_t>(n * co)), stats->m2.resize(static_cast<size_t>(n * co));
+  for_images(n, [&](int64_t i) {
+    pw_image(xp + i * ci * hw, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr);
+    if (stats)
+      for (int64_t o = 0; o < co; ++o) plane_stats(yp + (i * co + o) * hw, hw, stats->mean[i * co + o], stats->m2[i * co + o]);
+  });
   return y;
 }
 
@@ -770,8 +793,11 @@ BnParams bn_params(torch::nn::BatchNorm2dImpl& bn) {
 }
 
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
+// `stats`: the planes' statistics when the caller's kernel computed them; `in_place`: x is a
+// temporary of the caller's and may be overwritten by the output.
 std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm, const Tensor& rv,
-                                             const BnParams& p) {
+                                             const BnParams& p, const PlaneStats* stats = nullptr,
+                                             bool in_place = false) {
   if (!p.training) {
     auto invstd = (rv + p.eps).rsqrt();
     const auto view = std::vector<int64_t>{1, x.size(1), 1, 1};
@@ -779,46 +805,47 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
   }
   if (!own_kernel(x) || !x.is_contiguous() || x.dim() != 4)
     return at::native_batch_norm(x, {}, {}, rm, rv, p.training, p.momentum, p.eps);
-  // Own kernel: per channel, two passes for the statistics (double accumulation of float
-  // partial sums per image plane), one to normalise.
+  // Own kernel. The threads split the batch by images, as the convolution kernels do, so each
+  // thread reads the planes it has just written (still in its cache). Per plane: the mean and
+  // the sum of squared deviations from it (two passes over the cached plane); per channel they
+  // are combined in double in image order (Chan et al.), then every plane is normalised.
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  auto y = torch::empty_like(x);
+  auto y = in_place ? x : torch::empty_like(x);
   auto mean = torch::empty({c}, x.options()), invstd = torch::empty({c}, x.options());
   std::vector<double> var_unbiased(static_cast<size_t>(c));
   const float* xp = x.data_ptr<float>();
   float *yp = y.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
   const double count = static_cast<double>(n * hw);
-  at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
-    for (int64_t ch = b; ch < e; ++ch) {
-      double sum = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* src = xp + (i * c + ch) * hw;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < hw; ++j) acc += src[j];
-        sum += acc;
-      }
-      const double mu = sum / count;
-      const float muf = static_cast<float>(mu);
-      double ss = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* src = xp + (i * c + ch) * hw;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < hw; ++j) acc += (src[j] - muf) * (src[j] - muf);
-        ss += acc;
-      }
-      const double var = ss / count;
-      const float is = static_cast<float>(1.0 / std::sqrt(var + p.eps));
-      for (int64_t i = 0; i < n; ++i) {
-        const float* src = xp + (i * c + ch) * hw;
-        float* dst = yp + (i * c + ch) * hw;
+  PlaneStats own;
+  if (!stats || static_cast<int64_t>(stats->mean.size()) != n * c) {
+    own.mean.resize(static_cast<size_t>(n * c)), own.m2.resize(static_cast<size_t>(n * c));
+    at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) plane_stats(xp + i * hw, hw, own.mean[i], own.m2[i]);
+    });
+    stats = &own;
+  }
+  const std::vector<float>&pmean = stats->mean, &pm2 = stats->m2;
+  std::vector<float> muf(static_cast<size_t>(c)), isf(static_cast<size_t>(c));
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(pmean[i * c + ch]) * static_cast<double>(hw);
+    const double mu = sum / count;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double dm = static_cast<double>(pmean[i * c + ch]) - mu;
+      ss += static_cast<double>(pm2[i * c + ch]) + static_cast<double>(hw) * dm * dm;
+    }
+    const double var = ss / count;
+    muf[ch] = mp[ch] = static_cast<float>(mu);
+    isf[ch] = ip[ch] = static_cast<float>(1.0 / std::sqrt(var + p.eps));
+    var_unbiased[ch] = count > 1 ? ss / (count - 1) : var;
+  }
+  at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float *src = xp + i * hw, mu = muf[i % c], is = isf[i % c];
+      float* dst = yp + i * hw;
 #pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - muf) * is;
-      }
-      mp[ch] = muf;
-      ip[ch] = is;
-      var_unbiased[ch] = count > 1 ? ss / (count - 1) : var;
+      for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - mu) * is;
     }
   });
   if (rm.defined()) {
@@ -838,31 +865,37 @@ Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const T
   if (!training) return g * invstd.view(view);
   if (own_kernel(g) && own_kernel(y) && y.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
       invstd.scalar_type() == torch::kFloat && !(nd_exp_flags & 32)) {
-    // Per channel: the two sums (per-plane float partials added in double, in order), then
-    // the gradient in one pass.
+    // Split by images like bn_forward: per plane the sums of g and g y, per channel their
+    // totals in double in image order, then the gradient plane by plane.
     auto gc = g.contiguous();
     const int64_t n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
     auto gx = torch::empty_like(gc);
     const float *gp = gc.data_ptr<float>(), *yp = y.data_ptr<float>(), *ip = invstd.data_ptr<float>();
     float* op = gx.data_ptr<float>();
     const double count = static_cast<double>(n * hw);
-    at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
-      for (int64_t ch = b; ch < e; ++ch) {
-        double sg = 0, sgy = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const float *gr = gp + (i * c + ch) * hw, *yr = yp + (i * c + ch) * hw;
-          float a = 0.f, a2 = 0.f;
+    std::vector<float> psg(static_cast<size_t>(n * c)), psgy(static_cast<size_t>(n * c));
+    at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float *gr = gp + i * hw, *yr = yp + i * hw;
+        float a = 0.f, a2 = 0.f;
 #pragma omp simd reduction(+ : a, a2)
-          for (int64_t j = 0; j < hw; ++j) a += gr[j], a2 += gr[j] * yr[j];
-          sg += a, sgy += a2;
-        }
-        const float mg = static_cast<float>(sg / count), mgy = static_cast<float>(sgy / count), is = ip[ch];
-        for (int64_t i = 0; i < n; ++i) {
-          const float *gr = gp + (i * c + ch) * hw, *yr = yp + (i * c + ch) * hw;
-          float* orow = op + (i * c + ch) * hw;
+        for (int64_t j = 0; j < hw; ++j) a += gr[j], a2 += gr[j] * yr[j];
+        psg[i] = a, psgy[i] = a2;
+      }
+    });
+    std::vector<float> mg(static_cast<size_t>(c)), mgy(static_cast<size_t>(c));
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sg = 0, sgy = 0;
+      for (int64_t i = 0; i < n; ++i) sg += psg[i * c + ch], sgy += psgy[i * c + ch];
+      mg[ch] = static_cast<float>(sg / count), mgy[ch] = static_cast<float>(sgy / count);
+    }
+    at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float *gr = gp + i * hw, *yr = yp + i * hw;
+        const float m1 = mg[i % c], m2 = mgy[i % c], is = ip[i % c];
+        float* orow = op + i * hw;
 #pragma omp simd
-          for (int64_t j = 0; j < hw; ++j) orow[j] = is * (gr[j] - mg - yr[j] * mgy);
-        }
+        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (gr[j] - m1 - yr[j] * m2);
       }
     });
     return gx;
@@ -890,9 +923,10 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
     const bool has_dw = w_dw.numel() > 0;  // an empty placeholder: no depthwise convolution
     Tensor y, mean, invstd;
     {
-      auto p = has_dw ? pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false)
-                      : pointwise(x, w_pw, /*relu=*/true);
-      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps});
+      PlaneStats st;
+      auto p = has_dw ? pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, &st)
+                      : pointwise(x, w_pw, /*relu=*/true, &st);
+      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true);
     }
     ctx->save_for_backward({x, w_dw, w_pw, y, mean, invstd});
     ctx->saved_data["training"] = training;
@@ -950,7 +984,7 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& rm, const Tensor& rv,
                         bool max_pool, int64_t stride, bool training, double momentum, double eps) {
     Tensor y, mean, invstd;
-    std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps});
+    std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps}, nullptr, true);
     ctx->save_for_backward({x, y, mean, invstd});
     ctx->saved_data["max"] = max_pool;
     ctx->saved_data["stride"] = stride;
@@ -994,7 +1028,7 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
     Tensor y, mean, invstd;
     {
       auto p = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
-      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps});
+      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, nullptr, true);
     }
     ctx->save_for_backward({x, w1, w2, y, mean, invstd});
     ctx->saved_data["training"] = training;
