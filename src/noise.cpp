@@ -44,8 +44,11 @@ uint64_t splitmix64(uint64_t z) {
 // noise, whatever the thread count. (ATen's CPU sampler runs on one thread: at the sizes of a
 // search it held up the other threads for ~5% of an iteration.) Other devices: ATen.
 torch::Tensor random_like(const torch::Tensor& y, bool gaussian, double a, double b) {
-  if (!y.device().is_cpu())
-    return gaussian ? torch::empty_like(y).normal_(a, b) : torch::empty_like(y).uniform_(a, b);
+  if (!y.device().is_cpu() || !std::isfinite(a) || !std::isfinite(b)) {
+    // A diverged input (sigma NaN or inf) gives NaN/inf noise, as the arithmetic says: the
+    // divergence check then reports it. ATen's samplers reject such parameters.
+    return gaussian ? torch::randn_like(y).mul_(b).add_(a) : torch::rand_like(y).mul_(b - a).add_(a);
+  }
   auto out = torch::empty(y.sizes(), y.options().memory_format(c10::MemoryFormat::Contiguous));
   uint64_t seed = 0;
   {

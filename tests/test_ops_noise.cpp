@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 
 #include "noisydarts/mixed_op.h"
 #include "noisydarts/noise.h"
@@ -104,6 +105,39 @@ TEST(Noise, UniformMatchesGaussianMeanAndStdWithinItsBounds) {
   EXPECT_NEAR(n.std().item<double>(), sigma, 0.01);
   EXPECT_LE(n.abs().max().item<double>(), std::sqrt(3.0) * sigma + 1e-6);
   EXPECT_GT(n.abs().max().item<double>(), 0.99 * std::sqrt(3.0) * sigma);
+}
+
+TEST(Noise, SameSeedSameNoiseAtAnyThreadCountAndBlocksAreIndependent) {
+  // Sampled in parallel blocks of 2^16 with per-block generators (noise.cpp).
+  auto y = torch::ones({4, 8, 64, 64});  // 131072 elements: two blocks
+  NoiseOptions o;
+  o.scale = NoiseScale::kAbsolute;
+  o.lambda = 1.0;
+  const int was = at::get_num_threads();
+  at::set_num_threads(1);
+  torch::manual_seed(11);
+  auto a = sample_noise(y, o, 1.0);
+  at::set_num_threads(2);
+  torch::manual_seed(11);
+  auto b = sample_noise(y, o, 1.0);
+  at::set_num_threads(was);
+  EXPECT_TRUE(a.equal(b));
+  auto flat = a.view({-1});
+  auto first = flat.narrow(0, 0, 65536), second = flat.narrow(0, 65536, 65536);
+  EXPECT_FALSE(first.equal(second));
+  const double corr = ((first - first.mean()) * (second - second.mean())).mean().item<double>() /
+                      (first.std().item<double>() * second.std().item<double>());
+  EXPECT_LT(std::abs(corr), 0.02);
+  EXPECT_NEAR(second.std().item<double>(), 1.0, 0.02);
+  torch::manual_seed(12);
+  EXPECT_FALSE(sample_noise(y, o, 1.0).equal(a));
+}
+
+TEST(Noise, ADivergedInputGivesNonFiniteNoiseInsteadOfAnError) {
+  auto y = torch::full({2, 3, 4, 4}, std::numeric_limits<float>::quiet_NaN());
+  NoiseOptions o;
+  o.lambda = 0.2;
+  EXPECT_TRUE(torch::isnan(sample_noise(y, o, 1.0)).all().item<bool>());
 }
 
 TEST(Noise, AbsoluteScaleIgnoresTheInputMagnitude) {
