@@ -13,13 +13,13 @@
 #include <torch/csrc/autograd/functions/utils.h>
 
 namespace noisydarts {
-int nd_exp_flags = 0;  // EXPERIMENT
 using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
 std::atomic<bool> g_fused{true};
+std::atomic<bool> g_avx512{true};
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels (float, NCHW contiguous). Each image plane (n, c) is independent. It is copied into
@@ -76,7 +76,7 @@ Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d)
 #ifdef ND_AVX512
 bool use_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes && !(nd_exp_flags & 1);
+  return yes && g_avx512;
 }
 #define ND_AVX512_FN __attribute__((target("avx512f")))
 
@@ -258,7 +258,7 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
   const int64_t kk = g.k * g.k;  // <= kMaxTaps (checked by the callers)
   const int64_t* offs = g.tap.data();
 #ifdef ND_AVX512
-  if (use_avx512() && !(nd_exp_flags & 8)) {
+  if (use_avx512()) {
     dw_taps_avx512(buf, wt, offs, kk, ext, g.len);
     return compact_rows(ext, out, g, mask);
   }
@@ -383,7 +383,7 @@ ND_AVX512_FN void dw_grad_weight_avx512(const float* buf, const float* ext, floa
 
 ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* part, const Geom& g) {
 #ifdef ND_AVX512
-  if (use_avx512() && !(nd_exp_flags & 8)) return dw_grad_weight_avx512(buf, ext, part, g);
+  if (use_avx512()) return dw_grad_weight_avx512(buf, ext, part, g);
 #endif
   for (int64_t kh = 0; kh < g.k; ++kh)
     for (int64_t kw = 0; kw < g.k; ++kw) {
@@ -483,7 +483,7 @@ ND_AVX512_FN void pw_grad_weight_image_avx512(const float* gy, const float* x, f
 ND_CLONES void pw_image(const float* x, const float* w, float* y, int64_t ci, int64_t co, int64_t hw,
                         bool transpose, bool relu, const float* mask) {
 #ifdef ND_AVX512
-  if (use_avx512() && !(nd_exp_flags & 4))
+  if (use_avx512())
     return pw_image_avx512(x, w, y, ci, co, hw, transpose ? 1 : ci, transpose ? co : 1, relu, mask);
 #endif
   auto wat = [&](int64_t o, int64_t i) { return transpose ? w[i * co + o] : w[o * ci + i]; };
@@ -545,7 +545,7 @@ ND_CLONES void pw_image(const float* x, const float* w, float* y, int64_t ci, in
 ND_CLONES void pw_grad_weight_image(const float* gy, const float* x, float* part, int64_t ci,
                                     int64_t co, int64_t hw, bool relu) {
 #ifdef ND_AVX512
-  if (use_avx512() && !(nd_exp_flags & 4)) return pw_grad_weight_image_avx512(gy, x, part, ci, co, hw, relu);
+  if (use_avx512()) return pw_grad_weight_image_avx512(gy, x, part, ci, co, hw, relu);
 #endif
   for (int64_t o = 0; o < co; ++o)
     for (int64_t i = 0; i < ci; ++i) {
@@ -864,7 +864,7 @@ Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const T
   const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
   if (!training) return g * invstd.view(view);
   if (own_kernel(g) && own_kernel(y) && y.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
-      invstd.scalar_type() == torch::kFloat && !(nd_exp_flags & 32)) {
+      invstd.scalar_type() == torch::kFloat) {
     // Split by images like bn_forward: per plane the sums of g and g y, per channel their
     // totals in double in image order, then the gradient plane by plane.
     auto gc = g.contiguous();
@@ -1187,6 +1187,15 @@ struct WeightedSumBackward : torch::autograd::Node {
 void set_fused_ops(bool on) { g_fused = on; }
 bool fused_ops_enabled() { return g_fused; }
 
+void set_avx512_kernels(bool on) { g_avx512 = on; }
+bool avx512_kernels_active() {
+#ifdef ND_AVX512
+  return use_avx512();
+#else
+  return false;
+#endif
+}
+
 Tensor depthwise_conv2d(const Tensor& x, const Tensor& w, int64_t stride, int64_t pad, int64_t dilation,
                         bool relu_input) {
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(0) == x.size(1) && w.size(1) == 1 && w.size(2) == w.size(3),
@@ -1243,7 +1252,7 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   // one store per output) run on grad_out padded by (k - 1) d - pad, with the kernel flipped.
   // Other strides: the scatter of dw_grad_input_plane into the phase layout.
   const int64_t back_pad = (g.k - 1) * g.d - g.p;
-  const bool gather_form = g.s == 1 && back_pad >= 0 && !(nd_exp_flags & 16);
+  const bool gather_form = g.s == 1 && back_pad >= 0;
   const Geom gg = gather_form ? make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d) : Geom{};
   std::vector<float> flipped;
   if (need_input && gather_form) {

@@ -1,6 +1,8 @@
 // The fused search ops (fused_ops.h) against the module-by-module forms they replace: values,
 // gradients, running statistics, double backward and thread independence.
 #include <gtest/gtest.h>
+
+#include <array>
 #include <torch/torch.h>
 
 #include "noisydarts/architect.h"
@@ -20,6 +22,12 @@ struct FusedSwitch {
   explicit FusedSwitch(bool on) : was(fused_ops_enabled()) { set_fused_ops(on); }
   ~FusedSwitch() { set_fused_ops(was); }
   bool was;
+};
+
+// Runs a block with the AVX-512 kernel forms on or off (the portable loops): both are checked.
+struct Avx512Switch {
+  explicit Avx512Switch(bool on) { set_avx512_kernels(on); }
+  ~Avx512Switch() { set_avx512_kernels(true); }
 };
 
 struct ThreadCount {
@@ -63,14 +71,49 @@ void check_depthwise(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int6
 }  // namespace
 
 TEST(Fused, DepthwiseKernelMatchesATenForEveryGeometryOfTheSpaces) {
-  for (int64_t k : {3, 5, 7})
-    for (int64_t s : {1, 2})
-      for (int64_t d : {1, 2}) check_depthwise(3, 4, 9, 9, k, s, d, d == 2);
-  // Odd, non-square and tiny planes (7x7 after two reductions, 1x1 at the end of deep nets).
-  check_depthwise(2, 3, 7, 11, 5, 2, 2, true);
-  check_depthwise(2, 3, 14, 6, 3, 1, 1, false);
-  check_depthwise(2, 3, 1, 1, 3, 1, 1, true);
-  check_depthwise(2, 3, 2, 2, 5, 2, 2, true);
+  for (const bool avx512 : {true, false}) {
+    SCOPED_TRACE(avx512 ? "AVX-512 forms" : "portable loops");
+    Avx512Switch sw(avx512);
+    for (int64_t k : {3, 5, 7})
+      for (int64_t s : {1, 2})
+        for (int64_t d : {1, 2}) check_depthwise(3, 4, 9, 9, k, s, d, d == 2);
+    // Odd, non-square and tiny planes (7x7 after two reductions, 1x1 at the end of deep nets),
+    // and rows longer than one 16-float register (28, 33).
+    check_depthwise(2, 3, 7, 11, 5, 2, 2, true);
+    check_depthwise(2, 3, 14, 6, 3, 1, 1, false);
+    check_depthwise(2, 3, 1, 1, 3, 1, 1, true);
+    check_depthwise(2, 3, 2, 2, 5, 2, 2, true);
+    check_depthwise(2, 2, 28, 28, 5, 1, 2, true);
+    check_depthwise(2, 2, 33, 31, 3, 2, 1, true);
+  }
+}
+
+TEST(Fused, OneByOneChainWithAnyChannelCountMatchesTheModules) {
+  // ReLU, 1x1 convolution, BN (the cells' preprocess) with output counts that are not multiples
+  // of the kernel's 8-output blocks and planes that end inside a 32-pixel block.
+  for (const bool avx512 : {true, false})
+    for (const auto& shape : std::vector<std::array<int64_t, 4>>{{5, 11, 7, 7}, {3, 9, 5, 13}, {16, 8, 28, 28}, {6, 20, 14, 14}}) {
+      const std::string tag = std::string(avx512 ? "AVX-512 " : "portable ") + std::to_string(shape[0]) + "->" +
+                              std::to_string(shape[1]) + " " + std::to_string(shape[2]) + "x" + std::to_string(shape[3]);
+      Avx512Switch sw(avx512);
+      torch::manual_seed(23);
+      auto w = torch::randn({shape[1], shape[0], 1, 1}).requires_grad_();
+      auto x = torch::randn({3, shape[0], shape[2], shape[3]}).requires_grad_();
+      auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(shape[1]).affine(false));
+      auto bn2 = nn::BatchNorm2d(nn::BatchNorm2dOptions(shape[1]).affine(false));
+      auto y = fused_relu_pw_bn(x, w, *bn);
+      auto xd = x.detach().to(torch::kDouble).requires_grad_(), wd = w.detach().to(torch::kDouble).requires_grad_();
+      bn2->to(torch::kDouble);
+      auto ref = bn2->forward(torch::conv2d(torch::relu(xd), wd));
+      expect_close(y.to(torch::kDouble), ref.detach(), 1e-5, tag + " forward");
+      auto g = torch::randn(y.sizes());
+      auto ga = torch::autograd::grad({y}, {x, w}, {g});
+      auto gb = torch::autograd::grad({ref}, {xd, wd}, {g.to(torch::kDouble)});
+      expect_close(ga[0].to(torch::kDouble), gb[0], 1e-4, tag + " grad input");
+      expect_close(ga[1].to(torch::kDouble), gb[1], 1e-4, tag + " grad weight");
+      expect_close(bn->running_var.to(torch::kDouble), bn2->running_var, 1e-5, tag + " running var");
+      expect_close(bn->running_mean.to(torch::kDouble), bn2->running_mean, 1e-5, tag + " running mean");
+    }
 }
 
 TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) {
@@ -167,7 +210,9 @@ TEST(Fused, WeightedSumValuesAndGradients) {
 TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
   // DARTS' 8 ops (with `none`) and NoisyDARTS' 7 with noise and skip drop-path: the noise draws
   // happen in the same order either way, so the same seed gives the same network outputs.
+  for (const bool avx512 : {true, false})
   for (const bool darts : {true, false}) {
+    Avx512Switch sw(avx512);
     SearchNetworkOptions o(4, 5, 3);
     o.in_channels(1);
     if (darts) o.primitives(darts_primitives());
@@ -195,7 +240,7 @@ TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
       return std::make_pair(logits.detach(), g);
     };
     auto a = run(net, true), b = run(twin, false);
-    const std::string tag = darts ? "darts" : "noisydarts";
+    const std::string tag = std::string(darts ? "darts" : "noisydarts") + (avx512 ? " AVX-512" : " portable");
     expect_close(a.first, b.first, 1e-4, tag + " logits");
     ASSERT_EQ(a.second.size(), b.second.size());
     for (size_t i = 0; i < a.second.size(); ++i) {

@@ -27,6 +27,13 @@ namespace noisydarts {
 void set_fused_ops(bool on);
 bool fused_ops_enabled();
 
+/// Process-wide switch (default on) for the AVX-512 forms of the own kernels (masked row
+/// copies, register-blocked 1x1 and depthwise loops), used when the CPU has AVX-512F. Off: the
+/// portable loops every other CPU runs (tests compare the two on AVX-512 machines).
+/// `avx512_kernels_active()`: whether the AVX-512 forms run now (switch on and CPU able).
+void set_avx512_kernels(bool on);
+bool avx512_kernels_active();
+
 /// Depthwise 2-D convolution of NCHW `x` with weight [C, 1, k, k]; `relu_input` convolves
 /// relu(x) instead of x. CPU float uses the own kernel, anything else ATen.
 torch::Tensor depthwise_conv2d(const torch::Tensor& x, const torch::Tensor& w, int64_t stride,
