@@ -1,5 +1,6 @@
 #include "noisydarts/fused_ops.h"
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -32,8 +33,8 @@ std::atomic<bool> g_avx512{true};
 // fixed order afterwards, so results do not depend on the thread count.
 // ---------------------------------------------------------------------------------------------
 struct Geom {
-  int64_t h, w, oh, ow, k, s, p, d;
-  int64_t hq, wq, sub, len, buf;  // phase rows/columns, phase size, output length, buffer size
+  int64_t h = 0, w = 0, oh = 0, ow = 0, k = 0, s = 1, p = 0, d = 1;
+  int64_t hq = 0, wq = 0, sub = 0, len = 0, buf = 0;  // phase rows/columns, phase size, output length, buffer size
   int64_t offset(int64_t kh, int64_t kw) const {
     const int64_t a = kh * d, b = kw * d;
     return ((a % s) * s + b % s) * sub + (a / s) * wq + b / s;
@@ -772,6 +773,58 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   return gx;
 }
 
+// ---- Depthwise backward, one plane at a time -------------------------------------------------
+// Shared by depthwise_conv2d_backward (plane by plane) and the fused chain (image by image).
+// Stride 1: the input gradient is the forward kernel (registers accumulate across the taps, one
+// store per value) run on grad_out padded by (k - 1) d - pad, with the kernel flipped. Other
+// strides: the scatter of dw_grad_input_plane into the phase layout, then gather_phases.
+struct DwBackward {
+  Geom g, gg;
+  bool gather_form = false, relu = false, need_input = false, need_weight = false;
+  int64_t kk = 0;
+  const float* w = nullptr;
+  std::vector<float> flipped;
+  struct Scratch {
+    std::vector<float> buf, ext, gbuf, gext;
+  };
+
+  DwBackward(Geom geom, const float* weights, int64_t c, bool relu_input, bool need_in, bool need_w)
+      : g(std::move(geom)), relu(relu_input), need_input(need_in), need_weight(need_w), kk(g.k * g.k), w(weights) {
+    const int64_t back_pad = (g.k - 1) * g.d - g.p;
+    gather_form = need_input && g.s == 1 && back_pad >= 0;
+    if (!gather_form) return;
+    gg = make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d);
+    TORCH_CHECK(gg.oh == g.h && gg.ow == g.w, "depthwise backward: bad geometry");
+    flipped.resize(static_cast<size_t>(c * kk));
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t t = 0; t < kk; ++t) flipped[ch * kk + t] = w[ch * kk + kk - 1 - t];
+  }
+
+  void size(Scratch& sc) const {
+    sc.buf.resize(static_cast<size_t>(g.buf));
+    sc.ext.resize(static_cast<size_t>(g.len));
+    sc.gbuf.resize(static_cast<size_t>(gather_form ? gg.buf : 0));
+    sc.gext.resize(static_cast<size_t>(gather_form ? gg.len : 0));
+  }
+
+  // Channel ch: go its grad_out plane, x its input plane, xbuf x already in the phase layout
+  // (relu'd; null: filled here), gx / part (kk floats) the outputs asked for.
+  void plane(int64_t ch, const float* go, const float* x, const float* xbuf, float* gx, float* part, Scratch& sc) const {
+    if (need_weight || !gather_form) extend_grad(go, sc.ext.data(), g);
+    if (need_weight) {
+      if (!xbuf) fill_phases(x, sc.buf.data(), g, relu), xbuf = sc.buf.data();
+      dw_grad_weight_plane(xbuf, sc.ext.data(), part, g);
+    }
+    if (need_input && gather_form) {
+      fill_phases(go, sc.gbuf.data(), gg, false);
+      dw_forward_plane(sc.gbuf.data(), flipped.data() + ch * kk, sc.gext.data(), gx, gg, relu ? x : nullptr);
+    } else if (need_input) {
+      dw_grad_input_plane(sc.ext.data(), w + ch * kk, sc.buf.data(), g);
+      gather_phases(sc.buf.data(), x, gx, g, relu);
+    }
+  }
+};
+
 // ---- BatchNorm (non-affine) with a backward from its output ----------------------------------
 struct BnParams {
   bool training;
@@ -914,6 +967,87 @@ Tensor bn_differentiable(const Tensor& x, const Tensor& mean, const Tensor& invs
   return (x - mean.view(view)) * invstd.view(view);
 }
 
+// ---- ReLU-depthwise-1x1 image by image (CPU float) --------------------------------------------
+// The depthwise output of one image (and in the backward the gradient flowing into it) lives
+// in the thread's scratch, in cache, between the two convolutions: it is never a tensor, and
+// the pair is one parallel loop instead of two.
+bool dw_pw_own(const Tensor& x, const Tensor& w_dw) {
+  return own_kernel(x) && x.dim() == 4 && w_dw.dim() == 4 && w_dw.size(2) == w_dw.size(3) &&
+         w_dw.size(2) * w_dw.size(3) <= kMaxTaps;
+}
+
+// pointwise(depthwise(relu(x))), with each output plane's statistics.
+Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, int64_t s, int64_t pad, int64_t dil,
+                     PlaneStats& stats) {
+  auto xc = x.contiguous(), wd = w_dw.contiguous(), wp = w_pw.contiguous();
+  const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
+  const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
+  auto y = torch::empty({n, co, g.oh, g.ow}, xc.options());
+  const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  stats.mean.resize(static_cast<size_t>(n * co));
+  stats.m2.resize(static_cast<size_t>(n * co));
+  for_images(n, [&](int64_t i) {
+    thread_local std::vector<float> buf, ext, d;
+    buf.resize(static_cast<size_t>(g.buf)), ext.resize(static_cast<size_t>(g.len)), d.resize(static_cast<size_t>(c * ohw));
+    for (int64_t ch = 0; ch < c; ++ch) {
+      fill_phases(xp + (i * c + ch) * plane, buf.data(), g, true);
+      dw_forward_plane(buf.data(), wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
+    }
+    float* yi = yp + i * co * ohw;
+    pw_image(d.data(), wpp, yi, c, co, ohw, false, false, nullptr);
+    for (int64_t o = 0; o < co; ++o) plane_stats(yi + o * ohw, ohw, stats.mean[i * co + o], stats.m2[i * co + o]);
+  });
+  return y;
+}
+
+// Gradients of pointwise(depthwise(relu(x))) from gp = d loss / d its output: {x, w_dw, w_pw},
+// undefined where not asked for. The depthwise output is recomputed (for the 1x1 weight
+// gradient only), from phase buffers of x that then also serve the depthwise weight gradient.
+std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
+                                     int64_t s, int64_t pad, int64_t dil, bool need_x, bool need_dw, bool need_pw) {
+  auto xc = x.contiguous(), wd = w_dw.contiguous(), wp = w_pw.contiguous(), gc = gp.contiguous();
+  const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "fused chain backward: grad shape ", gc.sizes());
+  const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
+  const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>(), *gpp = gc.data_ptr<float>();
+  std::array<Tensor, 3> out;
+  if (need_x) out[0] = torch::empty_like(xc);
+  float* gxp = need_x ? out[0].data_ptr<float>() : nullptr;
+  std::vector<float> part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0), part_pw(need_pw ? static_cast<size_t>(n * co * c) : 0);
+  const DwBackward db(g, wdp, c, /*relu_input=*/true, need_x, need_dw);
+  const bool keep_x = need_pw && need_dw;
+  for_images(n, [&](int64_t i) {
+    thread_local DwBackward::Scratch sc;
+    thread_local std::vector<float> xbufs, ext, d, gd;
+    db.size(sc);
+    const float* gi = gpp + i * co * ohw;
+    if (need_pw) {
+      xbufs.resize(static_cast<size_t>((keep_x ? c : 1) * g.buf)), ext.resize(static_cast<size_t>(g.len));
+      d.resize(static_cast<size_t>(c * ohw));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        float* xb = xbufs.data() + (keep_x ? ch * g.buf : 0);
+        fill_phases(xp + (i * c + ch) * plane, xb, g, true);
+        dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
+      }
+      pw_grad_weight_image(gi, d.data(), part_pw.data() + i * co * c, c, co, ohw, false);
+    }
+    if (need_x || need_dw) {
+      gd.resize(static_cast<size_t>(c * ohw));
+      pw_image(gi, wpp, gd.data(), co, c, ohw, true, false, nullptr);
+      for (int64_t ch = 0; ch < c; ++ch)
+        db.plane(ch, gd.data() + ch * ohw, xp + (i * c + ch) * plane, keep_x ? xbufs.data() + ch * g.buf : nullptr,
+                 need_x ? gxp + (i * c + ch) * plane : nullptr, need_dw ? part_dw.data() + (i * c + ch) * kk : nullptr, sc);
+    }
+  });
+  if (need_dw) out[1] = sum_partials(part_dw, n, c * kk, w_dw.sizes());
+  if (need_pw) out[2] = sum_partials(part_pw, n, co * c, w_pw.sizes());
+  return out;
+}
+
 // ---- Autograd nodes ------------------------------------------------------------------------
 // BN(conv1x1(depthwise(relu(x)))) or, with an empty depthwise weight, BN(conv1x1(relu(x))).
 struct ChainFn : torch::autograd::Function<ChainFn> {
@@ -924,8 +1058,9 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
     Tensor y, mean, invstd;
     {
       PlaneStats st;
-      auto p = has_dw ? pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, &st)
-                      : pointwise(x, w_pw, /*relu=*/true, &st);
+      auto p = !has_dw             ? pointwise(x, w_pw, /*relu=*/true, &st)
+               : dw_pw_own(x, w_dw) ? dw_pw_forward(x, w_dw, w_pw, stride, pad, dil, st)
+                                    : pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, &st);
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true);
     }
     ctx->save_for_backward({x, w_dw, w_pw, y, mean, invstd});
@@ -965,6 +1100,11 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
     if (!has_dw) {
       if (need[2]) out[2] = pointwise_grad_weight(gp, x, w_pw, true);
       if (need[0]) out[0] = pointwise_grad_input(gp, w_pw, x, true);
+      return out;
+    }
+    if (dw_pw_own(x, w_dw) && own_kernel(gp)) {
+      auto r = dw_pw_backward(gp, x, w_dw, w_pw, s, pad, dil, need[0], need[1], need[2]);
+      out[0] = r[0], out[1] = r[1], out[2] = r[2];
       return out;
     }
     Tensor d;  // the depthwise output, recomputed (cheaper than keeping it)
@@ -1248,37 +1388,13 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *gp = gc.data_ptr<float>();
   float* gxp = need_input ? gx.data_ptr<float>() : nullptr;
   const int64_t plane = g.h * g.w, oplane = g.oh * g.ow, kk = g.k * g.k;
-  // Stride 1: the input gradient is the forward kernel (registers accumulate across the taps,
-  // one store per output) run on grad_out padded by (k - 1) d - pad, with the kernel flipped.
-  // Other strides: the scatter of dw_grad_input_plane into the phase layout.
-  const int64_t back_pad = (g.k - 1) * g.d - g.p;
-  const bool gather_form = g.s == 1 && back_pad >= 0;
-  const Geom gg = gather_form ? make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d) : Geom{};
-  std::vector<float> flipped;
-  if (need_input && gather_form) {
-    TORCH_CHECK(gg.oh == g.h && gg.ow == g.w, "depthwise_conv2d_backward: bad geometry");
-    flipped.resize(static_cast<size_t>(c * kk));
-    for (int64_t ch = 0; ch < c; ++ch)
-      for (int64_t t = 0; t < kk; ++t) flipped[ch * kk + t] = wp[ch * kk + kk - 1 - t];
-  }
+  const DwBackward db(g, wp, c, relu_input, need_input, need_weight);
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
-    std::vector<float> gbuf(static_cast<size_t>(gather_form ? gg.buf : 0)), gext(static_cast<size_t>(gather_form ? gg.len : 0));
-    for (int64_t i = b; i < e; ++i) {
-      if (need_weight || !gather_form) extend_grad(gp + i * oplane, ext.data(), g);
-      if (need_weight) {
-        fill_phases(xp + i * plane, buf.data(), g, relu_input);
-        dw_grad_weight_plane(buf.data(), ext.data(), part.data() + i * kk, g);
-      }
-      if (need_input && gather_form) {
-        fill_phases(gp + i * oplane, gbuf.data(), gg, false);
-        dw_forward_plane(gbuf.data(), flipped.data() + (i % c) * kk, gext.data(), gxp + i * plane, gg,
-                         relu_input ? xp + i * plane : nullptr);
-      } else if (need_input) {
-        dw_grad_input_plane(ext.data(), wp + (i % c) * kk, buf.data(), g);
-        gather_phases(buf.data(), xp + i * plane, gxp + i * plane, g, relu_input);
-      }
-    }
+    DwBackward::Scratch sc;
+    db.size(sc);
+    for (int64_t i = b; i < e; ++i)
+      db.plane(i % c, gp + i * oplane, xp + i * plane, nullptr, need_input ? gxp + i * plane : nullptr,
+               need_weight ? part.data() + i * kk : nullptr, sc);
   });
   Tensor gw;
   if (need_weight) gw = sum_partials(part, n, c * kk, w.sizes());  // part is [n][c][kk]
