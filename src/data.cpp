@@ -12,6 +12,7 @@
 #include "noisydarts/data.h"
 
 #include "noisydarts/error.h"
+#include "noisydarts/splitmix.h"
 
 #include <sys/stat.h>
 #include <zlib.h>
@@ -37,13 +38,6 @@ namespace {
 // ------------------------------------------------------------------------------------------
 // Portable randomness
 // ------------------------------------------------------------------------------------------
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 /// Order-sensitive hash of two 64-bit values (seed derivation).
 uint64_t mix(uint64_t a, uint64_t b) { return splitmix64(splitmix64(a) ^ (b + 0x632be59bd9b4e019ULL)); }

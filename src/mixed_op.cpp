@@ -42,8 +42,8 @@ torch::Tensor MixedOpImpl::forward(const torch::Tensor& x, const torch::Tensor& 
     if (name == "none") continue;
     torch::Tensor y;
     // Pool + BN as one node that keeps only its output (fused_ops.h).
-    if (name == "max_pool_3x3" && bn1_ && fused_ops_enabled()) y = fused_pool_bn(x, true, stride_, *bn1_);
-    else if (name == "avg_pool_3x3" && bn2_ && fused_ops_enabled()) y = fused_pool_bn(x, false, stride_, *bn2_);
+    if (name == "max_pool_3x3" && bn1_ && fused) y = fused_pool_bn(x, true, stride_, *bn1_);
+    else if (name == "avg_pool_3x3" && bn2_ && fused) y = fused_pool_bn(x, false, stride_, *bn2_);
     else {
       y = ops_[k].forward(x);
       if (name == "max_pool_3x3" && bn1_) y = bn1_->forward(y);

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include "noisydarts/error.h"
+#include "noisydarts/splitmix.h"
 
 namespace noisydarts {
 
@@ -31,15 +32,8 @@ double noise_decay_factor(const NoiseOptions& opt, double epoch, double total_ep
 }
 
 namespace {
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// A tensor shaped like y, filled with N(mean, sigma) (gaussian) or U(lo, hi) (uniform: mean =
-// lo, sigma = hi) in parallel on CPU: blocks of 2^16 elements, each drawn by its own generator
+// A tensor shaped like y, filled with N(a, b) (gaussian: mean a, sigma b) or U(a, b) (uniform)
+// in parallel on CPU: blocks of 2^16 elements, each drawn by its own generator
 // seeded from one 64-bit draw of the default generator and the block index. Same seed, same
 // noise, whatever the thread count. (ATen's CPU sampler runs on one thread: at the sizes of a
 // search it held up the other threads for ~5% of an iteration.) Other devices: ATen.
