@@ -113,13 +113,17 @@ ND_AVX512_FN inline void row_copy_pad(float* dst, const float* src, int64_t have
     _mm512_mask_storeu_ps(dst + j, lanes(n - j), _mm512_maskz_loadu_ps(lanes(have - j), src + j));
 }
 
+// y = (mk > 0 ? v : 0) on the lanes m (y = v without mk).
+ND_AVX512_FN inline void store_kept(float* y, const float* mk, __mmask16 m, __m512 v) {
+  if (mk) v = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mk), _mm512_setzero_ps(), _CMP_GT_OQ), v);
+  _mm512_mask_storeu_ps(y, m, v);
+}
+
 // dst[0, n) = (mask[j] > 0 ? src[j] : 0), or src when mask is null.
 ND_AVX512_FN inline void row_copy_masked(float* dst, const float* src, const float* mask, int64_t n) {
-  const __m512 z = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = lanes(n - j);
-    const __mmask16 keep = mask ? _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mask + j), z, _CMP_GT_OQ) : m;
-    _mm512_mask_storeu_ps(dst + j, m, _mm512_maskz_loadu_ps(keep, src + j));
+    store_kept(dst + j, mask ? mask + j : nullptr, m, _mm512_maskz_loadu_ps(m, src + j));
   }
 }
 
@@ -142,19 +146,12 @@ ND_AVX512_FN inline void row_split2(float* even, float* odd, const float* src, i
 ND_AVX512_FN inline void row_join2(float* dst, const float* even, const float* odd, const float* mask, int64_t n) {
   const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 z = _mm512_setzero_ps();
   const int64_t ne = (n + 1) / 2, no = n / 2;
   for (int64_t j = 0; 2 * j < n; j += 16) {
     const __m512 e = _mm512_maskz_loadu_ps(lanes(ne - j), even + j);
     const __m512 o = _mm512_maskz_loadu_ps(lanes(no - j), odd + j);
-    const __mmask16 m0 = lanes(n - 2 * j), m1 = lanes(n - 2 * j - 16);
-    __m512 lo = _mm512_permutex2var_ps(e, il, o), hi = _mm512_permutex2var_ps(e, ih, o);
-    if (mask) {
-      lo = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m0, _mm512_maskz_loadu_ps(m0, mask + 2 * j), z, _CMP_GT_OQ), lo);
-      hi = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m1, _mm512_maskz_loadu_ps(m1, mask + 2 * j + 16), z, _CMP_GT_OQ), hi);
-    }
-    _mm512_mask_storeu_ps(dst + 2 * j, m0, lo);
-    _mm512_mask_storeu_ps(dst + 2 * j + 16, m1, hi);
+    store_kept(dst + 2 * j, mask ? mask + 2 * j : nullptr, lanes(n - 2 * j), _mm512_permutex2var_ps(e, il, o));
+    store_kept(dst + 2 * j + 16, mask ? mask + 2 * j + 16 : nullptr, lanes(n - 2 * j - 16), _mm512_permutex2var_ps(e, ih, o));
   }
 }
 #endif
@@ -397,12 +394,6 @@ ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* p
 }
 
 #ifdef ND_AVX512
-// y = (mk > 0 ? v : 0) on the lanes m (y = v without mk).
-ND_AVX512_FN inline void store_kept(float* y, const float* mk, __mmask16 m, __m512 v) {
-  if (mk) v = _mm512_maskz_mov_ps(_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mk), _mm512_setzero_ps(), _CMP_GT_OQ), v);
-  _mm512_mask_storeu_ps(y, m, v);
-}
-
 // pw_image on AVX-512: w(o, i) = w[o * so + i * si]. Blocks of 8 outputs x 32 pixels: 16
 // accumulators in registers, two input loads and 16 multiply-adds (weights broadcast from
 // memory) per input channel; masked loads and stores at the plane's end.
@@ -878,7 +869,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
     stats = &own;
   }
   const std::vector<float>&pmean = stats->mean, &pm2 = stats->m2;
-  std::vector<float> muf(static_cast<size_t>(c)), isf(static_cast<size_t>(c));
   for (int64_t ch = 0; ch < c; ++ch) {
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(pmean[i * c + ch]) * static_cast<double>(hw);
@@ -889,13 +879,13 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
       ss += static_cast<double>(pm2[i * c + ch]) + static_cast<double>(hw) * dm * dm;
     }
     const double var = ss / count;
-    muf[ch] = mp[ch] = static_cast<float>(mu);
-    isf[ch] = ip[ch] = static_cast<float>(1.0 / std::sqrt(var + p.eps));
+    mp[ch] = static_cast<float>(mu);
+    ip[ch] = static_cast<float>(1.0 / std::sqrt(var + p.eps));
     var_unbiased[ch] = count > 1 ? ss / (count - 1) : var;
   }
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const float *src = xp + i * hw, mu = muf[i % c], is = isf[i % c];
+      const float *src = xp + i * hw, mu = mp[i % c], is = ip[i % c];
       float* dst = yp + i * hw;
 #pragma omp simd
       for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - mu) * is;
@@ -1049,6 +1039,19 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
 }
 
 // ---- Autograd nodes ------------------------------------------------------------------------
+// The double-backward path of a fused node: d out / d sv[i] (weighted by g) for the first three
+// saved inputs that need it, with a graph (create_graph), into out[i]; `out` otherwise empty.
+void grad_of_recomputation(const Tensor& recomputed, const variable_list& sv, const std::vector<int64_t>& need,
+                           const Tensor& g, variable_list& out) {
+  variable_list ins;
+  std::vector<int> idx;
+  for (int i = 0; i < 3; ++i)
+    if (need[i] && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
+  if (ins.empty()) return;
+  auto gs = torch::autograd::grad({recomputed}, ins, {g}, /*retain_graph=*/true, /*create_graph=*/true, true);
+  for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
+}
+
 // BN(conv1x1(depthwise(relu(x)))) or, with an empty depthwise weight, BN(conv1x1(relu(x))).
 struct ChainFn : torch::autograd::Function<ChainFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
@@ -1086,14 +1089,7 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       // create_graph: differentiate a recomputation built from ATen's differentiable ops.
       auto d = at::relu(x);
       if (has_dw) d = at::conv2d(d, w_dw, {}, {s, s}, {pad, pad}, {dil, dil}, x.size(1));
-      auto b = bn_differentiable(at::conv2d(d, w_pw), mean, invstd, training, eps);
-      variable_list ins;
-      std::vector<int> idx;
-      for (int i = 0; i < 3; ++i)
-        if (need[i] && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
-      if (ins.empty()) return out;
-      auto gs = torch::autograd::grad({b}, ins, {g}, /*retain_graph=*/true, /*create_graph=*/true, true);
-      for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
+      grad_of_recomputation(bn_differentiable(at::conv2d(d, w_pw), mean, invstd, training, eps), sv, need, g, out);
       return out;
     }
     auto gp = bn_backward(g, y, mean, invstd, training, eps);
@@ -1192,14 +1188,7 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
       auto b = at::conv2d(r.index({Slice(), Slice(), Slice(1, None), Slice(1, None)}), w2, {}, {2, 2});
       if (b.size(2) != a.size(2) || b.size(3) != a.size(3))
         b = at::constant_pad_nd(b, {0, a.size(3) - b.size(3), 0, a.size(2) - b.size(2)});
-      auto bn = bn_differentiable(at::cat({a, b}, 1), mean, invstd, training, eps);
-      variable_list ins;
-      std::vector<int> idx;
-      for (int i = 0; i < 3; ++i)
-        if (need[i] && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
-      if (ins.empty()) return out;
-      auto gs = torch::autograd::grad({bn}, ins, {grads[0]}, true, true, true);
-      for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
+      grad_of_recomputation(bn_differentiable(at::cat({a, b}, 1), mean, invstd, training, eps), sv, need, grads[0], out);
       return out;
     }
     auto gp = bn_backward(grads[0], y, mean, invstd, training, eps);
@@ -1221,6 +1210,12 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
   }
 };
 
+// The edge's softmax weights as floats on the host (the own kernels' scalars).
+std::vector<float> host_weights(const Tensor& w) {
+  auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  return std::vector<float>(wd.data_ptr<double>(), wd.data_ptr<double>() + wd.numel());
+}
+
 // sum_k w[k] * y_k over the listed ops: a hand-made autograd node (any number of inputs).
 Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   bool own = true;
@@ -1230,15 +1225,11 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
     for (size_t j = 1; j < ys.size(); ++j) out = out + ys[j] * w[static_cast<int64_t>(j)];
     return out;
   }
-  auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
   auto out = torch::empty_like(ys[0]);
   const int64_t n = out.numel(), k = static_cast<int64_t>(ys.size());
   std::vector<const float*> src(k);
-  std::vector<float> wv(k);
-  for (int64_t j = 0; j < k; ++j) {
-    src[j] = ys[j].data_ptr<float>();
-    wv[j] = static_cast<float>(wd.data_ptr<double>()[j]);
-  }
+  const std::vector<float> wv = host_weights(w);
+  for (int64_t j = 0; j < k; ++j) src[j] = ys[j].data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     const float* s0 = src[0];
@@ -1288,13 +1279,11 @@ struct WeightedSumBackward : torch::autograd::Node {
     const float* gp = gc.data_ptr<float>();
     const int64_t n = gc.numel();
     const bool need_w = should_compute_output(0);
-    auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
-    std::vector<float> wv(static_cast<size_t>(k));
+    const std::vector<float> wv = host_weights(w);
     std::vector<const float*> ysrc(static_cast<size_t>(k), nullptr);
     std::vector<float*> gdst(static_cast<size_t>(k), nullptr);
     std::vector<Tensor> yc(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) {
-      wv[j] = static_cast<float>(wd.data_ptr<double>()[j]);
       if (need_w) yc[j] = ys[j].contiguous(), ysrc[j] = yc[j].data_ptr<float>();
       if (should_compute_output(1 + j)) out[1 + j] = torch::empty_like(gc), gdst[j] = out[1 + j].data_ptr<float>();
     }
