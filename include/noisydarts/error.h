@@ -17,6 +17,7 @@ enum ExitCode : int {
   kExitIo = 6,           ///< output cannot be written
   kExitDiverged = 7,     ///< NaN/Inf loss; last good checkpoint kept
   kExitDistributed = 8,  ///< data-parallel run: another rank died, stopped or timed out
+  kExitStopped = 9,      ///< stopped by SIGINT/SIGTERM after writing a checkpoint; resumable
 };
 
 class Error : public std::runtime_error {
@@ -33,6 +34,8 @@ struct CheckpointError : Error { explicit CheckpointError(const std::string& m) 
 struct IoError : Error { explicit IoError(const std::string& m) : Error(m, kExitIo) {} };
 struct DivergedError : Error { explicit DivergedError(const std::string& m) : Error(m, kExitDiverged) {} };
 struct DistributedError : Error { explicit DistributedError(const std::string& m) : Error(m, kExitDistributed) {} };
+/// A run stopped on request (SIGINT/SIGTERM) after checkpointing the step it had finished.
+struct StoppedError : Error { explicit StoppedError(const std::string& m) : Error(m, kExitStopped) {} };
 struct UsageError : Error { explicit UsageError(const std::string& m) : Error(m, kExitUsage) {} };
 
 /// Writes `content` to `path` atomically: a temporary file in the same directory, flushed,
