@@ -7,6 +7,7 @@
 #include "noisydarts/error.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/distributed.h"
+#include "noisydarts/engine.h"
 #include "noisydarts/search.h"
 
 namespace nd = noisydarts;
@@ -74,7 +75,7 @@ json convert_flag(const json& like, const std::string& flag, const std::string& 
 }
 
 int run_search_command(const std::string& preset, const std::string& scale, const std::string& config_file,
-                       std::vector<FlagBinding>& flags, bool resume, bool quiet) {
+                       std::vector<FlagBinding>& flags, bool resume, const std::string& resume_dir, bool quiet) {
   nd::SearchConfig cfg = nd::SearchConfig::preset_defaults(preset, scale);
   if (!config_file.empty()) {
     json j = nd::read_json_file(config_file);
@@ -85,14 +86,15 @@ int run_search_command(const std::string& preset, const std::string& scale, cons
     j.erase("scale");
     cfg.merge_json(j, config_file);
   }
-  json overrides = json::object();
+  // Each flag given overrides its key; merged one by one, so a refused value names its flag.
   json like = cfg.to_json();
+  bool threads_given = false;
   for (auto& f : flags) {
     if (f.opt->count() == 0) continue;
     json* target = find_key(like, f.key);
     json v = convert_flag(*target, f.opt->get_name(), f.value);
-    // Build the nested override object.
-    json* cur = &overrides;
+    json override = json::object();
+    json* cur = &override;
     size_t start = 0;
     while (true) {
       const auto dot = f.key.find('.', start);
@@ -104,16 +106,27 @@ int run_search_command(const std::string& preset, const std::string& scale, cons
       cur = &(*cur)[part];
       start = dot + 1;
     }
+    try {
+      cfg.merge_json(override, f.opt->get_name());
+    } catch (const nd::ConfigError& e) {  // a bad command-line value is a usage error
+      throw nd::UsageError(e.what());
+    }
+    threads_given |= f.key == "threads";
   }
-  cfg.merge_json(overrides, "command line");
+  if (!resume_dir.empty()) {
+    if (!cfg.out.empty() && cfg.out != resume_dir)
+      throw nd::UsageError("--resume " + resume_dir + " and --out " + cfg.out + " name different run directories: give one");
+    cfg.out = resume_dir;
+  }
   cfg.apply_space(nd::SearchConfig::preset_defaults(preset, scale).primitives);
-  if (resume && !overrides.contains("threads")) cfg.threads = -1;  // keep the run's own
+  if (resume && !threads_given) cfg.threads = -1;  // keep the run's own
   if (cfg.noise.mixture == nd::NoiseMixture::kMultiplicative) cfg.noise.scale = nd::NoiseScale::kAbsolute;
   nd::SearchCallbacks cb;
   cb.progress = !quiet;
   cb.info = [quiet](const std::string& s) {
     if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
   };
+  nd::install_stop_handlers();  // SIGINT/SIGTERM: finish the step, checkpoint, exit 9
   const auto r = nd::run_search(cfg, resume, cb);
   if (nd::dist_env_from_environment().rank == 0) std::printf("%s\n", nd::genotype_to_text(r.genotype).c_str());
   return nd::kExitOk;
@@ -126,7 +139,9 @@ namespace noisydarts::cli {
 void add_search_command(CLI::App& app, Action& run) {
   struct State {
     std::string preset = "noisydarts", scale = "small", config_file;
-    bool resume = false, quiet = false;
+    bool quiet = false;
+    std::string resume_dir;
+    CLI::Option* resume = nullptr;
     std::vector<FlagBinding> flags;
   };
   auto st = std::make_shared<State>();
@@ -134,7 +149,6 @@ void add_search_command(CLI::App& app, Action& run) {
   auto& preset = st->preset;
   auto& scale = st->scale;
   auto& config_file = st->config_file;
-  auto& resume = st->resume;
   auto& quiet = st->quiet;
   auto& flags = st->flags;
   auto* search = app.add_subcommand("search", "Run a NoisyDARTS/DARTS search (DARTS cells, RobustDARTS op sets, NAS-Bench-201 or the mbv2 chain)");
@@ -143,7 +157,9 @@ void add_search_command(CLI::App& app, Action& run) {
   search->add_option("--scale", scale, "Size: small (~10 min on 2 cores, Fashion-MNIST subset) or paper (SPEC 1.3: 50 epochs, 8 cells, 16 channels, full data)")
       ->check(CLI::IsMember({"small", "paper"}))->capture_default_str();
   search->add_option("--config", config_file, "JSON config file (keys as in a run's config.json); flags override it");
-  search->add_flag("--resume", resume, "Continue the search in --out from its latest checkpoint");
+  st->resume = search->add_option("--resume", st->resume_dir,
+                                  "Continue a search from its newest loadable checkpoint: --resume DIR, or --resume --out DIR")
+                   ->expected(0, 1)->type_name("[DIR]");
   search->add_flag("-q,--quiet", quiet, "No progress or summary on stderr");
 
   auto bind = [&](const std::string& name, const std::string& key, const std::string& help) {
@@ -151,7 +167,7 @@ void add_search_command(CLI::App& app, Action& run) {
     flags.back().opt = search->add_option(name, flags.back().value, help);
     return flags.back().opt;
   };
-  bind("-o,--out", "out", "Run directory (created; required)");
+  bind("-o,--out", "out", "Run directory (created; required unless --resume DIR)");
   bind("--dataset", "dataset", "fashion-mnist (default) | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
       ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"}));
   bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
@@ -202,7 +218,8 @@ void add_search_command(CLI::App& app, Action& run) {
   bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
 
   search->callback([st, &run] {
-    run = [st] { return run_search_command(st->preset, st->scale, st->config_file, st->flags, st->resume, st->quiet); };
+    run = [st] { return run_search_command(st->preset, st->scale, st->config_file, st->flags, st->resume->count() > 0,
+                                         st->resume_dir, st->quiet); };
   });
 }
 

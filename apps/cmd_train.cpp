@@ -5,6 +5,7 @@
 #include "commands.h"
 #include "noisydarts/config.h"
 #include "noisydarts/distributed.h"
+#include "noisydarts/engine.h"
 #include "noisydarts/error.h"
 #include "noisydarts/train.h"
 
@@ -57,7 +58,9 @@ namespace noisydarts::cli {
 void add_train_command(CLI::App& app, Action& run) {
   struct State {
     std::string preset = "default", config_file;
-    bool resume = false, quiet = false;
+    bool quiet = false;
+    std::string resume_dir;
+    CLI::Option* resume = nullptr;
     std::vector<Flag> flags;
   };
   auto st = std::make_shared<State>();
@@ -68,14 +71,16 @@ void add_train_command(CLI::App& app, Action& run) {
                   "(CIFAR-10, C 36, L 20, batch 96, lr 0.025, 600 epochs, cutout 16, drop-path 0.2, aux 0.4)")
       ->check(CLI::IsMember({"default", "paper"}))->capture_default_str();
   cmd->add_option("--config", st->config_file, "JSON config file (keys as in a run's config.json); flags override it");
-  cmd->add_flag("--resume", st->resume, "Continue the run in --out from its checkpoint.pt");
+  st->resume = cmd->add_option("--resume", st->resume_dir,
+                               "Continue a run from its newest loadable checkpoint: --resume DIR, or --resume --out DIR")
+                   ->expected(0, 1)->type_name("[DIR]");
   cmd->add_flag("-q,--quiet", st->quiet, "No progress or summary on stderr");
   auto bind = [&](const std::string& name, const std::string& key, const std::string& help) {
     st->flags.push_back({key, "", nullptr});
     st->flags.back().opt = cmd->add_option(name, st->flags.back().value, help);
     return st->flags.back().opt;
   };
-  bind("-o,--out", "out", "Run directory (created; required)");
+  bind("-o,--out", "out", "Run directory (created; required unless --resume DIR)");
   bind("-g,--genotype", "genotype", "Built-in name (DARTS_V1, DARTS_V2, NASNet, AmoebaNet, NoisyDARTS_a, NoisyDARTS_b), a .json/.txt file, or inline text/JSON");
   bind("--dataset", "dataset", "fashion-mnist | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
       ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"}));
@@ -106,6 +111,8 @@ void add_train_command(CLI::App& app, Action& run) {
   bind("--device", "device", "cpu | cuda | cuda:N");
   bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)");
   bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
+  bind("--checkpoint-every", "checkpoint_every_min", "Also checkpoint every N minutes mid-epoch (0 = at epoch ends only)");
+  bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept in checkpoints/");
 
   cmd->callback([st, &run] {
     run = [st] {
@@ -117,18 +124,33 @@ void add_train_command(CLI::App& app, Action& run) {
         j.erase("preset");  // the flag's preset stays authoritative
         cfg.merge_json(j, st->config_file);
       }
-      json overrides = json::object();
+      // Each flag given overrides its key; merged one by one, so a refused value names its flag.
       const json like = cfg.to_json();
-      for (auto& f : st->flags)
-        if (f.opt->count() > 0) overrides[f.key] = convert(like.at(f.key), f.opt->get_name(), f.value);
-      cfg.merge_json(overrides, "command line");
+      bool threads_given = false;
+      for (auto& f : st->flags) {
+        if (f.opt->count() == 0) continue;
+        try {
+          cfg.merge_json(json{{f.key, convert(like.at(f.key), f.opt->get_name(), f.value)}}, f.opt->get_name());
+        } catch (const ConfigError& e) {  // a bad command-line value is a usage error
+          throw UsageError(e.what());
+        }
+        threads_given |= f.key == "threads";
+      }
+      const bool resume = st->resume->count() > 0;
+      if (!st->resume_dir.empty()) {
+        if (!cfg.out.empty() && cfg.out != st->resume_dir)
+          throw UsageError("--resume " + st->resume_dir + " and --out " + cfg.out + " name different run directories: give one");
+        cfg.out = st->resume_dir;
+      }
+      if (resume && !threads_given) cfg.threads = -1;  // keep the run's own
       TrainCallbacks cb;
       cb.progress = !st->quiet;
       const bool quiet = st->quiet;
       cb.info = [quiet](const std::string& s) {
         if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
       };
-      const TrainResult r = run_train(cfg, st->resume, cb);
+      install_stop_handlers();  // SIGINT/SIGTERM: finish the step, checkpoint, exit 9
+      const TrainResult r = run_train(cfg, resume, cb);
       if (nd::dist_env_from_environment().rank != 0) return nd::kExitOk;  // rank 0 reports
       std::printf("test top-1 %.2f%%  top-5 %.2f%%  (epoch %lld, %s)\n", r.test.top1, r.test.top5,
                   static_cast<long long>(r.best_epoch), r.best_valid_top1 >= 0 ? "selected on validation" : "last epoch");

@@ -59,6 +59,9 @@ int main(int argc, char** argv) {
 
   try {
     return run ? run() : nd::kExitOk;
+  } catch (const nd::StoppedError& e) {  // a graceful stop is not a failure: say how to continue
+    std::fprintf(stderr, "noisydarts: %s\n", first_line(e.what()).c_str());
+    return e.code();
   } catch (const nd::Error& e) {
     std::fprintf(stderr, "noisydarts: error: %s\n", first_line(e.what()).c_str());
     return e.code();

@@ -34,7 +34,8 @@ case "$job" in
   search)
     out="runs/search-$(date +%Y%m%d-%H%M%S)"
     has_out=0
-    for a in "$@"; do case "$a" in -o|--out|--out=*) has_out=1;; esac; done
+    # --out DIR, or --resume (DIR or --out DIR names the run to continue): no fresh directory.
+    for a in "$@"; do case "$a" in -o|--out|--out=*|--resume|--resume=*) has_out=1;; esac; done
     if ((has_out)); then exec "$build/noisydarts" search "$@"; fi
     echo "[noisydarts] run directory: $out" >&2
     exec "$build/noisydarts" search --out "$out" "$@" ;;

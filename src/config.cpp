@@ -1,6 +1,7 @@
 #include "noisydarts/config.h"
 
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <thread>
 
@@ -100,6 +101,39 @@ json SearchConfig::to_json() const {
               {"dist_timeout_s", dist_timeout_s}};
 }
 
+template <class T>
+void read_config_value(const json& v, T& field, const std::string& key, const std::string& where) {
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_boolean()) throw ConfigError(where + ": key '" + key + "' must be true or false, got " + v.dump());
+    field = v.get<bool>();
+  } else if constexpr (std::is_integral_v<T>) {
+    if (!v.is_number_integer()) throw ConfigError(where + ": key '" + key + "' must be an integer, got " + v.dump());
+    const bool neg = v.is_number_integer() && !v.is_number_unsigned() && v.get<int64_t>() < 0;
+    bool fits;
+    if (neg) fits = std::is_signed_v<T> && v.get<int64_t>() >= static_cast<int64_t>(std::numeric_limits<T>::min());
+    else fits = v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+    if (!fits)
+      throw ConfigError(where + ": key '" + key + "' must be an integer in [" + std::to_string(std::numeric_limits<T>::min()) +
+                        ", " + std::to_string(std::numeric_limits<T>::max()) + "], got " + v.dump());
+    field = v.get<T>();
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!v.is_number()) throw ConfigError(where + ": key '" + key + "' must be a number, got " + v.dump());
+    field = v.get<T>();
+  } else {
+    try {
+      field = v.get<T>();
+    } catch (const json::exception&) {
+      throw ConfigError(where + ": key '" + key + "' has the wrong type, got " + v.dump());
+    }
+  }
+}
+template void read_config_value(const json&, bool&, const std::string&, const std::string&);
+template void read_config_value(const json&, int&, const std::string&, const std::string&);
+template void read_config_value(const json&, int64_t&, const std::string&, const std::string&);
+template void read_config_value(const json&, uint64_t&, const std::string&, const std::string&);
+template void read_config_value(const json&, double&, const std::string&, const std::string&);
+template void read_config_value(const json&, std::string&, const std::string&, const std::string&);
+
 namespace {
 // Merges `src` into `dst` key by key; every key of src must exist in dst with a compatible type.
 void merge_into(json& dst, const json& src, const std::string& prefix, const std::string& where) {
@@ -127,54 +161,54 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
   json cur = to_json();
   merge_into(cur, j, "", where);
   try {
-    preset = cur["preset"];
-    scale = cur["scale"];
-    out = cur["out"];
-    dataset = cur["dataset"];
-    data_dir = cur["data_dir"];
-    subset = cur["subset"];
-    image_size = cur["image_size"];
-    train_portion = cur["train_portion"];
-    batch_size = cur["batch_size"];
-    augment.crop_padding = cur["augment"]["crop_padding"];
-    augment.flip = cur["augment"]["flip"];
-    augment.cutout = cur["augment"]["cutout"];
-    augment.normalize = cur["augment"]["normalize"];
-    workers = cur["workers"];
-    space = cur["space"];
-    se_ratio = cur["se_ratio"];
-    swish = cur["swish"];
-    channels = cur["channels"];
-    layers = cur["layers"];
-    steps = cur["steps"];
-    multiplier = cur["multiplier"];
+    read_config_value(cur["preset"], preset, "preset", where);
+    read_config_value(cur["scale"], scale, "scale", where);
+    read_config_value(cur["out"], out, "out", where);
+    read_config_value(cur["dataset"], dataset, "dataset", where);
+    read_config_value(cur["data_dir"], data_dir, "data_dir", where);
+    read_config_value(cur["subset"], subset, "subset", where);
+    read_config_value(cur["image_size"], image_size, "image_size", where);
+    read_config_value(cur["train_portion"], train_portion, "train_portion", where);
+    read_config_value(cur["batch_size"], batch_size, "batch_size", where);
+    read_config_value(cur["augment"]["crop_padding"], augment.crop_padding, "augment.crop_padding", where);
+    read_config_value(cur["augment"]["flip"], augment.flip, "augment.flip", where);
+    read_config_value(cur["augment"]["cutout"], augment.cutout, "augment.cutout", where);
+    read_config_value(cur["augment"]["normalize"], augment.normalize, "augment.normalize", where);
+    read_config_value(cur["workers"], workers, "workers", where);
+    read_config_value(cur["space"], space, "space", where);
+    read_config_value(cur["se_ratio"], se_ratio, "se_ratio", where);
+    read_config_value(cur["swish"], swish, "swish", where);
+    read_config_value(cur["channels"], channels, "channels", where);
+    read_config_value(cur["layers"], layers, "layers", where);
+    read_config_value(cur["steps"], steps, "steps", where);
+    read_config_value(cur["multiplier"], multiplier, "multiplier", where);
     primitives = cur["primitives"].get<std::vector<std::string>>();
-    alpha_init_std = cur["alpha_init_std"];
+    read_config_value(cur["alpha_init_std"], alpha_init_std, "alpha_init_std", where);
     noise = noise_from_json(cur["noise"]);
-    epochs = cur["epochs"];
-    lr = cur["lr"];
-    lr_min = cur["lr_min"];
-    momentum = cur["momentum"];
-    weight_decay = cur["weight_decay"];
-    grad_clip = cur["grad_clip"];
-    arch_lr = cur["arch_lr"];
-    arch_beta1 = cur["arch_beta1"];
-    arch_beta2 = cur["arch_beta2"];
-    arch_weight_decay = cur["arch_weight_decay"];
-    order = cur["order"];
-    unrolled_xi = cur["unrolled_xi"];
-    hessian_every = cur["hessian_every"];
-    hessian_iters = cur["hessian_iters"];
-    early_stop_ratio = cur["early_stop_ratio"];
-    early_stop_window = cur["early_stop_window"];
-    seed = cur["seed"];
-    threads = cur["threads"];
-    device = cur["device"];
-    eval_valid = cur["eval_valid"];
-    checkpoint_every_min = cur["checkpoint_every_min"];
-    keep_checkpoints = cur["keep_checkpoints"];
-    max_steps = cur["max_steps"];
-    dist_timeout_s = cur["dist_timeout_s"];
+    read_config_value(cur["epochs"], epochs, "epochs", where);
+    read_config_value(cur["lr"], lr, "lr", where);
+    read_config_value(cur["lr_min"], lr_min, "lr_min", where);
+    read_config_value(cur["momentum"], momentum, "momentum", where);
+    read_config_value(cur["weight_decay"], weight_decay, "weight_decay", where);
+    read_config_value(cur["grad_clip"], grad_clip, "grad_clip", where);
+    read_config_value(cur["arch_lr"], arch_lr, "arch_lr", where);
+    read_config_value(cur["arch_beta1"], arch_beta1, "arch_beta1", where);
+    read_config_value(cur["arch_beta2"], arch_beta2, "arch_beta2", where);
+    read_config_value(cur["arch_weight_decay"], arch_weight_decay, "arch_weight_decay", where);
+    read_config_value(cur["order"], order, "order", where);
+    read_config_value(cur["unrolled_xi"], unrolled_xi, "unrolled_xi", where);
+    read_config_value(cur["hessian_every"], hessian_every, "hessian_every", where);
+    read_config_value(cur["hessian_iters"], hessian_iters, "hessian_iters", where);
+    read_config_value(cur["early_stop_ratio"], early_stop_ratio, "early_stop_ratio", where);
+    read_config_value(cur["early_stop_window"], early_stop_window, "early_stop_window", where);
+    read_config_value(cur["seed"], seed, "seed", where);
+    read_config_value(cur["threads"], threads, "threads", where);
+    read_config_value(cur["device"], device, "device", where);
+    read_config_value(cur["eval_valid"], eval_valid, "eval_valid", where);
+    read_config_value(cur["checkpoint_every_min"], checkpoint_every_min, "checkpoint_every_min", where);
+    read_config_value(cur["keep_checkpoints"], keep_checkpoints, "keep_checkpoints", where);
+    read_config_value(cur["max_steps"], max_steps, "max_steps", where);
+    read_config_value(cur["dist_timeout_s"], dist_timeout_s, "dist_timeout_s", where);
   } catch (const json::exception& e) {
     throw ConfigError(where + ": " + e.what());
   }

@@ -1,6 +1,7 @@
 #include "noisydarts/train.h"
 
 #include <malloc.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -14,6 +15,7 @@
 #include "noisydarts/architect.h"
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/distributed.h"
+#include "noisydarts/engine.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
 #include "noisydarts/runtime.h"
@@ -64,18 +66,9 @@ void visit_fields(Self& c, F&& f) {
   f("device", c.device);
   f("max_steps", c.max_steps);
   f("dist_timeout_s", c.dist_timeout_s);
+  f("checkpoint_every_min", c.checkpoint_every_min);
+  f("keep_checkpoints", c.keep_checkpoints);
 }
-
-template <class T>
-bool json_has_type(const json& v) {
-  if constexpr (std::is_same_v<T, bool>) return v.is_boolean();
-  else if constexpr (std::is_same_v<T, std::string>) return v.is_string();
-  else if constexpr (std::is_integral_v<T>) return v.is_number_integer() && (std::is_signed_v<T> || v.get<int64_t>() >= 0);
-  else return v.is_number();
-}
-
-
-
 
 // Evaluation batch: large enough to be efficient, small enough that activations stay below the
 // mmap threshold above.
@@ -120,10 +113,7 @@ void TrainConfig::merge_json(const json& j, const std::string& where) {
   visit_fields(*this, [&](const char* key, auto& field) {
     known.insert(key);
     if (!j.contains(key)) return;
-    using T = std::decay_t<decltype(field)>;
-    const json& v = j.at(key);
-    if (!json_has_type<T>(v)) throw ConfigError(where + ": key '" + key + "' has the wrong type (" + v.dump() + ")");
-    field = v.get<T>();
+    read_config_value(j.at(key), field, key, where);
   });
   for (const auto& item : j.items())
     if (!known.count(item.key())) throw ConfigError(where + ": unknown key '" + item.key() + "'");
@@ -149,6 +139,8 @@ void TrainConfig::validate() const {
   check_threads(threads);
   check(max_steps >= 0, "--max-steps must be >= 0");
   check(dist_timeout_s > 0, "--dist-timeout must be > 0 seconds");
+  check(checkpoint_every_min >= 0, "--checkpoint-every must be >= 0 minutes");
+  check(keep_checkpoints >= 1, "--keep-checkpoints must be >= 1");
   check(lr > 0 && lr_min >= 0 && lr_min <= lr, "--lr must be > 0 and 0 <= --lr-min <= --lr");
   check(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1)");
   check(weight_decay >= 0, "--weight-decay must be >= 0");
@@ -279,338 +271,468 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string&
 // Training
 // ------------------------------------------------------------------------------------------
 
-TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
-  bool writer = true;  // only rank 0 of a data-parallel run prints and writes
-  auto info = [&](const std::string& s) {
-    if (cb.info && writer) cb.info(s);
-  };
-  const auto t_start = Clock::now();
+namespace {
+
+/// The best epoch so far (model selection on the validation split) as `best_epoch` and
+/// `best_valid_top1`.
+struct BestState : Stateful {
+  int64_t epoch = 0;
+  double valid_top1 = -1;
+  void save(torch::serialize::OutputArchive& a) const override {
+    write_int(a, "best_epoch", epoch);
+    write_double(a, "best_valid_top1", valid_top1);
+  }
+  void load(torch::serialize::InputArchive& a) override {
+    epoch = read_int(a, "best_epoch");
+    valid_top1 = read_double(a, "best_valid_top1");
+  }
+};
+
+/// The SGD state of a train checkpoint under `optimizer`. Checkpoints of earlier versions hold
+/// LibTorch's own Optimizer::save form (no `num_params`), read with its loader.
+struct TrainOptimizerState : Stateful {
+  torch::optim::SGD& sgd;
+  std::vector<torch::Tensor> params;
+  TrainOptimizerState(torch::optim::SGD& s, std::vector<torch::Tensor> p) : sgd(s), params(std::move(p)) {}
+  void save(torch::serialize::OutputArchive& a) const override {
+    torch::serialize::OutputArchive o;
+    save_optimizer_state(o, sgd, params);
+    a.write("optimizer", o);
+  }
+  void load(torch::serialize::InputArchive& a) override {
+    torch::serialize::InputArchive o;
+    a.read("optimizer", o);
+    c10::IValue n;
+    if (o.try_read("num_params", n)) load_optimizer_state(o, sgd, params);
+    else sgd.load(o);
+  }
+};
+
+/// Running sums of one training epoch (in the checkpoint, so a mid-epoch resume reports the same).
+struct TrainAccum {
+  double loss_sum = 0, seconds = 0;
+  int64_t correct = 0, seen = 0;
+  json to_json() const { return {{"loss_sum", loss_sum}, {"correct", correct}, {"seen", seen}, {"seconds", seconds}}; }
+  static TrainAccum from_json(const json& j) {
+    TrainAccum a;
+    a.loss_sum = j.at("loss_sum");
+    a.correct = j.at("correct");
+    a.seen = j.at("seen");
+    a.seconds = j.at("seconds");
+    return a;
+  }
+};
+
+/// Training a genotype's network (SPEC 3): set-up in the constructor, one SGD iteration in
+/// step(), the epoch end (validation, selection, checkpoints) and the final test as named pieces.
+class Trainer {
+ public:
+  Trainer(TrainConfig cfg, bool resume, const TrainCallbacks& cb);
+  TrainResult run();
+
+ private:
+  void read_resumed_config();
+  void load_data();
+  void build();
+  void init_from_file();
+  void resume_from_checkpoint();
+  void step(int64_t epoch, int64_t step);
+  void end_epoch(int64_t epoch, double lr, double drop_prob);
+  void save_checkpoint(int64_t epoch, int64_t step);
+  [[noreturn]] void stop(int64_t epoch, int64_t step);
+  TrainResult finish();
+  void info(const std::string& s) const {
+    if (cb_.info && writer_) cb_.info(s);
+  }
+
+  TrainConfig cfg_;
+  const bool resume_;
+  const TrainCallbacks& cb_;
+  const Clock::time_point t_start_ = Clock::now();
+  bool writer_ = true;
+  std::unique_ptr<RunDirectory> dir_;
+  std::vector<std::string> candidates_;
+  Genotype genotype_;
+  std::shared_ptr<Distributed> dist_;
+  torch::Device device_{torch::kCPU};
+  int threads_ = 1;
+
+  DatasetPair data_;
+  Dataset train_;
+  std::vector<int64_t> t_idx_, v_idx_;
+  int64_t in_channels_ = 0, classes_ = 0;
+  EvalNetwork net_{nullptr};
+  ModelProfile profile_;
+  std::vector<torch::Tensor> params_;
+  std::unique_ptr<torch::optim::SGD> sgd_;
+  std::unique_ptr<BatchStream> train_stream_, valid_stream_;
+  int64_t steps_per_epoch_ = 0;
+
+  LoopPosition pos_;
+  BestState best_;
+  TrainAccum acc_;
+  MetricsLog history_;
+  std::unique_ptr<Checkpoint> ckpt_;
+
+  Progress progress_{false};
+  Clock::time_point t_epoch_ = Clock::now(), last_ckpt_ = Clock::now();
+  int64_t first_step_ = 0;
+  double seconds_before_ = 0;  // compute seconds of the current epoch before this process
+};
+
+Trainer::Trainer(TrainConfig cfg, bool resume, const TrainCallbacks& cb) : cfg_(std::move(cfg)), resume_(resume), cb_(cb) {
   keep_freed_memory();
-  if (cfg.out.empty()) throw UsageError("--out is required: the run directory to write");
-  const fs::path out(cfg.out);
-  const std::string ckpt_path = (out / "checkpoint.pt").string();
-  const std::string best_path = (out / "best.pt").string();
-
-  // ---- Resume: the stored configuration defines the run being continued.
-  if (resume) {
-    if (!fs::exists(ckpt_path))
-      throw CheckpointError("no checkpoint to resume in " + ckpt_path + " (start a new run without --resume)");
-    const std::string o = cfg.out;
-    const int threads = cfg.threads, workers = cfg.workers;
-    cfg = TrainConfig::preset_defaults("paper");
-    {
-      const auto stored = read_checkpoint_config(ckpt_path, "train");
-      try {
-        cfg.merge_json(stored, ckpt_path);
-      } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
-        throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
-      }
-    }
-    cfg.out = o;
-    cfg.threads = threads;
-    cfg.workers = workers;
-  }
-  cfg.validate();
-  const Genotype genotype = resolve_genotype(cfg.genotype);
-  cfg.genotype = genotype_to_text(genotype);  // config.json holds the resolved cell
-  if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
+  if (cfg_.out.empty()) throw UsageError("--out is required: the run directory to write");
+  writer_ = dist_env_from_environment().rank == 0;
+  dir_ = std::make_unique<RunDirectory>(cfg_.out, "train", writer_);
+  if (resume_) read_resumed_config();
+  cfg_.validate();
+  genotype_ = resolve_genotype(cfg_.genotype);
+  cfg_.genotype = genotype_to_text(genotype_);  // config.json holds the resolved cell
+  if (cfg_.data_dir.empty()) cfg_.data_dir = default_data_dir(cfg_.dataset);
   // Data parallelism (docs/distributed.md): torchrun environment, rank 0 writes.
-  const auto dist = init_distributed_from_environment(cfg.dist_timeout_s);
-  writer = !dist || dist->rank() == 0;
-  if (genotype.space != "darts" && cfg.auxiliary) {
+  dist_ = init_distributed_from_environment(cfg_.dist_timeout_s);
+  if (genotype_.space != "darts" && cfg_.auxiliary) {
     // Only networks of DARTS cells have an auxiliary head (SPEC 3); recorded in config.json.
-    cfg.auxiliary = false;
-    info("auxiliary head: off (a " + genotype.space + " network has none)");
+    cfg_.auxiliary = false;
+    info("auxiliary head: off (a " + genotype_.space + " network has none)");
   }
-  torch::Device device = parse_device(cfg.device);
-  if (dist && device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank()));
-  const int threads = cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  at::set_num_threads(threads);
+  device_ = parse_device(cfg_.device);
+  if (dist_ && device_.is_cuda() && !device_.has_index())
+    device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));
+  threads_ = cfg_.threads > 0 ? cfg_.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(threads_);
+  load_data();
+  build();
+}
 
-  // ---- Data, validated before the run directory is touched. The validation split comes from
-  // the training set; the test set is touched once, at the end.
+/// Resume: the stored configuration defines the run being continued; the run directory, the
+/// data workers and, when >= 0, the thread count come from the caller (the stored thread count
+/// is kept otherwise: bitwise reproducibility needs the same one).
+void Trainer::read_resumed_config() {
+  const std::string none = "no checkpoint to resume in " + cfg_.out + " (start a new run without --resume)";
+  if (!dir_->exists()) throw CheckpointError(none);
+  dir_->lock();
+  candidates_ = dir_->resume_candidates({dir_->file("checkpoint.pt")});
+  json stored;
+  load_newest(candidates_, [&](const std::string& p) { stored = read_checkpoint_config(p, "train"); }, nullptr, none);
+  const std::string out = cfg_.out;
+  const int threads = cfg_.threads, workers = cfg_.workers;
+  cfg_ = TrainConfig::preset_defaults("paper");
+  try {
+    cfg_.merge_json(stored, candidates_.front());
+  } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
+    throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+  }
+  cfg_.out = out;
+  if (threads >= 0) cfg_.threads = threads;
+  cfg_.workers = workers;
+}
+
+/// Data, validated before the run directory is touched. The validation split comes from the
+/// training set; the test set is touched once, at the end.
+void Trainer::load_data() {
   LoadOptions lo;
-  lo.seed = cfg.seed;
-  lo.image_size = cfg.image_size;
-  lo.threads = threads;
-  if (cb.progress) lo.progress = info;
-  DatasetPair data = load_dataset(cfg.dataset, cfg.data_dir, lo);
-  Dataset train = subset(data.train, cfg.subset, cfg.seed);
-  data.test.mean = train.mean;
-  data.test.std = train.std;
-  auto [t_idx, v_idx] = split_indices(train.size(), 1.0 - cfg.valid_portion, cfg.seed);
-  if (cfg.valid_portion == 0.0) {
-    t_idx.insert(t_idx.end(), v_idx.begin(), v_idx.end());
-    v_idx.clear();
+  lo.seed = cfg_.seed;
+  lo.image_size = cfg_.image_size;
+  lo.threads = threads_;
+  if (cb_.progress) lo.progress = [this](const std::string& s) { info(s); };
+  data_ = load_dataset(cfg_.dataset, cfg_.data_dir, lo);
+  train_ = subset(data_.train, cfg_.subset, cfg_.seed);
+  data_.test.mean = train_.mean;
+  data_.test.std = train_.std;
+  std::tie(t_idx_, v_idx_) = split_indices(train_.size(), 1.0 - cfg_.valid_portion, cfg_.seed);
+  if (cfg_.valid_portion == 0.0) {
+    t_idx_.insert(t_idx_.end(), v_idx_.begin(), v_idx_.end());
+    v_idx_.clear();
   }
-  if (t_idx.size() < 2) throw UsageError("--subset/--valid-portion leave fewer than 2 training images");
-  if (cfg.valid_portion > 0 && v_idx.empty()) throw UsageError("--valid-portion leaves no validation images");
-  const int64_t in_channels = train.images.size(1), classes = train.num_classes;
+  if (t_idx_.size() < 2) throw UsageError("--subset/--valid-portion leave fewer than 2 training images");
+  if (cfg_.valid_portion > 0 && v_idx_.empty()) throw UsageError("--valid-portion leaves no validation images");
+  in_channels_ = train_.images.size(1);
+  classes_ = train_.num_classes;
+}
 
-  // ---- Network and optimiser.
-  torch::manual_seed(cfg.seed);
-  EvalNetwork net = build_network(cfg, genotype, in_channels, classes);
-  const ModelProfile profile = profile_network(net, in_channels, train.images.size(2), train.images.size(3));
-  if (!cfg.init_from.empty() && !resume) {
-    StateDict sd = load_state_dict_file(cfg.init_from);
-    bool file_has_aux = false;
-    for (const auto& kv : sd) file_has_aux |= kv.first.rfind("auxiliary_head.", 0) == 0;
-    std::vector<std::string> ignore;
-    if (file_has_aux && !cfg.auxiliary) {
-      for (const auto& kv : sd)
-        if (kv.first.rfind("auxiliary_head.", 0) == 0) ignore.push_back(kv.first);
-    } else if (!file_has_aux && cfg.auxiliary) {
-      // A file without an auxiliary head (trained with auxiliary=False): keep our fresh head.
-      for (const auto& kv : module_state_dict(*net))
-        if (kv.first.rfind("auxiliary_head.", 0) == 0) sd.push_back(kv);
-      info("init-from: " + cfg.init_from + " has no auxiliary head; the head starts from scratch");
-    }
-    load_module_state(*net, sd, cfg.init_from, ignore);
-    info("initialised the weights from " + cfg.init_from);
+void Trainer::init_from_file() {
+  StateDict sd = load_state_dict_file(cfg_.init_from);
+  bool file_has_aux = false;
+  for (const auto& kv : sd) file_has_aux |= kv.first.rfind("auxiliary_head.", 0) == 0;
+  std::vector<std::string> ignore;
+  if (file_has_aux && !cfg_.auxiliary) {
+    for (const auto& kv : sd)
+      if (kv.first.rfind("auxiliary_head.", 0) == 0) ignore.push_back(kv.first);
+  } else if (!file_has_aux && cfg_.auxiliary) {
+    // A file without an auxiliary head (trained with auxiliary=False): keep our fresh head.
+    for (const auto& kv : module_state_dict(*net_))
+      if (kv.first.rfind("auxiliary_head.", 0) == 0) sd.push_back(kv);
+    info("init-from: " + cfg_.init_from + " has no auxiliary head; the head starts from scratch");
   }
-  net->to(device);
-  auto params = net->parameters();
-  torch::optim::SGD sgd(params, torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum).weight_decay(cfg.weight_decay));
+  load_module_state(*net_, sd, cfg_.init_from, ignore);
+  info("initialised the weights from " + cfg_.init_from);
+}
+
+void Trainer::build() {
+  torch::manual_seed(cfg_.seed);
+  net_ = build_network(cfg_, genotype_, in_channels_, classes_);
+  profile_ = profile_network(net_, in_channels_, train_.images.size(2), train_.images.size(3));
+  if (!cfg_.init_from.empty() && !resume_) init_from_file();
+  net_->to(device_);
+  params_ = net_->parameters();
+  sgd_ = std::make_unique<torch::optim::SGD>(
+      params_, torch::optim::SGDOptions(cfg_.lr).momentum(cfg_.momentum).weight_decay(cfg_.weight_decay));
 
   BatchStream::Options so;
-  so.batch_size = cfg.batch_size;
+  so.batch_size = cfg_.batch_size;
   so.shuffle = true;
   so.drop_last = false;
-  so.augment.crop_padding = cfg.crop_padding;
-  so.augment.flip = cfg.flip;
-  so.augment.cutout = cfg.cutout;
+  so.augment.crop_padding = cfg_.crop_padding;
+  so.augment.flip = cfg_.flip;
+  so.augment.cutout = cfg_.cutout;
   so.augment.normalize = true;
-  so.workers = cfg.workers;
+  so.workers = cfg_.workers;
   so.prefetch = 2;
-  so.seed = cfg.seed * 2 + 1;
-  so.rank = dist ? dist->rank() : 0;  // each rank reads its slice of every global batch
-  so.world = dist ? dist->world() : 1;
-  BatchStream train_stream(train, t_idx, so);
-  std::unique_ptr<BatchStream> valid_stream;
-  if (!v_idx.empty()) valid_stream = std::make_unique<BatchStream>(train, v_idx, eval_stream_options(cfg, kEvalBatch));
-  const int64_t steps_per_epoch = cfg.max_steps > 0 ? std::min(cfg.max_steps, train_stream.batches_per_pass())
-                                                    : train_stream.batches_per_pass();
+  so.seed = cfg_.seed * 2 + 1;
+  so.rank = dist_ ? dist_->rank() : 0;  // each rank reads its slice of every global batch
+  so.world = dist_ ? dist_->world() : 1;
+  train_stream_ = std::make_unique<BatchStream>(train_, t_idx_, so);
+  if (!v_idx_.empty()) valid_stream_ = std::make_unique<BatchStream>(train_, v_idx_, eval_stream_options(cfg_, kEvalBatch));
+  steps_per_epoch_ = cfg_.max_steps > 0 ? std::min(cfg_.max_steps, train_stream_->batches_per_pass())
+                                        : train_stream_->batches_per_pass();
 
-  // ---- Run directory.
-  std::error_code ec;
-  if (!resume && fs::exists(ckpt_path))
-    throw UsageError("run directory " + cfg.out + " already holds a training run: pass --resume to continue it or choose another --out");
-  if (writer) {
-    fs::create_directories(out, ec);
-    if (ec) throw IoError("cannot create run directory " + cfg.out + ": " + ec.message());
+  // Run directory: created and locked; a new run never overwrites one.
+  if (!resume_) {
+    if (dir_->exists()) dir_->lock();
+    if (fs::exists(dir_->file("checkpoint.pt")) || !dir_->latest_checkpoint().empty())
+      throw UsageError("run directory " + cfg_.out + " already holds a training run: pass --resume to continue it or choose another --out");
+    dir_->create_and_lock();
     // A resumed run's config.json is rewritten only once its checkpoint has loaded.
-    if (!resume) write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
+    dir_->write("config.json", cfg_.to_json().dump(2) + "\n");
   }
 
-  int64_t start_epoch = 0, best_epoch = 0;
-  double best_valid = -1;
-  std::vector<json> history;
-  if (resume) {
-    torch::serialize::InputArchive a;
-    open_checkpoint(ckpt_path, "train", a);
-    try {
-      torch::serialize::InputArchive m, os;
-      a.read("model", m);
-      net->load(m);
-      a.read("optimizer", os);
-      sgd.load(os);
-      start_epoch = read_int(a, "epoch");
-      best_epoch = read_int(a, "best_epoch");
-      best_valid = read_double(a, "best_valid_top1");
-      train_stream.seek({read_int(a, "train_pass"), read_int(a, "train_batch")});
-      torch::Tensor rng;
-      a.read("rng_cpu", rng);
-      set_cpu_rng_state(rng);
-      for (auto& j : json::parse(read_string(a, "metrics"))) history.push_back(j);
-    } catch (const Error&) {
-      throw;
-    } catch (const std::exception& e) {
-      throw CheckpointError("checkpoint " + ckpt_path + " does not match this network: " + std::string(e.what()).substr(0, 200));
-    }
-    if (writer) write_file_atomic((out / "config.json").string(), cfg.to_json().dump(2) + "\n");
-    info("resuming " + cfg.out + " after epoch " + std::to_string(start_epoch));
-  }
+  pos_.world = so.world;
+  pos_.steps_per_epoch = steps_per_epoch_;
+  ckpt_ = std::make_unique<Checkpoint>("train", [this] { return cfg_.to_json(); });
+  ckpt_->add_int("in_channels", [this] { return in_channels_; })
+      .add_int("num_classes", [this] { return classes_; })
+      .add(std::make_unique<ModuleState>(*net_, "model"))
+      .add(std::make_unique<TrainOptimizerState>(*sgd_, params_))
+      .add(pos_)
+      .add(best_)
+      .add(std::make_unique<StreamState>(*train_stream_, "train", so.world))
+      .add(std::make_unique<RngState>())
+      .add(std::make_unique<JsonState>("epoch_accum", [this] { return acc_.to_json(); },
+                                       [this](const json& j) { acc_ = TrainAccum::from_json(j); }, /*optional=*/true))
+      .add(history_.state());
+  if (resume_) resume_from_checkpoint();
   {
     std::ostringstream o;
-    o << "train: " << cfg.preset << " preset, " << cfg.dataset << " (" << t_idx.size() << " train / " << v_idx.size()
-      << " validation / " << data.test.size() << " test images), " << cfg.layers << " cells x " << cfg.channels
-      << " channels, " << profile.params << " parameters, " << profile.macs << " MACs/image, " << cfg.epochs
-      << " epochs x " << steps_per_epoch << " steps, " << threads << " threads, " << device.str();
+    o << "train: " << cfg_.preset << " preset, " << cfg_.dataset << " (" << t_idx_.size() << " train / " << v_idx_.size()
+      << " validation / " << data_.test.size() << " test images), " << cfg_.layers << " cells x " << cfg_.channels
+      << " channels, " << profile_.params << " parameters, " << profile_.macs << " MACs/image, " << cfg_.epochs
+      << " epochs x " << steps_per_epoch_ << " steps, " << threads_ << " threads, " << device_.str();
     info(o.str());
   }
+  if (dist_) dist_->broadcast_module(*net_);  // identical start on every rank
+}
 
-  if (dist) dist->broadcast_module(*net);  // identical start on every rank
+void Trainer::resume_from_checkpoint() {
+  const std::string from = load_newest(candidates_, [&](const std::string& p) { ckpt_->load(p); },
+                                       [this](const std::string& s) { info(s); }, "");
+  dir_->write("config.json", cfg_.to_json().dump(2) + "\n");
+  info("resuming " + cfg_.out + " from " + fs::path(from).filename().string() + " (epoch " + std::to_string(pos_.epoch + 1) +
+       ", step " + std::to_string(pos_.step) + ")");
+}
 
-  auto save_checkpoint = [&](int64_t epoch, const std::string& path) {
-    if (!writer) return;
-    torch::serialize::OutputArchive a;
-    write_int(a, "format_version", kCheckpointFormatVersion);
-    write_string(a, "kind", "train");
-    write_string(a, "config", cfg.to_json().dump());
-    write_int(a, "in_channels", in_channels);
-    write_int(a, "num_classes", classes);
-    torch::serialize::OutputArchive m, os;
-    net->save(m);
-    a.write("model", m);
-    sgd.save(os);
-    a.write("optimizer", os);
-    write_int(a, "epoch", epoch);
-    write_int(a, "best_epoch", best_epoch);
-    write_double(a, "best_valid_top1", best_valid);
-    write_int(a, "train_pass", train_stream.position().pass);
-    write_int(a, "train_batch", train_stream.position().batch);
-    a.write("rng_cpu", get_cpu_rng_state());
-    write_string(a, "metrics", json(history).dump());
-    save_archive_atomic(a, path);
-  };
-
-  const bool tty = ::isatty(2) != 0;
-  auto last_progress = Clock::now() - std::chrono::hours(1);
-  for (int64_t epoch = start_epoch; epoch < cfg.epochs; ++epoch) {
-    const double lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
-    for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
-    const double drop_prob = cfg.drop_path_prob * static_cast<double>(epoch) / static_cast<double>(cfg.epochs);
-    net->set_drop_path_prob(drop_prob);
-    net->train();
-    const auto t_epoch = Clock::now();
-    double loss_sum = 0;
-    int64_t correct = 0, seen = 0;
-    for (int64_t step = 0; step < steps_per_epoch; ++step) {
-      Batch b = train_stream.next();
-      auto x = b.x.to(device);
-      auto y = b.y.to(device);
-      sgd.zero_grad();
-      auto outp = net->forward(x);
-      auto loss = torch::nn::functional::cross_entropy(outp.logits, y);
-      if (outp.aux_logits.defined())
-        loss = loss + cfg.auxiliary_weight * torch::nn::functional::cross_entropy(outp.aux_logits, y);
-      double lv = loss.item<double>();
-      int64_t b_correct = outp.logits.argmax(1).eq(y).sum().item<int64_t>(), b_seen = y.size(0);
-      if (dist) {
-        // Every rank joins the backward and the all-reduces (none waits forever); the step's
-        // loss and counts over all ranks decide together whether to stop.
-        loss.backward();
-        reduce_param_grads(params, dist->mean_reducer());
-        std::vector<torch::Tensor> st{torch::tensor({lv * b_seen, static_cast<double>(b_correct), static_cast<double>(b_seen)}, torch::kDouble)};
-        dist->allreduce_sum(st);
-        b_seen = static_cast<int64_t>(st[0][2].item<double>());
-        b_correct = static_cast<int64_t>(st[0][1].item<double>());
-        lv = st[0][0].item<double>() / b_seen;
-      }
-      if (!std::isfinite(lv))
-        throw DivergedError("loss became " + std::string(std::isnan(lv) ? "NaN" : "Inf") + " at epoch " +
-                            std::to_string(epoch + 1) + " step " + std::to_string(step + 1) + "; last good checkpoint: " +
-                            (fs::exists(ckpt_path) ? ckpt_path : std::string("none")) + " (lower --lr)");
-      if (!dist) loss.backward();
-      torch::nn::utils::clip_grad_norm_(params, cfg.grad_clip);
-      sgd.step();
-      loss_sum += lv * b_seen;
-      correct += b_correct;
-      seen += b_seen;
-      if (cb.progress && writer && seconds_since(last_progress) >= (tty ? 0.5 : 15.0)) {
-        last_progress = Clock::now();
-        const double per_step = seconds_since(t_epoch) / static_cast<double>(step + 1);
-        const double left = per_step * static_cast<double>((cfg.epochs - epoch) * steps_per_epoch - step - 1);
-        char line[256];
-        std::snprintf(line, sizeof line, "epoch %lld/%lld step %lld/%lld  loss %.4f  acc %.1f%%  %.0f img/s  ETA %s",
-                      static_cast<long long>(epoch + 1), static_cast<long long>(cfg.epochs),
-                      static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch), loss_sum / seen,
-                      100.0 * correct / seen, seen / std::max(1e-9, seconds_since(t_epoch)), format_duration(left).c_str());
-        std::fprintf(stderr, tty ? "\r\033[K%s" : "%s\n", line);
-        std::fflush(stderr);
-      }
-    }
-    if (cb.progress && tty) std::fprintf(stderr, "\r\033[K");
-    const double train_seconds = seconds_since(t_epoch);
-    json m = {{"epoch", epoch + 1}, {"lr", lr}, {"drop_path_prob", drop_prob},
-              {"train_loss", loss_sum / seen}, {"train_top1", 100.0 * correct / seen},
-              {"train_seconds", train_seconds}};
-    bool improved = false;
-    if (!writer) continue;  // rank 0 validates, selects and writes
-    if (valid_stream) {
-      const EvalResult v = evaluate(net, *valid_stream, device);
-      m["valid_loss"] = v.loss;
-      m["valid_top1"] = v.top1;
-      m["valid_top5"] = v.top5;
-      improved = v.top1 > best_valid;
-    } else {
-      improved = true;  // no validation split: the last epoch is the selected model
-    }
-    m["seconds"] = seconds_since(t_epoch);
-    if (improved) {
-      best_valid = valid_stream ? m["valid_top1"].get<double>() : -1.0;
-      best_epoch = epoch + 1;
-    }
-    history.push_back(m);
-    std::string lines;
-    for (const auto& h : history) lines += h.dump() + "\n";
-    write_file_atomic((out / "metrics.jsonl").string(), lines);
-    save_checkpoint(epoch + 1, ckpt_path);
-    if (improved) save_checkpoint(epoch + 1, best_path);
-    {
-      std::ostringstream o;
-      o.setf(std::ios::fixed);
-      o.precision(2);
-      o << "epoch " << epoch + 1 << "/" << cfg.epochs << "  lr " << std::setprecision(4) << lr << std::setprecision(2)
-        << "  train loss " << m["train_loss"].get<double>() << " top1 " << m["train_top1"].get<double>() << "%";
-      if (valid_stream) o << "  valid top1 " << m["valid_top1"].get<double>() << "%" << (improved ? " (best)" : "");
-      o << "  " << format_duration(m["seconds"].get<double>());
-      info(o.str());
-    }
+TrainResult Trainer::run() {
+  progress_ = Progress(cb_.progress && writer_);
+  last_ckpt_ = Clock::now();
+  for (int64_t epoch = pos_.epoch; epoch < cfg_.epochs; ++epoch) {
+    const double lr = cosine_lr(cfg_.lr, cfg_.lr_min, epoch, cfg_.epochs);
+    for (auto& g : sgd_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+    const double drop_prob = cfg_.drop_path_prob * static_cast<double>(epoch) / static_cast<double>(cfg_.epochs);
+    net_->set_drop_path_prob(drop_prob);
+    net_->train();
+    first_step_ = epoch == pos_.epoch ? pos_.step : 0;
+    if (first_step_ == 0) acc_ = TrainAccum{};
+    t_epoch_ = Clock::now();
+    seconds_before_ = acc_.seconds;
+    for (int64_t s = first_step_; s < steps_per_epoch_; ++s) step(epoch, s);
+    progress_.finish();
+    end_epoch(epoch, lr, drop_prob);
+    if (stop_requested() && epoch + 1 < cfg_.epochs) stop(epoch + 1, 0);
   }
+  return finish();
+}
 
-  // ---- The selected model on the test set, once.
+/// One training iteration (SPEC 3): forward with the auxiliary head, loss, backward (gradients
+/// averaged over ranks), clip, SGD step.
+void Trainer::step(int64_t epoch, int64_t step) {
+  Batch b = train_stream_->next();
+  auto x = b.x.to(device_);
+  auto y = b.y.to(device_);
+  sgd_->zero_grad();
+  auto outp = net_->forward(x);
+  auto loss = torch::nn::functional::cross_entropy(outp.logits, y);
+  if (outp.aux_logits.defined())
+    loss = loss + cfg_.auxiliary_weight * torch::nn::functional::cross_entropy(outp.aux_logits, y);
+  double lv = loss.item<double>();
+  int64_t b_correct = outp.logits.argmax(1).eq(y).sum().item<int64_t>(), b_seen = y.size(0);
+  bool stop_now = stop_requested();
+  if (dist_) {
+    // Every rank joins the backward and the all-reduces (none waits forever); the step's loss,
+    // counts and stop requests over all ranks decide together whether to stop.
+    loss.backward();
+    reduce_param_grads(params_, dist_->mean_reducer());
+    std::vector<torch::Tensor> st{torch::tensor({lv * b_seen, static_cast<double>(b_correct), static_cast<double>(b_seen),
+                                                 stop_now ? 1.0 : 0.0}, torch::kDouble)};
+    dist_->allreduce_sum(st);
+    b_seen = static_cast<int64_t>(st[0][2].item<double>());
+    b_correct = static_cast<int64_t>(st[0][1].item<double>());
+    lv = st[0][0].item<double>() / b_seen;
+    stop_now = st[0][3].item<double>() > 0;
+  }
+  if (!std::isfinite(lv)) {
+    progress_.finish();
+    const std::string last = dir_->latest_checkpoint();
+    throw DivergedError("loss became " + std::string(std::isnan(lv) ? "NaN" : "Inf") + " at epoch " +
+                        std::to_string(epoch + 1) + " step " + std::to_string(step + 1) + "; last good checkpoint: " +
+                        (last.empty() ? std::string("none") : last) + " (lower --lr)");
+  }
+  if (!dist_) loss.backward();
+  torch::nn::utils::clip_grad_norm_(params_, cfg_.grad_clip);
+  sgd_->step();
+  acc_.loss_sum += lv * b_seen;
+  acc_.correct += b_correct;
+  acc_.seen += b_seen;
+
+  const double per_step = seconds_since(t_epoch_) / static_cast<double>(step + 1 - first_step_);
+  char body[128];
+  std::snprintf(body, sizeof body, "loss %.4f  acc %.1f%%  %.0f img/s", acc_.loss_sum / acc_.seen,
+                100.0 * acc_.correct / acc_.seen, b_seen / std::max(1e-9, per_step));
+  progress_.update(progress_line(epoch + 1, cfg_.epochs, step + 1, steps_per_epoch_, body,
+                                 per_step * static_cast<double>((cfg_.epochs - epoch) * steps_per_epoch_ - step - 1)));
+  if (stop_now) stop(epoch, step + 1);
+  if (cfg_.checkpoint_every_min > 0 && step + 1 < steps_per_epoch_ &&
+      seconds_since(last_ckpt_) >= cfg_.checkpoint_every_min * 60.0)
+    save_checkpoint(epoch, step + 1);
+}
+
+/// Epoch end: validation (rank 0), model selection, metrics, checkpoint.pt and best.pt.
+void Trainer::end_epoch(int64_t epoch, double lr, double drop_prob) {
+  const double train_seconds = seconds_before_ + seconds_since(t_epoch_);
+  json m = {{"epoch", epoch + 1}, {"lr", lr}, {"drop_path_prob", drop_prob},
+            {"train_loss", acc_.loss_sum / acc_.seen}, {"train_top1", 100.0 * acc_.correct / acc_.seen},
+            {"train_seconds", train_seconds}};
+  if (!writer_) {  // rank 0 validates, selects and writes
+    pos_.epoch = epoch + 1;
+    pos_.step = 0;
+    return;
+  }
+  bool improved = true;  // no validation split: the last epoch is the selected model
+  if (valid_stream_) {
+    const EvalResult v = evaluate(net_, *valid_stream_, device_);
+    m["valid_loss"] = v.loss;
+    m["valid_top1"] = v.top1;
+    m["valid_top5"] = v.top5;
+    improved = v.top1 > best_.valid_top1;
+  }
+  m["seconds"] = seconds_before_ + seconds_since(t_epoch_);
+  if (improved) {
+    best_.valid_top1 = valid_stream_ ? m["valid_top1"].get<double>() : -1.0;
+    best_.epoch = epoch + 1;
+  }
+  history_.epochs.push_back(m);
+  dir_->write("metrics.jsonl", history_.jsonl());
+  acc_ = TrainAccum{};
+  save_checkpoint(epoch + 1, 0);
+  const std::string latest = dir_->latest_checkpoint();
+  dir_->publish(latest, "checkpoint.pt");
+  if (improved) dir_->publish(latest, "best.pt");
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(2);
+  o << "epoch " << epoch + 1 << "/" << cfg_.epochs << "  lr " << std::setprecision(4) << lr << std::setprecision(2)
+    << "  train loss " << m["train_loss"].get<double>() << " top1 " << m["train_top1"].get<double>() << "%";
+  if (valid_stream_) o << "  valid top1 " << m["valid_top1"].get<double>() << "%" << (improved ? " (best)" : "");
+  o << "  " << format_duration(m["seconds"].get<double>());
+  info(o.str());
+}
+
+void Trainer::save_checkpoint(int64_t epoch, int64_t step) {
+  acc_.seconds = step == 0 ? 0.0 : seconds_before_ + seconds_since(t_epoch_);
+  pos_.epoch = epoch;
+  pos_.step = step;
+  dir_->save_checkpoint(*ckpt_, epoch, step, cfg_.keep_checkpoints);
+  last_ckpt_ = Clock::now();
+}
+
+void Trainer::stop(int64_t epoch, int64_t step) {
+  progress_.finish();
+  if (step > 0) save_checkpoint(epoch, step);
+  throw StoppedError("stopped by " + signal_name(stop_signal() ? stop_signal() : SIGTERM) + " after epoch " +
+                     std::to_string(epoch + (step > 0 ? 1 : 0)) + (step > 0 ? " step " + std::to_string(step) : std::string()) +
+                     ", checkpoint written; continue with: noisydarts train --resume " + cfg_.out);
+}
+
+/// The selected model on the test set, once; result.json and summary.txt.
+TrainResult Trainer::finish() {
   TrainResult result;
-  if (!writer) return result;
-  result.genotype = genotype;
-  result.profile = profile;
-  result.epochs_done = cfg.epochs;
-  result.best_epoch = best_epoch;
-  result.best_valid_top1 = best_valid;
+  if (!writer_) return result;
+  result.genotype = genotype_;
+  result.profile = profile_;
+  result.epochs_done = cfg_.epochs;
+  result.best_epoch = best_.epoch;
+  result.best_valid_top1 = best_.valid_top1;
+  const std::string best_path = dir_->file("best.pt");
   {
     torch::serialize::InputArchive a, m;
     open_checkpoint(best_path, "train", a);
     a.read("model", m);
-    net->load(m);
+    net_->load(m);
   }
-  BatchStream test_stream(data.test, all_indices(data.test.size()), eval_stream_options(cfg, kEvalBatch));
-  result.test = evaluate(net, test_stream, device);
-  result.seconds = seconds_since(t_start);
-  double total_seconds = 0;
-  for (const auto& h : history) total_seconds += h.value("seconds", 0.0);
+  BatchStream test_stream(data_.test, all_indices(data_.test.size()), eval_stream_options(cfg_, kEvalBatch));
+  result.test = evaluate(net_, test_stream, device_);
+  result.seconds = seconds_since(t_start_);
+  const double total_seconds = history_.sum("seconds");
 
-  json r = {{"genotype", genotype_to_json(genotype)},
-            {"params", profile.params},
-            {"macs", profile.macs},
-            {"epochs", cfg.epochs},
-            {"best_epoch", best_epoch},
-            {"best_valid_top1", best_valid},
+  json r = {{"genotype", genotype_to_json(genotype_)},
+            {"params", profile_.params},
+            {"macs", profile_.macs},
+            {"epochs", cfg_.epochs},
+            {"best_epoch", best_.epoch},
+            {"best_valid_top1", best_.valid_top1},
             {"test_top1", result.test.top1},
             {"test_top5", result.test.top5},
             {"test_loss", result.test.loss},
             {"test_images", result.test.images},
             {"train_seconds", total_seconds}};
-  write_file_atomic((out / "result.json").string(), r.dump(2) + "\n");
+  dir_->write("result.json", r.dump(2) + "\n");
   std::ostringstream s;
   s.setf(std::ios::fixed);
   s.precision(2);
   s << "noisydarts training finished\n"
-    << "  run directory   " << cfg.out << "\n"
-    << "  genotype        " << genotype_to_text(genotype) << "\n"
-    << "  network         " << cfg.network << ", " << cfg.layers << " cells x " << cfg.channels << " channels, "
-    << profile.params << " parameters (auxiliary head excluded), " << profile.macs << " MACs/image\n"
-    << "  data            " << cfg.dataset << ": " << t_idx.size() << " train, " << v_idx.size() << " validation, "
+    << "  run directory   " << cfg_.out << "\n"
+    << "  genotype        " << genotype_to_text(genotype_) << "\n"
+    << "  network         " << cfg_.network << ", " << cfg_.layers << " cells x " << cfg_.channels << " channels, "
+    << profile_.params << " parameters (auxiliary head excluded), " << profile_.macs << " MACs/image\n"
+    << "  data            " << cfg_.dataset << ": " << t_idx_.size() << " train, " << v_idx_.size() << " validation, "
     << result.test.images << " test images\n"
-    << "  selected model  epoch " << best_epoch << "/" << cfg.epochs;
-  if (best_valid >= 0) s << " (validation top-1 " << best_valid << "%)";
+    << "  selected model  epoch " << best_.epoch << "/" << cfg_.epochs;
+  if (best_.valid_top1 >= 0) s << " (validation top-1 " << best_.valid_top1 << "%)";
   else s << " (no validation split: last epoch)";
   s << "\n  test            top-1 " << result.test.top1 << "%  top-5 " << result.test.top5 << "%  loss "
     << std::setprecision(4) << result.test.loss << "\n"
     << "  training time   " << format_duration(total_seconds) << "\n"
-    << "  files           config.json metrics.jsonl checkpoint.pt best.pt result.json summary.txt\n";
-  write_file_atomic((out / "summary.txt").string(), s.str());
+    << "  files           config.json metrics.jsonl checkpoint.pt best.pt checkpoints/ result.json summary.txt\n";
+  dir_->write("summary.txt", s.str());
   info(s.str());
   return result;
+}
+
+}  // namespace
+
+TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb) {
+  Trainer trainer(std::move(cfg), resume, cb);
+  return trainer.run();
 }
 
 }  // namespace noisydarts

@@ -50,6 +50,9 @@ std::map<std::string, std::string> snapshot(const fs::path& dir) {
   if (!fs::exists(dir)) return m;
   for (const auto& e : fs::recursive_directory_iterator(dir)) {
     const std::string rel = fs::relative(e.path(), dir).string();
+    // The run-directory lock (docs/run-directory.md) is created by any run that gets as far as
+    // the directory, refused or not; it holds no result. Left out on purpose.
+    if (rel == ".lock") continue;
     m[rel] = e.is_directory() ? std::string("<dir>") : slurp(e.path());
   }
   return m;

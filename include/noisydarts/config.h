@@ -74,4 +74,10 @@ struct SearchConfig {
 /// Reads a JSON file; ConfigError naming the file on missing/malformed content.
 nlohmann::json read_json_file(const std::string& path);
 
+/// Reads a config value into `field`, refusing what the field cannot hold: an integer outside
+/// the field's range (--threads 4294967297 would become 1, --seed -1 would wrap to 2^64-1), a
+/// fraction for an integer, a wrong type. Throws ConfigError "<where>: key '<key>' ...".
+template <class T>
+void read_config_value(const nlohmann::json& v, T& field, const std::string& key, const std::string& where);
+
 }  // namespace noisydarts

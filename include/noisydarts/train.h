@@ -51,6 +51,8 @@ struct TrainConfig {
   std::string device = "cpu";
   int64_t max_steps = 0;              ///< limit steps per epoch (0 = whole epochs; tests/benchmarks)
   double dist_timeout_s = 300;        ///< data-parallel runs: longest wait for another rank
+  double checkpoint_every_min = 0;    ///< also checkpoint every N minutes mid-epoch (0 = epoch ends only)
+  int keep_checkpoints = 2;           ///< newest checkpoints kept in checkpoints/
 
   /// Defaults of a preset (default | paper). Throws UsageError.
   static TrainConfig preset_defaults(const std::string& preset);
@@ -85,7 +87,8 @@ struct TrainResult {
   double seconds = 0;
 };
 
-/// Runs (or, with `resume`, continues from `cfg.out`/checkpoint.pt) a training run. Throws the
+/// Runs (or, with `resume`, continues from the newest loadable checkpoint of `cfg.out`) a
+/// training run. On resume, `cfg.threads` < 0 keeps the run's stored thread count. Throws the
 /// Error family on bad input and DivergedError on NaN/Inf loss (last checkpoint kept).
 TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb = {});
 
