@@ -382,6 +382,7 @@ SearchResult Searcher::run() {
     history_.epochs.push_back(m);
     dir_->write("metrics.jsonl", history_.jsonl());
     print_epoch_line(m, epoch_seconds);
+    if (cb_.on_epoch && writer_) cb_.on_epoch(m);
     acc_ = EpochAccum{};
     save_checkpoint(epoch + 1, 0);
     if (stopped_at_ > 0) {

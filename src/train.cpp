@@ -655,6 +655,7 @@ void Trainer::end_epoch(int64_t epoch, double lr, double drop_prob) {
   if (valid_stream_) o << "  valid top1 " << m["valid_top1"].get<double>() << "%" << (improved ? " (best)" : "");
   o << "  " << format_duration(m["seconds"].get<double>());
   info(o.str());
+  if (cb_.on_epoch) cb_.on_epoch(m);
 }
 
 void Trainer::save_checkpoint(int64_t epoch, int64_t step) {

@@ -18,6 +18,9 @@ struct SearchCallbacks {
   std::function<void(const std::string&)> info;
   /// Show a live progress line on stderr.
   bool progress = true;
+  /// Called by the writer after every epoch with that epoch's metrics.jsonl object (e.g. a
+  /// Python progress callback). To stop a run gracefully, call request_stop() (engine.h).
+  std::function<void(const nlohmann::json&)> on_epoch;
 };
 
 struct SearchResult {

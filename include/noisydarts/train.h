@@ -69,6 +69,9 @@ struct TrainCallbacks {
   std::function<void(const std::string&)> info;
   /// Show a live progress line on stderr.
   bool progress = true;
+  /// Called by the writer after every epoch with that epoch's metrics.jsonl object. To stop a
+  /// run gracefully, call request_stop() (engine.h).
+  std::function<void(const nlohmann::json&)> on_epoch;
 };
 
 /// Top-1/top-5 accuracy (%) and mean cross-entropy of one pass.
