@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "commands.h"
+#include "config_flags.h"
 #include "noisydarts/config.h"
 #include "noisydarts/distributed.h"
 #include "noisydarts/engine.h"
@@ -12,59 +13,59 @@
 namespace nd = noisydarts;
 using nlohmann::json;
 
+namespace noisydarts::cli {
+
 namespace {
 
-// A flag overriding one key of TrainConfig::to_json(); converted to that key's JSON type after
-// parsing, so preset -> --config -> flags needs no per-field code.
-struct Flag {
-  std::string key, value;
-  CLI::Option* opt = nullptr;
+struct TrainArgs {
+  std::string preset = "default", config_file, resume_dir;
+  bool quiet = false, print_config = false;
+  CLI::Option* resume = nullptr;
+  std::unique_ptr<ConfigFlags> flags;
 };
 
-json convert(const json& like, const std::string& flag, const std::string& text) {
-  try {
-    size_t pos = 0;
-    if (like.is_boolean()) {
-      if (text == "true" || text == "1" || text == "on") return true;
-      if (text == "false" || text == "0" || text == "off") return false;
-      throw std::invalid_argument("bool");
-    }
-    if (like.is_number_unsigned()) {
-      const unsigned long long v = std::stoull(text, &pos);
-      if (pos != text.size() || text.find('-') != std::string::npos) throw std::invalid_argument("uint");
-      return v;
-    }
-    if (like.is_number_integer()) {
-      const long long v = std::stoll(text, &pos);
-      if (pos != text.size()) throw std::invalid_argument("int");
-      return v;
-    }
-    if (like.is_number()) {
-      const double v = std::stod(text, &pos);
-      if (pos != text.size()) throw std::invalid_argument("float");
-      return v;
-    }
-    return text;
-  } catch (const std::exception&) {
-    throw nd::UsageError(flag + ": cannot read '" + text + "' as " +
-                         (like.is_boolean() ? "true/false" : like.is_number_integer() ? "an integer" : "a number"));
+int run_train_command(const TrainArgs& a) {
+  TrainConfig cfg = TrainConfig::preset_defaults(a.preset);
+  if (!a.config_file.empty()) {
+    json j = read_json_file(a.config_file);
+    if (!j.is_object())
+      throw ConfigError(a.config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
+    j.erase("preset");  // the flag's preset stays authoritative
+    cfg.merge_json(j, a.config_file);
   }
+  a.flags->apply([&](const json& o, const std::string& flag) { cfg.merge_json(o, flag); });
+  const bool resume = a.resume->count() > 0;
+  if (!a.resume_dir.empty()) {
+    if (!cfg.out.empty() && cfg.out != a.resume_dir)
+      throw UsageError("--resume " + a.resume_dir + " and --out " + cfg.out + " name different run directories: give one");
+    cfg.out = a.resume_dir;
+  }
+  if (a.print_config) {
+    // What config.json of a new run with these flags holds; touches neither data nor disk.
+    if (resume) throw UsageError("--print-config shows a new run's configuration: not with --resume");
+    cfg.finalize();
+    std::printf("%s\n", cfg.to_json().dump(2).c_str());
+    return kExitOk;
+  }
+  if (resume && !a.flags->given("threads")) cfg.threads = -1;  // keep the run's own
+  TrainCallbacks cb;
+  cb.progress = !a.quiet;
+  const bool quiet = a.quiet;
+  cb.info = [quiet](const std::string& s) {
+    if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
+  };
+  install_stop_handlers();  // SIGINT/SIGTERM: finish the step, checkpoint, exit 9
+  const TrainResult r = run_train(cfg, resume, cb);
+  if (dist_env_from_environment().rank != 0) return kExitOk;  // rank 0 reports
+  std::printf("test top-1 %.2f%%  top-5 %.2f%%  (epoch %lld, %s)\n", r.test.top1, r.test.top5,
+              static_cast<long long>(r.best_epoch), r.best_valid_top1 >= 0 ? "selected on validation" : "last epoch");
+  return kExitOk;
 }
 
 }  // namespace
 
-namespace noisydarts::cli {
-
 void add_train_command(CLI::App& app, Action& run) {
-  struct State {
-    std::string preset = "default", config_file;
-    bool quiet = false;
-    std::string resume_dir;
-    CLI::Option* resume = nullptr;
-    std::vector<Flag> flags;
-  };
-  auto st = std::make_shared<State>();
-  st->flags.reserve(64);
+  auto st = std::make_shared<TrainArgs>();
   auto* cmd = app.add_subcommand("train", "Train a genotype's evaluation network from scratch (SPEC 3)");
   cmd->add_option("--preset", st->preset,
                   "default (~10 min on 2 cores: Fashion-MNIST 6000-image subset, C 16, L 8, 6 epochs, 1 thread) or paper "
@@ -74,88 +75,49 @@ void add_train_command(CLI::App& app, Action& run) {
   st->resume = cmd->add_option("--resume", st->resume_dir,
                                "Continue a run from its newest loadable checkpoint: --resume DIR, or --resume --out DIR")
                    ->expected(0, 1)->type_name("[DIR]");
+  cmd->add_flag("--print-config", st->print_config, "Print the fully resolved configuration (as config.json) and exit; reads no data, writes nothing");
   cmd->add_flag("-q,--quiet", st->quiet, "No progress or summary on stderr");
-  auto bind = [&](const std::string& name, const std::string& key, const std::string& help) {
-    st->flags.push_back({key, "", nullptr});
-    st->flags.back().opt = cmd->add_option(name, st->flags.back().value, help);
-    return st->flags.back().opt;
-  };
-  bind("-o,--out", "out", "Run directory (created; required unless --resume DIR)");
-  bind("-g,--genotype", "genotype", "Built-in name (DARTS_V1, DARTS_V2, NASNet, AmoebaNet, NoisyDARTS_a, NoisyDARTS_b), a .json/.txt file, or inline text/JSON");
-  bind("--dataset", "dataset", "fashion-mnist | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
+  st->flags = std::make_unique<ConfigFlags>(cmd, TrainConfig::preset_defaults("default").to_json());
+  ConfigFlags& flags = *st->flags;
+  flags.bind("-o,--out", "out", "Run directory (created; required unless --resume DIR)");
+  flags.bind("-g,--genotype", "genotype", "Built-in name (DARTS_V1, DARTS_V2, NASNet, AmoebaNet, NoisyDARTS_a, NoisyDARTS_b), a .json/.txt file, or inline text/JSON");
+  flags.bind("--dataset", "dataset", "fashion-mnist | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
       ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"}));
-  bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
-  bind("--image-size", "image_size", "folder dataset: resize (shorter side) and centre-crop every image to S x S pixels, 8..512 (32)");
-  bind("--subset", "subset", "Use only N training images (0 = all)");
-  bind("--valid-portion", "valid_portion", "Share of the training images held out for model selection (0 = none: last epoch)");
-  bind("--batch-size", "batch_size", "Training batch size");
-  bind("--crop-padding", "crop_padding", "Random-crop padding in pixels (0 = off)");
-  bind("--flip", "flip", "Random horizontal flip (true/false)");
-  bind("--cutout", "cutout", "Cutout side in pixels (0 = off)");
-  bind("--workers", "workers", "Data-loading threads");
-  bind("--channels", "channels", "Initial channels C (even)");
-  bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3)");
-  bind("--network", "network", "cifar | imagenet (stem and auxiliary-head layout)")->check(CLI::IsMember({"cifar", "imagenet"}));
-  bind("--auxiliary", "auxiliary", "Auxiliary head after cell 2L/3 (true/false)");
-  bind("--auxiliary-weight", "auxiliary_weight", "Weight of the auxiliary loss");
-  bind("--drop-path", "drop_path_prob", "Final drop-path probability (grows linearly from 0)");
-  bind("--init-from", "init_from", "Start from a PyTorch state dict (reference layout, torch.save)");
-  bind("--epochs", "epochs", "Training epochs");
-  bind("--lr", "lr", "Initial learning rate (cosine-annealed per epoch)");
-  bind("--lr-min", "lr_min", "Final learning rate");
-  bind("--momentum", "momentum", "SGD momentum");
-  bind("--weight-decay", "weight_decay", "SGD weight decay");
-  bind("--grad-clip", "grad_clip", "Gradient-norm clip");
-  bind("--seed", "seed", "Random seed (split, init, augmentation, drop-path)");
-  bind("--threads", "threads", "Compute threads (0 = all cores)");
-  bind("--device", "device", "cpu | cuda | cuda:N");
-  bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)");
-  bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
-  bind("--checkpoint-every", "checkpoint_every_min", "Also checkpoint every N minutes mid-epoch (0 = at epoch ends only)");
-  bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept in checkpoints/");
+  flags.bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
+  flags.bind("--image-size", "image_size", "folder dataset: resize (shorter side) and centre-crop every image to S x S pixels, 8..512 (32)");
+  flags.bind("--subset", "subset", "Use only N training images (0 = all)");
+  flags.bind("--valid-portion", "valid_portion", "Share of the training images held out for model selection (0 = none: last epoch)");
+  flags.bind("--batch-size", "batch_size", "Training batch size");
+  flags.bind("--crop-padding", "crop_padding", "Random-crop padding in pixels (0 = off)");
+  flags.bind("--flip", "flip", "Random horizontal flip (true/false)");
+  flags.bind("--cutout", "cutout", "Cutout side in pixels (0 = off)");
+  flags.bind("--workers", "workers", "Data-loading threads");
+  flags.bind("--channels", "channels", "Initial channels C (even)");
+  flags.bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3)");
+  flags.bind("--network", "network", "cifar | imagenet (stem and auxiliary-head layout)")->check(CLI::IsMember({"cifar", "imagenet"}));
+  flags.bind("--auxiliary", "auxiliary", "Auxiliary head after cell 2L/3 (true/false)");
+  flags.bind("--auxiliary-weight", "auxiliary_weight", "Weight of the auxiliary loss");
+  flags.bind("--drop-path", "drop_path_prob", "Final drop-path probability (grows linearly from 0)");
+  flags.bind("--init-from", "init_from", "Start from a PyTorch state dict (reference layout, torch.save)");
+  flags.bind("--epochs", "epochs", "Training epochs");
+  flags.bind("--lr", "lr", "Initial learning rate (cosine-annealed per epoch)");
+  flags.bind("--lr-min", "lr_min", "Final learning rate");
+  flags.bind("--momentum", "momentum", "SGD momentum");
+  flags.bind("--weight-decay", "weight_decay", "SGD weight decay");
+  flags.bind("--grad-clip", "grad_clip", "Gradient-norm clip");
+  flags.bind("--seed", "seed", "Random seed (split, init, augmentation, drop-path)");
+  flags.bind("--threads", "threads", "Compute threads (0 = all cores)")->check(CLI::Range(0, 256));
+  flags.bind("--device", "device", "cpu | cuda | cuda:N");
+  flags.bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)");
+  flags.bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
+  flags.bind("--checkpoint-every", "checkpoint_every_min", "Also checkpoint every N minutes mid-epoch (0 = at epoch ends only)");
+  flags.bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept in checkpoints/");
 
+  cmd->footer("Defaults shown are those of --preset default. Layering: preset -> --config -> the flags given (each "
+              "overrides only its key).\n" +
+              flags.differences("--preset paper changes", TrainConfig::preset_defaults("paper").to_json()));
   cmd->callback([st, &run] {
-    run = [st] {
-      TrainConfig cfg = TrainConfig::preset_defaults(st->preset);
-      if (!st->config_file.empty()) {
-        json j = read_json_file(st->config_file);
-        if (!j.is_object())
-          throw ConfigError(st->config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
-        j.erase("preset");  // the flag's preset stays authoritative
-        cfg.merge_json(j, st->config_file);
-      }
-      // Each flag given overrides its key; merged one by one, so a refused value names its flag.
-      const json like = cfg.to_json();
-      bool threads_given = false;
-      for (auto& f : st->flags) {
-        if (f.opt->count() == 0) continue;
-        try {
-          cfg.merge_json(json{{f.key, convert(like.at(f.key), f.opt->get_name(), f.value)}}, f.opt->get_name());
-        } catch (const ConfigError& e) {  // a bad command-line value is a usage error
-          throw UsageError(e.what());
-        }
-        threads_given |= f.key == "threads";
-      }
-      const bool resume = st->resume->count() > 0;
-      if (!st->resume_dir.empty()) {
-        if (!cfg.out.empty() && cfg.out != st->resume_dir)
-          throw UsageError("--resume " + st->resume_dir + " and --out " + cfg.out + " name different run directories: give one");
-        cfg.out = st->resume_dir;
-      }
-      if (resume && !threads_given) cfg.threads = -1;  // keep the run's own
-      TrainCallbacks cb;
-      cb.progress = !st->quiet;
-      const bool quiet = st->quiet;
-      cb.info = [quiet](const std::string& s) {
-        if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
-      };
-      install_stop_handlers();  // SIGINT/SIGTERM: finish the step, checkpoint, exit 9
-      const TrainResult r = run_train(cfg, resume, cb);
-      if (nd::dist_env_from_environment().rank != 0) return nd::kExitOk;  // rank 0 reports
-      std::printf("test top-1 %.2f%%  top-5 %.2f%%  (epoch %lld, %s)\n", r.test.top1, r.test.top5,
-                  static_cast<long long>(r.best_epoch), r.best_valid_top1 >= 0 ? "selected on validation" : "last epoch");
-      return kExitOk;
-    };
+    run = [st] { return run_train_command(*st); };
   });
 }
 

@@ -214,6 +214,11 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
   }
 }
 
+void SearchConfig::finalize() {
+  validate();
+  if (data_dir.empty()) data_dir = default_data_dir(dataset);
+}
+
 void SearchConfig::apply_space(const std::vector<std::string>& preset_primitives) {
   check_search_space(space);
   const auto fixed = space_primitives(space);

@@ -1074,6 +1074,15 @@ Genotype resolve_genotype(const std::string& spec) {
 
   struct stat st {};
   if (!spec.empty() && spec.find('\0') == std::string::npos && ::stat(spec.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) {
+      // A search's run directory: its genotype.json.
+      const std::string file = spec + (spec.back() == '/' ? "" : "/") + "genotype.json";
+      struct stat fst {};
+      if (::stat(file.c_str(), &fst) != 0)
+        throw ConfigError("genotype directory " + squote_path(spec) +
+                          " holds no genotype.json (pass a finished search's run directory or a genotype file)");
+      return resolve_genotype(file);
+    }
     if (!S_ISREG(st.st_mode)) {
       throw ConfigError("genotype file " + squote_path(spec) + " is not a regular file");
     }

@@ -230,8 +230,7 @@ Searcher::Searcher(SearchConfig cfg, bool resume, const SearchCallbacks& cb)
   writer_ = dist_env_from_environment().rank == 0;
   dir_ = std::make_unique<RunDirectory>(cfg_.out, "search", writer_);
   if (resume_) read_resumed_config(cfg_.out, cfg_.threads);
-  cfg_.validate();
-  if (cfg_.data_dir.empty()) cfg_.data_dir = default_data_dir(cfg_.dataset);
+  cfg_.finalize();
   // Rendezvous first, so that a rank failing later makes the others stop at their next
   // collective instead of waiting forever.
   dist_ = init_distributed_from_environment(cfg_.dist_timeout_s);
@@ -630,8 +629,16 @@ SearchResult Searcher::finish() {
     << format_duration(result.seconds) << " this process\n"
     << "  files             config.json metrics.jsonl genotype.json genotype.txt";
   for (auto& d : diagrams) s << " " << fs::path(d).filename().string();
-  s << " checkpoints/\n";
-  try { write_report(cfg_.out); } catch (const std::exception& e) { info(std::string("warning: report.html not written: ") + e.what()); }
+  bool report = false;
+  try {
+    write_report(cfg_.out);
+    report = true;
+  } catch (const std::exception& e) {
+    info(std::string("warning: report.html not written: ") + e.what());
+  }
+  if (report) s << " report.html";
+  s << " summary.txt checkpoints/\n"
+    << "  next              noisydarts train --genotype " << cfg_.out << " --out " << cfg_.out << "-train\n";
   dir_->write("summary.txt", s.str());
   info(s.str());
   return result;

@@ -150,6 +150,16 @@ void TrainConfig::validate() const {
   check(network == "cifar" || network == "imagenet", "--network must be cifar or imagenet, got '" + network + "'");
 }
 
+Genotype TrainConfig::finalize() {
+  validate();
+  const Genotype g = resolve_genotype(genotype);
+  genotype = genotype_to_text(g);  // config.json holds the resolved cell
+  if (data_dir.empty()) data_dir = default_data_dir(dataset);
+  // Only networks of DARTS cells have an auxiliary head (SPEC 3); recorded in config.json.
+  if (g.space != "darts") auxiliary = false;
+  return g;
+}
+
 // ------------------------------------------------------------------------------------------
 // Evaluation
 // ------------------------------------------------------------------------------------------
@@ -386,17 +396,11 @@ Trainer::Trainer(TrainConfig cfg, bool resume, const TrainCallbacks& cb) : cfg_(
   writer_ = dist_env_from_environment().rank == 0;
   dir_ = std::make_unique<RunDirectory>(cfg_.out, "train", writer_);
   if (resume_) read_resumed_config();
-  cfg_.validate();
-  genotype_ = resolve_genotype(cfg_.genotype);
-  cfg_.genotype = genotype_to_text(genotype_);  // config.json holds the resolved cell
-  if (cfg_.data_dir.empty()) cfg_.data_dir = default_data_dir(cfg_.dataset);
+  const bool auxiliary = cfg_.auxiliary;
+  genotype_ = cfg_.finalize();
+  if (auxiliary && !cfg_.auxiliary) info("auxiliary head: off (a " + genotype_.space + " network has none)");
   // Data parallelism (docs/distributed.md): torchrun environment, rank 0 writes.
   dist_ = init_distributed_from_environment(cfg_.dist_timeout_s);
-  if (genotype_.space != "darts" && cfg_.auxiliary) {
-    // Only networks of DARTS cells have an auxiliary head (SPEC 3); recorded in config.json.
-    cfg_.auxiliary = false;
-    info("auxiliary head: off (a " + genotype_.space + " network has none)");
-  }
   device_ = parse_device(cfg_.device);
   if (dist_ && device_.is_cuda() && !device_.has_index())
     device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));

@@ -277,3 +277,90 @@ TEST(Cli, BadOptionsFailWithOneLineAndNonZeroExit) {
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.out.find("--noise-lambda"), std::string::npos);
 }
+
+namespace {
+// The value CLI11's --help shows for `flag` ("--epochs INT [10]" -> "10"); "" when absent.
+std::string help_default(const std::string& help, const std::string& flag) {
+  std::istringstream in(help);
+  for (std::string line; std::getline(in, line);) {
+    const auto p = line.find(flag + " ");
+    if (p == std::string::npos || line.find_first_not_of(' ') != p) continue;
+    const auto open = line.find('[', p), close = line.find(']', open);
+    if (open == std::string::npos || close == std::string::npos) return "";
+    return line.substr(open + 1, close - open - 1);
+  }
+  return "";
+}
+}  // namespace
+
+TEST(Cli, SearchHelpShowsTheDefaultScalesValuesThatPrintConfigResolves) {
+  const auto help = run_cli("search --help");
+  ASSERT_EQ(help.code, 0) << help.out;
+  EXPECT_EQ(help_default(help.std_out, "--epochs"), "10") << help.std_out;
+  EXPECT_EQ(help_default(help.std_out, "--noise-lambda"), "0.2");
+  EXPECT_EQ(help_default(help.std_out, "--subset"), "2000");
+  EXPECT_EQ(help_default(help.std_out, "--flip"), "true");
+  // Typed: the type names are shown, not TEXT for numbers.
+  EXPECT_NE(help.std_out.find("--epochs INT"), std::string::npos);
+  EXPECT_NE(help.std_out.find("--noise-lambda FLOAT"), std::string::npos);
+  // How the preset and the scale change the defaults.
+  EXPECT_NE(help.std_out.find("--scale paper changes: "), std::string::npos);
+  EXPECT_NE(help.std_out.find("--epochs 50"), std::string::npos);
+  EXPECT_NE(help.std_out.find("--preset darts changes: "), std::string::npos);
+
+  const auto pc = run_cli("search --print-config");
+  ASSERT_EQ(pc.code, 0) << pc.out;
+  const auto cfg = nlohmann::json::parse(pc.std_out);
+  EXPECT_EQ(cfg["epochs"].dump(), help_default(help.std_out, "--epochs"));
+  EXPECT_EQ(cfg["noise"]["lambda"].dump(), help_default(help.std_out, "--noise-lambda"));
+  EXPECT_EQ(cfg["subset"].dump(), help_default(help.std_out, "--subset"));
+
+  const auto th = run_cli("train --help");
+  ASSERT_EQ(th.code, 0);
+  EXPECT_EQ(help_default(th.std_out, "--epochs"), "6");
+  EXPECT_NE(th.std_out.find("--preset paper changes: "), std::string::npos);
+}
+
+TEST(Cli, PrintConfigEqualsTheConfigJsonOfARunWithTheSameFlagsAndTouchesNothing) {
+  const auto dir = fresh_dir("print_config");
+  const std::string flags = "--dataset synthetic --epochs 1 --max-steps 1 --channels 4 --layers 2 --batch-size 16 "
+                            "--subset 128 --threads 1 --seed 3 --noise-lambda 0.15 --ops skip_connect,sep_conv_3x3 -q --out " +
+                            dir.string();
+  const auto pc = run_cli("search " + flags + " --print-config");
+  ASSERT_EQ(pc.code, 0) << pc.out;
+  EXPECT_FALSE(fs::exists(dir)) << "--print-config created the run directory";
+  ASSERT_EQ(run_cli("search " + flags).code, 0);
+  EXPECT_EQ(nlohmann::json::parse(pc.std_out), nlohmann::json::parse(read_file(dir / "config.json")));
+  // The summary names every file the run wrote and the next command.
+  const std::string summary = read_file(dir / "summary.txt");
+  for (const char* f : {"config.json", "metrics.jsonl", "genotype.json", "genotype.txt", "report.html", "summary.txt"}) {
+    EXPECT_NE(summary.find(std::string(" ") + f), std::string::npos) << f;
+    EXPECT_TRUE(fs::exists(dir / f)) << f;
+  }
+  EXPECT_NE(summary.find("next              noisydarts train --genotype " + dir.string() + " --out " + dir.string() + "-train"),
+            std::string::npos) << summary;
+  // A search's run directory is a --genotype everywhere.
+  const auto prof = run_cli("profile --genotype " + dir.string());
+  EXPECT_EQ(prof.code, 0) << prof.out;
+  const auto tpc = run_cli("train --genotype " + dir.string() + " --print-config --out " + (dir / "t").string());
+  ASSERT_EQ(tpc.code, 0) << tpc.out;
+  EXPECT_EQ(nlohmann::json::parse(tpc.std_out)["genotype"].get<std::string>() + "\n", read_file(dir / "genotype.txt"));
+  EXPECT_FALSE(fs::exists(dir / "t"));
+  const auto empty = fresh_dir("print_config_empty");
+  fs::create_directories(empty);
+  const auto bad = run_cli("train --genotype " + empty.string() + " --print-config");
+  EXPECT_EQ(bad.code, 4) << bad.out;
+  EXPECT_NE(bad.err.find("holds no genotype.json"), std::string::npos) << bad.err;
+  fs::remove_all(dir);
+  fs::remove_all(empty);
+}
+
+TEST(Cli, ATypedFlagGivenABadValueNamesTheFlag) {
+  for (const std::string& bad : {"--epochs abc", "--epochs 1.5", "--flip maybe", "--seed -1", "--threads 300", "--train-portion 2"}) {
+    const auto r = run_cli("search --dataset synthetic " + bad + " -q --out /tmp/noisydarts_never_created");
+    EXPECT_EQ(r.code, 2) << bad << ": " << r.out;
+    EXPECT_NE(r.err.find(bad.substr(0, bad.find(' '))), std::string::npos) << bad << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  EXPECT_FALSE(fs::exists("/tmp/noisydarts_never_created"));
+}

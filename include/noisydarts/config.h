@@ -69,6 +69,9 @@ struct SearchConfig {
   void apply_space(const std::vector<std::string>& preset_primitives);
   /// Range checks; throws UsageError naming the option.
   void validate() const;
+  /// What a run records as its config.json: validate(), then the dataset's default directory
+  /// filled in. Reads no data, writes nothing (`search --print-config`).
+  void finalize();
 };
 
 /// Reads a JSON file; ConfigError naming the file on missing/malformed content.

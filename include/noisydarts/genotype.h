@@ -92,7 +92,8 @@ Genotype genotype_from_text(const std::string& text);
 std::vector<std::string> builtin_genotype_names();
 /// Throws ConfigError listing the known names when `name` is unknown.
 Genotype builtin_genotype(const std::string& name);
-/// Resolves a user's --genotype: a built-in name, a path to a .json or text file, or inline
+/// Resolves a user's --genotype: a built-in name, a path to a .json or text file, a search's run
+/// directory (its genotype.json), or inline
 /// JSON/text. Throws ConfigError (unknown name / malformed) or IoError-free DataError-free:
 /// a missing file is a ConfigError naming the path.
 Genotype resolve_genotype(const std::string& spec);

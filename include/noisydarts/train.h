@@ -62,6 +62,11 @@ struct TrainConfig {
   void merge_json(const nlohmann::json& j, const std::string& where);
   /// Range checks; throws UsageError naming the option.
   void validate() const;
+  /// What a run records as its config.json: validate(), the genotype resolved to DARTS text,
+  /// the dataset's default directory, no auxiliary head for a non-DARTS genotype (returns the
+  /// genotype). Reads no data, writes nothing (`train --print-config`). Throws like validate()
+  /// and resolve_genotype().
+  Genotype finalize();
 };
 
 struct TrainCallbacks {
