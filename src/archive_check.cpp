@@ -58,6 +58,8 @@ struct Bytes {
 struct Entry {
   std::string name;
   uint64_t local = 0, size = 0, data = 0;  // local header offset, stored size, data offset
+  uint64_t usize = 0;                       // original size
+  bool deflated = false;
   uint32_t crc = 0;
 };
 
@@ -170,16 +172,21 @@ void validate_pytorch_zip_bytes(const char* data, size_t size, const std::string
     if (flags & 0x2061) bad(what, "record " + rec + " is encrypted or patch data (flags " + std::to_string(flags) + ")");
     // miniz takes the DOS directory attribute for a directory and then extracts nothing.
     if (b.u32(p + 38) & 0x10) bad(what, "record " + rec + " is marked as a directory");
-    if (method != 0)
-      bad(what, "record " + rec + " is compressed (method " + std::to_string(method) +
-                    "); checkpoints hold stored records only");
+    // LibTorch stores tensors and pickles, but deflates larger TorchScript sources (code/...).
+    if (method != 0 && method != 8)
+      bad(what, "record " + rec + " uses compression method " + std::to_string(method) +
+                    "; checkpoints hold stored or deflated records only");
     uint64_t csize = b.u32(p + 20), usize = b.u32(p + 24), local = b.u32(p + 42);
     if (csize == 0xffffffff || usize == 0xffffffff || local == 0xffffffff)
       read_zip64_extra(b, p + kCentralSize + name_len, extra_len, usize == 0xffffffff, csize == 0xffffffff,
                        local == 0xffffffff, usize, csize, local, what, rec);
     if (b.u16(p + 34) != 0) bad(what, "record " + rec + " starts on another disk");
-    if (csize != usize) bad(what, "record " + rec + " has different stored and original sizes");
+    if (method == 0 && csize != usize) bad(what, "record " + rec + " has different stored and original sizes");
+    // Deflate expands at most ~1032:1; a larger claim would only make LibTorch allocate it.
+    if (method == 8 && usize / 1032 > csize) bad(what, "record " + rec + " claims an impossible original size");
     e.size = csize;
+    e.usize = usize;
+    e.deflated = method == 8;
     e.local = local;
     e.crc = b.u32(p + 16);
 
@@ -212,19 +219,36 @@ void validate_pytorch_zip_bytes(const char* data, size_t size, const std::string
     if (!fits(e.local, kLocalSize, cd_off) || b.u32(e.local) != kSigLocal)
       bad(what, "record " + rec + " points to no local header (offset " + std::to_string(e.local) + ")");
     const uint16_t name_len = b.u16(e.local + 26), extra_len = b.u16(e.local + 28);
-    if (b.u16(e.local + 8) != 0) bad(what, "record " + rec + "'s local header says compressed");
+    if (b.u16(e.local + 8) != (e.deflated ? 8 : 0)) bad(what, "record " + rec + "'s local header has another compression method");
     if (name_len != e.name.size() || !fits(e.local + kLocalSize, name_len, cd_off) ||
         std::memcmp(data + e.local + kLocalSize, e.name.data(), name_len) != 0)
       bad(what, "record " + rec + "'s local header names another record");
     e.data = e.local + kLocalSize + name_len + extra_len;
     if (!fits(e.data, e.size, cd_off))
       bad(what, "record " + rec + " (" + std::to_string(e.size) + " bytes) runs past the start of the central directory");
-    // zlib's crc32 takes a uInt length: feed large records in pieces.
     uLong crc = crc32(0L, Z_NULL, 0);
-    for (uint64_t o = 0; o < e.size;) {
-      const uInt chunk = static_cast<uInt>(std::min<uint64_t>(e.size - o, 1u << 30));
-      crc = crc32(crc, b.p + e.data + o, chunk);
-      o += chunk;
+    if (e.deflated) {
+      // Inflated (raw deflate) to check that it gives exactly the original size and its CRC.
+      if (e.size > UINT32_MAX || e.usize > UINT32_MAX) bad(what, "record " + rec + " is too large a deflated record");
+      std::vector<unsigned char> out(static_cast<size_t>(e.usize) + 1);
+      z_stream zs{};
+      if (inflateInit2(&zs, -15) != Z_OK) bad(what, "cannot inflate record " + rec);
+      zs.next_in = const_cast<Bytef*>(b.p + e.data);
+      zs.avail_in = static_cast<uInt>(e.size);
+      zs.next_out = out.data();
+      zs.avail_out = static_cast<uInt>(out.size());
+      const int rc = inflate(&zs, Z_FINISH);
+      const uint64_t got = zs.total_out;
+      inflateEnd(&zs);
+      if (rc != Z_STREAM_END || got != e.usize) bad(what, "record " + rec + " does not inflate to its original size");
+      crc = crc32(crc, out.data(), static_cast<uInt>(got));
+    } else {
+      // zlib's crc32 takes a uInt length: feed large records in pieces.
+      for (uint64_t o = 0; o < e.size;) {
+        const uInt chunk = static_cast<uInt>(std::min<uint64_t>(e.size - o, 1u << 30));
+        crc = crc32(crc, b.p + e.data + o, chunk);
+        o += chunk;
+      }
     }
     if (static_cast<uint32_t>(crc) != e.crc && !(allow_unset_crc && e.crc == 0)) bad(what, "record " + rec + " fails its CRC-32 check");
   }
@@ -246,6 +270,7 @@ void validate_pytorch_zip_bytes(const char* data, size_t size, const std::string
   const Entry* v = find(".data/version");
   if (!v) v = find("version");
   if (!v) bad(what, "no version record");
+  if (v->deflated) bad(what, "version record is deflated");
   std::string text(data + v->data, static_cast<size_t>(std::min<uint64_t>(v->size, 64)));
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
   const bool digits = !text.empty() && text.size() <= 19 &&
