@@ -12,20 +12,28 @@ cd "$here"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(fuzz_idx fuzz_cifar fuzz_genotype)
+((${#targets[@]})) || targets=(fuzz_idx fuzz_cifar fuzz_genotype fuzz_checkpoint)
 build="${NOISYDARTS_FUZZ_BUILD_DIR:-$here/build-fuzz}"
 jobs="${NOISYDARTS_JOBS:-1}"
 
 echo "[fuzz] building ${targets[*]} in $build (-j$jobs)" >&2
 cmake -S "$here" -B "$build" -DNOISYDARTS_FUZZ=ON -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_CXX_COMPILER=clang++ -DNOISYDARTS_BUILD_TESTS=OFF -DNOISYDARTS_BUILD_BENCH=OFF >/dev/null
-cmake --build "$build" -j "$jobs" --target "${targets[@]}"
+build_targets=("${targets[@]}")
+[[ " ${targets[*]} " == *" fuzz_checkpoint "* ]] && build_targets+=(make_checkpoint_seeds)
+cmake --build "$build" -j "$jobs" --target "${build_targets[@]}"
 
 # Seeds: the corpus files in the input layout of each target (see the comment at the top of
 # each fuzz/*.cpp). The running corpus (what libFuzzer adds) stays in the build directory.
 seeds="$build/seeds"
 rm -rf "$seeds"
-mkdir -p "$seeds/fuzz_idx" "$seeds/fuzz_cifar" "$seeds/fuzz_genotype"
+mkdir -p "$seeds/fuzz_idx" "$seeds/fuzz_cifar" "$seeds/fuzz_genotype" "$seeds/fuzz_checkpoint"
+# fuzz_checkpoint: real archives written by LibTorch (header only; tensors + a nested module
+# archive) and the corpus' broken "checkpoints".
+if [ -x "$build/make_checkpoint_seeds" ]; then
+  "$build/make_checkpoint_seeds" "$seeds/fuzz_checkpoint"
+  cp "$here"/tests/data/corpus/checkpoint/*.pt "$seeds/fuzz_checkpoint/"
+fi
 python3 - "$here/tests/data/corpus" "$seeds" <<'PY'
 import os, struct, sys
 corpus, seeds = sys.argv[1], sys.argv[2]
@@ -68,6 +76,7 @@ for t in "${targets[@]}"; do
   max_len=4096
   [ "$t" = fuzz_cifar ] && max_len=16384   # a CIFAR record is 3073/3074 bytes
   [ "$t" = fuzz_idx ] && max_len=16384
+  [ "$t" = fuzz_checkpoint ] && max_len=8192   # the seed archives are 1-3 KB
   echo "[fuzz] $t: ${seconds}s (max_len $max_len), artifacts in $artifacts" >&2
   log="$build/$t.log"
   if "$build/$t" "$work" "$seeds/$t" -max_total_time="$seconds" -max_len="$max_len" -timeout=10 \

@@ -37,13 +37,20 @@ std::string read_string(torch::serialize::InputArchive& a, const std::string& ke
   return v.toStringRef();
 }
 
-void open_checkpoint(const std::string& path, const std::string& kind,
-                     torch::serialize::InputArchive& archive) {
+void load_checkpoint_archive(const std::string& path, torch::serialize::InputArchive& archive) {
+  // Validated by us first (LibTorch's reader can crash on crafted archives), then loaded from the
+  // same bytes, so the file is read once and cannot change in between.
+  const std::string bytes = read_checkpoint_file(path);
   try {
-    archive.load_from(path);
+    archive.load_from(bytes.data(), bytes.size());
   } catch (const std::exception& e) {
     throw CheckpointError("cannot read checkpoint " + path + ": not a noisydarts checkpoint or damaged");
   }
+}
+
+void open_checkpoint(const std::string& path, const std::string& kind,
+                     torch::serialize::InputArchive& archive) {
+  load_checkpoint_archive(path, archive);
   int64_t version = -1;
   std::string k;
   try {

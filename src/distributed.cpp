@@ -4,7 +4,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <glog/logging.h>
+
+#include <algorithm>
 #include <cstdlib>
+#include <stdexcept>
 #include <map>
 
 #include "noisydarts/error.h"
@@ -52,14 +56,34 @@ struct Distributed::Impl {
 
 Distributed::Distributed(const DistEnv& env, std::chrono::milliseconds timeout)
     : env_(env), timeout_(timeout), impl_(std::make_unique<Impl>()) {
+  // One deadline for the whole rendezvous. LibTorch would otherwise wait the full timeout twice
+  // when a peer never comes: once in TCPStore's wait for workers, again in Gloo's address
+  // exchange. So the store does not wait for workers; the ranks meet at our own barrier on the
+  // store (an `add` counter; the last to arrive sets a key the others wait for) with the time
+  // left, and only then build the process group, whose rendezvous then finds every peer there.
+  // The process group keeps the full timeout for its collectives.
+  // c10d also logs its socket errors through glog (two extra stderr lines for a client that
+  // cannot connect); our DistributedError carries the reason in the one documented line.
+  FLAGS_minloglevel = std::max<int>(FLAGS_minloglevel, google::GLOG_FATAL);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto left = [&] {
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (ms.count() <= 0) throw std::runtime_error("timed out waiting for the other ranks");
+    return ms;
+  };
   run("rendezvous at " + env.master_addr + ":" + std::to_string(env.master_port), [&] {
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(env.master_port);
     so.isServer = env.rank == 0;
     so.numWorkers = static_cast<std::size_t>(env.world);
-    so.waitWorkers = true;
-    so.timeout = timeout;
-    impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
+    so.waitWorkers = false;
+    so.timeout = timeout;  // a client retries connecting until then
+    auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
+    impl_->store = store;
+    const std::string arrived = "noisydarts/rendezvous/arrived", all = "noisydarts/rendezvous/all";
+    if (store->add(arrived, 1) == env.world) store->set(all, std::vector<uint8_t>{1});
+    store->wait({all}, left());
+    store->setTimeout(timeout);
     auto o = c10d::ProcessGroupGloo::Options::create(timeout);
     o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
         env.master_addr == "localhost" ? "127.0.0.1" : env.master_addr));

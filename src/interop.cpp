@@ -2,7 +2,9 @@
 
 #include <caffe2/serialize/inline_container.h>
 
+#include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -385,11 +387,39 @@ class MiniUnpickler {
   std::map<std::string, PyPtr> storages_;
 };
 
+// LibTorch's reader over bytes in memory; reads past the end return short (0 bytes).
+class BytesReader final : public caffe2::serialize::ReadAdapterInterface {
+ public:
+  explicit BytesReader(const std::string& b) : b_(b) {}
+  size_t size() const override { return b_.size(); }
+  size_t read(uint64_t pos, void* buf, size_t n, const char* what = "") const override {
+    if (pos >= b_.size()) return 0;
+    const size_t k = std::min<uint64_t>(n, b_.size() - pos);
+    std::memcpy(buf, b_.data() + pos, k);
+    return k;
+  }
+
+ private:
+  const std::string& b_;
+};
+
 PyPtr read_pickle_file(const std::string& path) {
   if (!std::filesystem::exists(path)) throw CheckpointError("cannot read " + path + ": no such file");
+  // Read once and checked by us before LibTorch's reader sees it (docs/checkpoint.md): that
+  // reader can crash on crafted archives. `bytes` outlives the reader, which reads from it.
+  std::string bytes;
+  {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw CheckpointError("cannot read " + path + ": " + std::strerror(errno));
+    bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    if (f.bad()) throw CheckpointError("cannot read " + path + ": read error");
+  }
+  validate_pytorch_zip_bytes(bytes.data(), bytes.size(),
+                             "cannot read " + path + ": damaged or not a zip-format PyTorch file (torch.save, PyTorch >= 1.6): ",
+                             /*allow_unset_crc=*/true);
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   try {
-    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(std::make_shared<BytesReader>(bytes));
   } catch (const c10::Error&) {
     throw CheckpointError("cannot read " + path +
                           ": not a zip-format PyTorch file (save it with torch.save(obj, path), PyTorch >= 1.6)");
@@ -435,8 +465,8 @@ std::pair<std::string, size_t> export_checkpoint(const std::string& checkpoint,
   if (!std::filesystem::exists(checkpoint)) throw CheckpointError("cannot read checkpoint " + checkpoint + ": no such file");
   torch::serialize::InputArchive probe;
   std::string kind;
+  load_checkpoint_archive(checkpoint, probe);
   try {
-    probe.load_from(checkpoint);
     kind = read_string(probe, "kind");
   } catch (const std::exception&) {
     throw CheckpointError("cannot read checkpoint " + checkpoint + ": not a noisydarts checkpoint or damaged");

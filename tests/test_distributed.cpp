@@ -1,14 +1,18 @@
 // Data parallelism on c10d/Gloo (distributed.h): two ranks on 127.0.0.1 stay bitwise identical,
 // half batches on two ranks give the full-batch alpha gradient, a killed rank makes the other exit
-// with code 8 within the timeout, and `noisydarts launch` runs a two-rank search.
+// with code 8 within the timeout, a peer that never starts fails the rank alone within the
+// timeout, and `noisydarts launch` runs a two-rank search, forwards SIGTERM to its ranks and
+// leaves none behind when it is killed.
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <iterator>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -269,4 +273,179 @@ TEST(Distributed, ACheckpointOfTwoRanksResumesOnOneWithTheSameImagesConsumed) {
   EXPECT_EQ(line1, a1);  // the first epoch is the two-rank run's, carried in the checkpoint
   EXPECT_TRUE(fs::exists(b / "genotype.json"));
   fs::remove_all(base);
+}
+
+namespace {
+
+// The state letter of /proc/<pid>/stat ('\0' when there is no such process).
+char proc_state(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto close = s.rfind(')');
+  return close == std::string::npos || close + 2 >= s.size() ? '\0' : s[close + 2];
+}
+// Running (a zombie has ended: only its parent has not collected it yet).
+bool alive(pid_t pid) {
+  const char st = proc_state(pid);
+  return st != '\0' && st != 'Z' && st != 'X';
+}
+
+// The processes whose parent is `parent`.
+std::vector<pid_t> children_of(pid_t parent) {
+  std::vector<pid_t> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.empty() || !std::all_of(name.begin(), name.end(), ::isdigit)) continue;
+    std::ifstream f(e.path() / "stat");
+    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const auto close = s.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(s.substr(close + 2));
+    char state = 0;
+    long ppid = 0;
+    if (rest >> state >> ppid && ppid == parent) out.push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  return out;
+}
+
+// Starts `noisydarts launch --nproc 2 -- search <a long tiny search>`; stderr goes to `err`.
+pid_t start_launch(int port, const fs::path& out, const fs::path& err) {
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  const int fd = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  ::dup2(fd, 2);
+  const int devnull = ::open("/dev/null", O_WRONLY);
+  ::dup2(devnull, 1);
+  std::vector<std::string> a{NOISYDARTS_CLI, "launch", "--nproc", "2", "--master-port", std::to_string(port), "--",
+                             "search", "--dataset", "synthetic", "--channels", "4", "--layers", "3", "--batch-size",
+                             "8", "--subset", "256", "--epochs", "1000", "--threads", "1", "-q", "--out", out.string()};
+  std::vector<char*> argv;
+  for (auto& s : a) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  ::execv(argv[0], argv.data());
+  ::_exit(127);
+}
+
+// Waits until both ranks of `launcher` run and have met (rank 0 writes config.json after the
+// rendezvous); returns their pids.
+std::vector<pid_t> wait_for_two_ranks(pid_t launcher, const fs::path& out) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(90);
+  std::vector<pid_t> ranks;
+  while (std::chrono::steady_clock::now() < deadline) {
+    ranks = children_of(launcher);
+    if (ranks.size() == 2 && fs::exists(out / "config.json")) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return ranks;
+}
+
+// Waits for `pid` (a child of this process) at most `limit`; SIGKILLs it after that.
+bool wait_child(pid_t pid, std::chrono::seconds limit, int* status) {
+  const auto t0 = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - t0 < limit) {
+    if (::waitpid(pid, status, WNOHANG) == pid) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, status, 0);
+  return false;
+}
+
+}  // namespace
+
+TEST(Distributed, LaunchForwardsSigtermToEveryRankAndWaitsForThem) {
+  const auto dir = fs::temp_directory_path() / ("noisydarts_dist_sigterm_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const pid_t launcher = start_launch(test_port(7), dir / "run", dir / "err");
+  const auto ranks = wait_for_two_ranks(launcher, dir / "run");
+  ASSERT_EQ(ranks.size(), 2u);
+  ASSERT_TRUE(fs::exists(dir / "run" / "config.json"));
+  // Each rank leads its own process group, so a terminal's Ctrl-C reaches it only through launch.
+  for (pid_t r : ranks) EXPECT_EQ(::getpgid(r), r);
+  EXPECT_NE(::getpgid(ranks[0]), ::getpgid(launcher));
+  ::kill(launcher, SIGTERM);
+  int status = 0;
+  const bool exited = wait_child(launcher, std::chrono::seconds(60), &status);
+  for (pid_t r : ranks)
+    if (alive(r)) ::kill(r, SIGKILL);  // clean up before failing
+  ASSERT_TRUE(exited) << "launch still running 60 s after SIGTERM";
+  // launch reaped both ranks before exiting: none is left running.
+  for (pid_t r : ranks) EXPECT_FALSE(alive(r)) << "rank " << r << " outlived launch";
+  ASSERT_TRUE(WIFEXITED(status));
+  // Both ranks stopped gracefully at the same step: rank 0 checkpointed it, all exited 9.
+  const std::string err = noisydarts::test::slurp((dir / "err").string());
+  EXPECT_EQ(WEXITSTATUS(status), nd::kExitStopped) << err;
+  EXPECT_NE(err.find("stopped by SIGTERM"), std::string::npos) << err;
+  EXPECT_TRUE(fs::exists(dir / "run" / "checkpoints" / "latest")) << err;
+  EXPECT_FALSE(fs::exists(dir / "run" / "genotype.json"));
+  fs::remove_all(dir);
+}
+
+TEST(Distributed, RanksOfAKilledLaunchStopToo) {
+  const auto dir = fs::temp_directory_path() / ("noisydarts_dist_orphan_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const pid_t launcher = start_launch(test_port(8), dir / "run", dir / "err");
+  const auto ranks = wait_for_two_ranks(launcher, dir / "run");
+  if (ranks.size() != 2u) {
+    ::kill(launcher, SIGKILL);
+    for (pid_t r : ranks) ::kill(r, SIGKILL);
+    ::waitpid(launcher, nullptr, 0);
+    FAIL() << "the ranks did not start";
+  }
+  ::kill(launcher, SIGKILL);  // no chance to forward anything: PR_SET_PDEATHSIG sends SIGTERM
+  ::waitpid(launcher, nullptr, 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  while ((alive(ranks[0]) || alive(ranks[1])) && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const bool left = alive(ranks[0]) || alive(ranks[1]);
+  for (pid_t r : ranks)
+    if (alive(r)) ::kill(r, SIGKILL);
+  EXPECT_FALSE(left) << "a rank still ran 60 s after launch was killed";
+  fs::remove_all(dir);
+}
+
+TEST(Distributed, APeerThatNeverStartsFailsTheRankAloneWithinTheTimeout) {
+  // Rank 0 alone (serves the store, nobody joins) and rank 1 alone (no store to connect to),
+  // both with --dist-timeout 5: exit code 8 with one line well before twice the timeout.
+  const auto dir = fs::temp_directory_path() / ("noisydarts_dist_alone_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::vector<pid_t> pids;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int rank : {0, 1}) {
+    const auto out = dir / ("run" + std::to_string(rank));
+    const std::vector<std::string> args{"search", "--dataset", "synthetic", "--channels", "4", "--layers", "3",
+                                        "--batch-size", "8", "--subset", "256", "--epochs", "1", "--threads", "1",
+                                        "--dist-timeout", "5", "-q", "--out", out.string()};
+    pids.push_back(start_rank(args, rank, 2, test_port(9 + rank), dir / ("err" + std::to_string(rank))));
+  }
+  std::vector<double> took(2, -1);
+  std::vector<int> status(2, 0);
+  std::vector<bool> done(2, false);
+  while ((!done[0] || !done[1]) && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+    for (int r = 0; r < 2; ++r)
+      if (!done[r] && ::waitpid(pids[r], &status[r], WNOHANG) == pids[r]) {
+        done[r] = true;
+        took[r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (int r = 0; r < 2; ++r)
+    if (!done[r]) {
+      ::kill(pids[r], SIGKILL);
+      ::waitpid(pids[r], &status[r], 0);
+    }
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(done[r]) << "rank " << r << " alone still running after 60 s";
+    EXPECT_LT(took[r], 5.0 + 10.0) << "rank " << r;  // the timeout plus start-up, not twice it
+    ASSERT_TRUE(WIFEXITED(status[r])) << "rank " << r;
+    EXPECT_EQ(WEXITSTATUS(status[r]), nd::kExitDistributed) << "rank " << r;
+    const std::string err = slurp(dir / ("err" + std::to_string(r)));
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_NE(err.find("rank " + std::to_string(r) + " of 2: rendezvous at 127.0.0.1:"), std::string::npos) << err;
+    EXPECT_FALSE(fs::exists(dir / ("run" + std::to_string(r)) / "genotype.json"));
+  }
+  fs::remove_all(dir);
 }

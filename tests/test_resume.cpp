@@ -1,6 +1,8 @@
 // Never lose a search (SPEC 8): SIGKILL + resume is bitwise identical to an uninterrupted run;
-// divergence stops cleanly; hostile input gets one line, a documented exit code and no output.
+// divergence stops cleanly; hostile input gets one line, a documented exit code and no output;
+// damaged checkpoint archives are refused by our own ZIP check before LibTorch reads them.
 #include <gtest/gtest.h>
+#include <zlib.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,6 +16,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_helpers.h"
+#include "noisydarts/checkpoint.h"
+#include "noisydarts/error.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -473,4 +477,303 @@ TEST(RunDirectoryLock, TheLockIsExclusiveAcrossProcessesAndReleasedWithTheProces
   nd::RunDirectory rd(dir.string(), "search", true);
   EXPECT_NO_THROW(rd.lock());
   fs::remove_all(dir);
+// ---- Our own check of the checkpoint ZIP container (src/archive_check.cpp) --------------------
+
+namespace {
+
+namespace nd = noisydarts;
+
+// A small archive of the checkpoint layout, written by LibTorch (OutputArchive::save_to).
+std::string small_archive() {
+  torch::serialize::OutputArchive a, m;
+  nd::write_int(a, "format_version", nd::kCheckpointFormatVersion);
+  nd::write_string(a, "kind", "search");
+  m.write("w", torch::arange(12, torch::kFloat).reshape({3, 4}));
+  a.write("model", m);
+  a.write("rng_cpu", torch::arange(7, torch::kLong).to(torch::kUInt8), true);
+  std::ostringstream ss;
+  a.save_to(ss);
+  return ss.str();
+}
+
+uint32_t get32(const std::string& z, size_t o) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(z[o + i]);
+  return v;
+}
+uint16_t get16(const std::string& z, size_t o) {
+  return static_cast<uint16_t>(static_cast<unsigned char>(z[o]) | (static_cast<unsigned char>(z[o + 1]) << 8));
+}
+void put32(std::string& z, size_t o, uint32_t v) {
+  for (int i = 0; i < 4; ++i) z[o + i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+void put16(std::string& z, size_t o, uint16_t v) {
+  z[o] = static_cast<char>(v & 0xff);
+  z[o + 1] = static_cast<char>(v >> 8);
+}
+
+// Where things are in an intact archive (written without a comment, so the end record is last).
+struct Layout {
+  size_t eocd = 0, locator = 0, end64 = 0, cd = 0;
+  std::vector<size_t> central;  // offsets of the central entries
+  std::map<std::string, size_t> by_name;  // name -> index in `central`
+};
+Layout layout(const std::string& z) {
+  Layout l;
+  l.eocd = z.size() - 22;
+  EXPECT_EQ(get32(z, l.eocd), 0x06054b50u);
+  l.locator = l.eocd - 20;
+  EXPECT_EQ(get32(z, l.locator), 0x07064b50u);
+  l.end64 = get32(z, l.locator + 8);
+  EXPECT_EQ(get32(z, l.end64), 0x06064b50u);
+  l.cd = get32(z, l.eocd + 16);
+  size_t p = l.cd;
+  for (int i = 0; i < get16(z, l.eocd + 10); ++i) {
+    EXPECT_EQ(get32(z, p), 0x02014b50u);
+    l.by_name[z.substr(p + 46, get16(z, p + 28))] = l.central.size();
+    l.central.push_back(p);
+    p += 46 + get16(z, p + 28) + get16(z, p + 30) + get16(z, p + 32);
+  }
+  return l;
+}
+size_t local_of(const std::string& z, size_t central) { return get32(z, central + 42); }
+size_t data_of(const std::string& z, size_t central) {
+  const size_t lh = local_of(z, central);
+  return lh + 30 + get16(z, lh + 26) + get16(z, lh + 28);
+}
+// Renames record `i` (same length) in its central entry and its local header.
+void rename_record(std::string& z, const Layout& l, size_t i, const std::string& name) {
+  const size_t c = l.central[i];
+  ASSERT_EQ(name.size(), get16(z, c + 28));
+  z.replace(c + 46, name.size(), name);
+  z.replace(local_of(z, c) + 30, name.size(), name);
+}
+// Replaces the content of record `i` (same length) and fixes its CRC-32.
+void rewrite_record(std::string& z, const Layout& l, size_t i, const std::string& content) {
+  const size_t c = l.central[i];
+  ASSERT_EQ(content.size(), get32(z, c + 24));
+  z.replace(data_of(z, c), content.size(), content);
+  put32(z, c + 16, static_cast<uint32_t>(crc32(0, reinterpret_cast<const Bytef*>(content.data()),
+                                               static_cast<uInt>(content.size()))));
+}
+
+const std::string kPrefix = "checkpoint X.pt is damaged or not a noisydarts checkpoint: ";
+
+// Refused with one line "checkpoint X.pt is damaged ...: <reason>" whose reason holds `why`.
+void expect_refused(const std::string& z, const std::string& why, const std::string& label) {
+  try {
+    nd::validate_checkpoint_bytes(z.data(), z.size(), "X.pt");
+    ADD_FAILURE() << label << ": accepted";
+  } catch (const nd::CheckpointError& e) {
+    const std::string m = e.what();
+    EXPECT_EQ(m.rfind(kPrefix, 0), 0u) << label << ": " << m;
+    EXPECT_NE(m.find(why, kPrefix.size()), std::string::npos) << label << ": " << m;
+    EXPECT_EQ(m.find('\n'), std::string::npos) << label << ": " << m;
+    EXPECT_EQ(e.code(), nd::kExitCheckpoint);
+  }
+}
+
+// LibTorch loads `z` and reads its header back.
+std::string kind_of(const std::string& z) {
+  torch::serialize::InputArchive a;
+  a.load_from(z.data(), z.size());
+  return nd::read_string(a, "kind");
+}
+
+}  // namespace
+
+TEST(ArchiveCheck, AnIntactArchiveAndItsSaturatedZip64FormPassAndLoad) {
+  const std::string z = small_archive();
+  const Layout l = layout(z);
+  ASSERT_EQ(l.central.size(), l.by_name.size());
+  ASSERT_TRUE(l.by_name.count("archive/data.pkl"));
+  ASSERT_TRUE(l.by_name.count("archive/version"));
+  EXPECT_NO_THROW(nd::validate_checkpoint_bytes(z.data(), z.size(), "X.pt"));
+  EXPECT_EQ(kind_of(z), "search");
+  // The classic end record saturated (as for > 65535 records or > 4 GiB): the ZIP64 record's
+  // values are used, and LibTorch reads it the same way.
+  std::string s = z;
+  put16(s, l.eocd + 8, 0xffff);
+  put16(s, l.eocd + 10, 0xffff);
+  put32(s, l.eocd + 12, 0xffffffff);
+  put32(s, l.eocd + 16, 0xffffffff);
+  EXPECT_NO_THROW(nd::validate_checkpoint_bytes(s.data(), s.size(), "X.pt"));
+  EXPECT_EQ(kind_of(s), "search");
+}
+
+TEST(ArchiveCheck, TruncatedArchivesAreRefusedAtEveryCutPoint) {
+  const std::string z = small_archive();
+  const Layout l = layout(z);
+  expect_refused("", "too short for a zip archive (0 bytes)", "empty");
+  for (size_t cut : {size_t{1}, size_t{21}, size_t{100}, data_of(z, l.central[0]) + 3, l.cd, l.cd + 10, l.end64 + 5,
+                     l.locator, l.eocd, z.size() - 1})
+    expect_refused(z.substr(0, cut), cut < 22 ? "too short" : "no zip end-of-central-directory record",
+                   "cut at " + std::to_string(cut));
+}
+
+TEST(ArchiveCheck, DamagedCentralDirectoryAndEndRecordsAreRefused) {
+  const std::string z = small_archive();
+  const Layout l = layout(z);
+  const size_t pkl = l.by_name.at("archive/data.pkl");
+  std::string s;
+
+  s = z;
+  s[l.central[1] + 1] ^= 0x20;  // signature of the second central entry
+  expect_refused(s, "central directory entry #1 is missing or has a wrong signature", "signature");
+  s = z;
+  s[l.central[0] + 16] ^= 0x01;  // stored CRC-32
+  expect_refused(s, "fails its CRC-32 check", "crc field");
+  s = z;
+  s[data_of(z, l.central[0]) + 2] ^= 0x01;  // a tensor's bytes: LibTorch alone would load them
+  expect_refused(s, "fails its CRC-32 check", "tensor byte");
+  s = z;
+  put32(s, l.central[pkl] + 42, static_cast<uint32_t>(z.size() + 100));  // local header past the end
+  expect_refused(s, "points to no local header", "offset past the end");
+  s = z;
+  put32(s, l.central[pkl] + 42, static_cast<uint32_t>(l.cd - 10));  // local header inside the directory's start
+  expect_refused(s, "points to no local header", "offset at the directory");
+  s = z;
+  put32(s, l.central[pkl] + 20, 0x7fffffff);  // stored and original size far past the end
+  put32(s, l.central[pkl] + 24, 0x7fffffff);
+  expect_refused(s, "(2147483647 bytes) runs past the start of the central directory", "size past the end");
+  s = z;
+  put32(s, l.central[pkl] + 24, get32(z, l.central[pkl] + 24) + 1);
+  expect_refused(s, "different stored and original sizes", "sizes");
+  s = z;
+  put16(s, l.central[pkl] + 10, 12);  // bzip2
+  expect_refused(s, "uses compression method 12", "bzip2");
+  s = z;
+  put16(s, l.central[pkl] + 10, 8);  // says deflated, holds stored bytes
+  put16(s, local_of(z, l.central[pkl]) + 8, 8);
+  expect_refused(s, "does not inflate to its original size", "deflate claimed");
+  s = z;
+  put16(s, local_of(z, l.central[pkl]) + 8, 8);
+  expect_refused(s, "local header has another compression method", "compressed local");
+  s = z;
+  put32(s, l.central[1] + 42, static_cast<uint32_t>(local_of(z, l.central[0])));  // two records, one place
+  expect_refused(s, "local header names another record", "shared local header");
+  s = z;
+  put16(s, l.eocd + 10, static_cast<uint16_t>(get16(z, l.eocd + 10) + 1));
+  put16(s, l.eocd + 8, static_cast<uint16_t>(get16(z, l.eocd + 8) + 1));
+  expect_refused(s, "ZIP64 end record disagrees", "entry count");
+  s = z;
+  put32(s, l.eocd + 16, static_cast<uint32_t>(l.cd + 46));
+  expect_refused(s, "ZIP64 end record disagrees", "directory offset");
+  s = z;
+  put32(s, l.locator + 8, static_cast<uint32_t>(z.size()));
+  expect_refused(s, "locator points to no ZIP64 end record", "locator");
+  s = z;
+  s[l.locator] ^= 0x01;  // no locator: a classic archive, whose directory must end at the end record
+  expect_refused(s, "does not end where the end record begins", "no locator");
+  s = z;  // no locator and saturated fields
+  s[l.locator] ^= 0x01;
+  put32(s, l.eocd + 16, 0xffffffff);
+  expect_refused(s, "ZIP64 sizes without a ZIP64 end record", "saturated without ZIP64");
+  s = z;  // the same damage in both end records: the entry count exceeds the directory
+  put16(s, l.eocd + 8, 0x7000);
+  put16(s, l.eocd + 10, 0x7000);
+  put32(s, l.end64 + 24, 0x7000);
+  put32(s, l.end64 + 32, 0x7000);
+  expect_refused(s, "more than its central directory holds", "count in both");
+  s = z;
+  put16(s, l.eocd + 20, 5);  // a comment length reaching past the end
+  expect_refused(s, "no zip end-of-central-directory record", "comment");
+}
+
+TEST(ArchiveCheck, BadNamesAndMissingOrUnreadableRecordsAreRefused) {
+  const std::string z = small_archive();
+  const Layout l = layout(z);
+  const size_t ver = l.by_name.at("archive/version"), pkl = l.by_name.at("archive/data.pkl");
+  std::string s;
+
+  s = z;
+  rename_record(s, l, 1, "archivX" + s.substr(l.central[1] + 46 + 7, get16(z, l.central[1] + 28) - 7));
+  expect_refused(s, "records are not all under one folder ('archive' and 'archivX')", "folder mix");
+  s = z;
+  rename_record(s, l, l.by_name.at("archive/data/0"), "archive/../a/0");
+  expect_refused(s, "has an empty or '..' path component", "dot-dot");
+  s = z;
+  rename_record(s, l, l.by_name.at("archive/data/0"), "archive//ata/0");
+  expect_refused(s, "has an empty or '..' path component", "empty component");
+  s = z;
+  rename_record(s, l, ver, "archive_version");
+  expect_refused(s, "record #" + std::to_string(ver) + " (archive_version) is not a file inside a top-level folder",
+                 "no folder");
+  s = z;
+  rename_record(s, l, l.by_name.at("archive/data/1"), "archive/data/0");
+  expect_refused(s, "(archive/data/0) appears twice", "duplicate");
+  s = z;  // control characters of a name never reach the one-line message
+  rename_record(s, l, 1, "\n" + s.substr(l.central[1] + 46 + 1, get16(z, l.central[1] + 28) - 1));
+  expect_refused(s, "records are not all under one folder ('archive' and '?rchive')", "newline in a name");
+  s = z;
+  rename_record(s, l, ver, "archive/versioX");
+  expect_refused(s, "no version record", "no version");
+  s = z;
+  rename_record(s, l, pkl, "archive/data.pkX");
+  expect_refused(s, "no data.pkl record", "no data.pkl");
+  const std::string version = z.substr(data_of(z, l.central[ver]), get32(z, l.central[ver] + 24));
+  ASSERT_EQ(version.size(), 2u);
+  EXPECT_EQ(version.back(), '\n');
+  s = z;
+  rewrite_record(s, l, ver, "x\n");
+  expect_refused(s, "version record is not a number", "version text");
+  s = z;
+  rewrite_record(s, l, ver, "0\n");
+  expect_refused(s, "archive format version 0 is outside what LibTorch reads (1..", "version 0");
+}
+
+TEST(ArchiveCheck, EverySingleByteFlipOfTheDirectoryAndEndRecordsIsRefusedOrStillLoads) {
+  const std::string z = small_archive();
+  const Layout l = layout(z);
+  int refused = 0, accepted = 0;
+  for (size_t o = l.cd; o < z.size(); ++o) {
+    std::string s = z;
+    s[o] = static_cast<char>(s[o] ^ 0xff);
+    try {
+      nd::validate_checkpoint_bytes(s.data(), s.size(), "X.pt");
+    } catch (const nd::CheckpointError& e) {
+      ++refused;
+      EXPECT_EQ(std::string(e.what()).rfind(kPrefix, 0), 0u) << e.what();
+      continue;
+    }
+    ++accepted;  // a field nobody reads (times, attributes, "made by"): LibTorch must still load it
+    EXPECT_EQ(kind_of(s), "search") << "flip at offset " << o << " of " << z.size();
+  }
+  EXPECT_GT(refused, 0);
+  EXPECT_EQ(refused + accepted, static_cast<int>(z.size() - l.cd));
+}
+
+TEST(ArchiveCheck, ARealCheckpointPassesAndLoadsAndAFlippedTensorByteIsRefusedByTheCli) {
+  const auto d = fresh("archive");
+  ASSERT_EQ(run(kSmallSearch + " --epochs 1 --max-steps 1 --out " + d.string()), 0);
+  std::string name = slurp(d / "checkpoints" / "latest");
+  while (!name.empty() && name.back() == '\n') name.pop_back();
+  const fs::path latest = d / "checkpoints" / name;
+  ASSERT_TRUE(fs::exists(latest)) << latest;
+  EXPECT_NO_THROW(nd::validate_checkpoint_file(latest.string()));
+  {
+    torch::serialize::InputArchive a;
+    nd::open_checkpoint(latest.string(), "search", a);
+    EXPECT_EQ(nd::read_int(a, "epoch"), 1);
+    EXPECT_EQ(nd::read_int(a, "step"), 0);
+  }
+  // One bit of the largest tensor record flipped: the archive is otherwise intact and LibTorch
+  // alone would load it.
+  std::string z = slurp(latest);
+  const Layout l = layout(z);
+  size_t biggest = l.by_name.at("archive/data/0");  // the largest tensor storage
+  for (const auto& [n, i] : l.by_name)
+    if (n.rfind("archive/data/", 0) == 0 && get32(z, l.central[i] + 24) > get32(z, l.central[biggest] + 24)) biggest = i;
+  ASSERT_GT(get32(z, l.central[biggest] + 24), 16u);
+  z[data_of(z, l.central[biggest]) + 5] ^= 0x10;
+  { std::ofstream(latest, std::ios::binary | std::ios::trunc) << z; }
+  EXPECT_EQ(kind_of(z), "search");
+  std::string out;
+  EXPECT_EQ(run("search --resume -q --out " + d.string(), &out), 5);
+  EXPECT_NE(out.find("checkpoint " + latest.string() + " is damaged or not a noisydarts checkpoint: record #"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("fails its CRC-32 check"), std::string::npos) << out;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+  fs::remove_all(d);
 }

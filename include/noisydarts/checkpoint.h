@@ -11,6 +11,23 @@ constexpr int64_t kCheckpointFormatVersion = 1;
 
 /// Writes `archive` to `path` atomically (temp file + fsync + rename). Throws IoError.
 void save_archive_atomic(torch::serialize::OutputArchive& archive, const std::string& path);
+/// Our own check of a checkpoint's ZIP container before LibTorch's archive reader sees it
+/// (src/archive_check.cpp; docs/checkpoint.md lists what is checked): end records, central
+/// directory and local headers inside the file and consistent, stored records only, CRC-32 of
+/// every record, one top-level folder, no "..", `data.pkl` and a `version` LibTorch reads.
+/// Throws CheckpointError "checkpoint <what> is damaged or not a noisydarts checkpoint: <reason>".
+void validate_checkpoint_bytes(const char* data, size_t size, const std::string& what);
+/// The same checks for any zip-format PyTorch file (`torch.save` output, docs/interop.md); a
+/// failure throws CheckpointError(`message_prefix` + reason). `allow_unset_crc`: a stored CRC-32
+/// of 0 is not checked (PyTorch can be told not to compute them).
+void validate_pytorch_zip_bytes(const char* data, size_t size, const std::string& message_prefix,
+                                bool allow_unset_crc);
+/// Reads `path` whole and validates it (validate_checkpoint_bytes); returns the bytes. Throws
+/// CheckpointError naming the file, also when it cannot be read.
+std::string read_checkpoint_file(const std::string& path);
+void validate_checkpoint_file(const std::string& path);
+/// Reads, validates and loads `path` into `archive` (no header check). Throws CheckpointError.
+void load_checkpoint_archive(const std::string& path, torch::serialize::InputArchive& archive);
 /// Opens `path` as a checkpoint of `kind` ("search" | "train"); checks format version and kind.
 /// Throws CheckpointError naming the file.
 void open_checkpoint(const std::string& path, const std::string& kind,
