@@ -47,7 +47,12 @@ CLI::Option* ConfigFlags::bind(const std::string& names, const std::string& key,
   b.like = *like;
   CLI::Option* o = nullptr;
   if (like->is_boolean()) o = cmd_->add_option(names, b.b, help);
-  else if (like->is_number_unsigned()) o = cmd_->add_option(names, b.u, help);
+  else if (like->is_number_unsigned())  // CLI11 alone would wrap "-1" to 2^64-1
+    o = cmd_->add_option(names, b.u, help)->check(CLI::Validator(
+        [](std::string& v) {
+          return v.find('-') == std::string::npos ? std::string() : "Value " + v + " must be a non-negative integer";
+        },
+        ""));
   else if (like->is_number_integer()) o = cmd_->add_option(names, b.i, help);
   else if (like->is_number()) o = cmd_->add_option(names, b.d, help);
   else if (like->is_array()) o = cmd_->add_option(names, b.list, help)->delimiter(',')->type_name("LIST");

@@ -29,7 +29,7 @@ using Clock = std::chrono::steady_clock;
 namespace {
 std::atomic<int> g_stop_signal{0};
 
-extern "C" void on_stop_signal(int sig) {
+void on_stop_signal(int sig) {
   if (g_stop_signal.exchange(sig) != 0) {
     // Second signal: stop at once.
     ::signal(sig, SIG_DFL);

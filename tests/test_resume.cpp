@@ -477,6 +477,8 @@ TEST(RunDirectoryLock, TheLockIsExclusiveAcrossProcessesAndReleasedWithTheProces
   nd::RunDirectory rd(dir.string(), "search", true);
   EXPECT_NO_THROW(rd.lock());
   fs::remove_all(dir);
+}
+
 // ---- Our own check of the checkpoint ZIP container (src/archive_check.cpp) --------------------
 
 namespace {

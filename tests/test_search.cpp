@@ -279,15 +279,17 @@ TEST(Cli, BadOptionsFailWithOneLineAndNonZeroExit) {
 }
 
 namespace {
-// The value CLI11's --help shows for `flag` ("--epochs INT [10]" -> "10"); "" when absent.
+// The default CLI11's --help shows for `flag` ("  --epochs INT=10   Search epochs" -> "10"); ""
+// when absent.
 std::string help_default(const std::string& help, const std::string& flag) {
   std::istringstream in(help);
   for (std::string line; std::getline(in, line);) {
     const auto p = line.find(flag + " ");
     if (p == std::string::npos || line.find_first_not_of(' ') != p) continue;
-    const auto open = line.find('[', p), close = line.find(']', open);
-    if (open == std::string::npos || close == std::string::npos) return "";
-    return line.substr(open + 1, close - open - 1);
+    const auto gap = line.find("  ", p);  // the option column ends at the help text
+    const std::string column = line.substr(p, gap == std::string::npos ? std::string::npos : gap - p);
+    const auto eq = column.rfind('=');
+    return eq == std::string::npos ? "" : column.substr(eq + 1);
   }
   return "";
 }
@@ -301,8 +303,8 @@ TEST(Cli, SearchHelpShowsTheDefaultScalesValuesThatPrintConfigResolves) {
   EXPECT_EQ(help_default(help.std_out, "--subset"), "2000");
   EXPECT_EQ(help_default(help.std_out, "--flip"), "true");
   // Typed: the type names are shown, not TEXT for numbers.
-  EXPECT_NE(help.std_out.find("--epochs INT"), std::string::npos);
-  EXPECT_NE(help.std_out.find("--noise-lambda FLOAT"), std::string::npos);
+  EXPECT_NE(help.std_out.find("--epochs INT=10"), std::string::npos);
+  EXPECT_NE(help.std_out.find("--noise-lambda FLOAT=0.2"), std::string::npos);
   // How the preset and the scale change the defaults.
   EXPECT_NE(help.std_out.find("--scale paper changes: "), std::string::npos);
   EXPECT_NE(help.std_out.find("--epochs 50"), std::string::npos);
