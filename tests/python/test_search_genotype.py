@@ -3,6 +3,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -30,10 +32,26 @@ def test_search_gives_the_cli_genotype_and_calls_progress_per_epoch(tmp_path, cl
     assert path == str(tmp_path / "run" / "report.html") and os.path.getsize(path) > 1000
 
 
-def test_search_reports_to_stderr_by_default(tmp_path, capfd):
+def test_search_reports_to_stderr_by_default_and_releases_the_gil(tmp_path, capfd):
     torch.set_num_threads(2)
-    noisydarts.search(tmp_path / "run", **TINY)
+    ticks, done = [], threading.Event()
+
+    def ticker():  # runs only while the search does not hold the GIL
+        while not done.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=ticker)
+    start = time.monotonic()
+    t.start()
+    r = noisydarts.search(tmp_path / "run", **TINY)
+    end = time.monotonic()
+    done.set()
+    t.join()
     assert torch.get_num_threads() == 2  # the run's threads=1 did not leak
+    during = [x for x in ticks if start + 0.2 < x < end - 0.05]
+    assert end - start > 0.5 and len(during) >= 0.2 * (end - start - 0.25) / 0.002, (len(during), end - start)
+    assert r.epochs_done == 1
     err = capfd.readouterr().err
     assert "epoch 1/1" in err
 
