@@ -136,11 +136,18 @@ def test_genotype_round_trips():
         noisydarts.genotype(42)
 
 
-def test_docs_example_runs():
+def test_docs_example_runs(tmp_path):
     script = os.path.join(SOURCE_DIR, "docs", "examples", "python_search_loop.py")
-    p = subprocess.run([sys.executable, script, "--steps", "3", "--channels", "4", "--layers", "3"],
+    p = subprocess.run([sys.executable, script, "--steps", "3", "--channels", "4", "--layers", "3",
+                        "--save", str(tmp_path / "supernet.pt")],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert lines[-1].startswith("genotype: Genotype(normal=[")
-    assert "alphas moved" in p.stdout
+    assert [line.split()[1] for line in lines[:3]] == ["1/3", "2/3", "3/3"]
+    moved = [line for line in lines if line.startswith("alphas moved")]
+    assert len(moved) == 1 and float(moved[0].split("=")[1]) > 1e-4  # Adam moved the C++ alphas
+    g = noisydarts.genotype_from_text(lines[-1][len("genotype: "):])
+    # The saved supernet (weights and the moved alphas) gives that genotype when loaded again.
+    net = noisydarts.SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1)
+    net.load_state_dict(torch.load(tmp_path / "supernet.pt"))
+    assert net.genotype() == g
