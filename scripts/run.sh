@@ -11,7 +11,8 @@ job="${1:-build}"
 shift || true
 
 packages=(cmake make g++ ccache libtorch-dev libcli11-dev nlohmann-json3-dev libgtest-dev
-          libbenchmark-dev zlib1g-dev libgloo-dev libstb-dev graphviz dataset-fashion-mnist python3-torch libopenblas0-openmp)
+          libbenchmark-dev zlib1g-dev libgloo-dev libstb-dev graphviz dataset-fashion-mnist python3-torch libopenblas0-openmp
+          pybind11-dev python3-pytest)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
