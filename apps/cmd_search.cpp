@@ -19,52 +19,35 @@ namespace noisydarts::cli {
 namespace {
 
 struct SearchArgs {
-  std::string preset = "noisydarts", scale = "small", config_file, resume_dir;
-  bool quiet = false, print_config = false;
-  CLI::Option* resume = nullptr;
+  std::string preset = "noisydarts", scale = "small";
+  RunOptions run;
   std::unique_ptr<ConfigFlags> flags;
 };
 
 /// The configuration the command line describes: preset -> scale -> --config file -> flags.
 SearchConfig resolve_config(const SearchArgs& a, bool resume) {
   SearchConfig cfg = SearchConfig::preset_defaults(a.preset, a.scale);
-  if (!a.config_file.empty()) {
-    json j = read_json_file(a.config_file);
-    if (!j.is_object())
-      throw ConfigError(a.config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
-    // A saved config.json names its own preset/scale; the flags' choice stays authoritative.
-    j.erase("preset");
-    j.erase("scale");
-    cfg.merge_json(j, a.config_file);
-  }
+  // A saved config.json names its own preset/scale; the flags' choice stays authoritative.
+  cfg.merge_json(a.run.config_overrides(), a.run.config_file);
   a.flags->apply([&](const json& o, const std::string& flag) { cfg.merge_json(o, flag); });
-  if (!a.resume_dir.empty()) {
-    if (!cfg.out.empty() && cfg.out != a.resume_dir)
-      throw UsageError("--resume " + a.resume_dir + " and --out " + cfg.out + " name different run directories: give one");
-    cfg.out = a.resume_dir;
-  }
-  cfg.apply_space(SearchConfig::preset_defaults(a.preset, a.scale).primitives);
+  a.run.resolve_out(cfg.out);
+  cfg.finish_layering();
   if (resume && !a.flags->given("threads")) cfg.threads = -1;  // keep the run's own
-  if (cfg.noise.mixture == NoiseMixture::kMultiplicative) cfg.noise.scale = NoiseScale::kAbsolute;
   return cfg;
 }
 
 int run_search_command(const SearchArgs& a) {
-  const bool resume = a.resume->count() > 0;
+  const bool resume = a.run.resuming();
   SearchConfig cfg = resolve_config(a, resume);
-  if (a.print_config) {
+  if (a.run.print_config) {
     // What config.json of a new run with these flags holds; touches neither data nor disk.
-    if (resume) throw UsageError("--print-config shows a new run's configuration: not with --resume");
     cfg.finalize();
-    std::printf("%s\n", cfg.to_json().dump(2).c_str());
+    a.run.print(cfg.to_json());
     return kExitOk;
   }
   SearchCallbacks cb;
-  cb.progress = !a.quiet;
-  const bool quiet = a.quiet;
-  cb.info = [quiet](const std::string& s) {
-    if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
-  };
+  cb.progress = !a.run.quiet;
+  cb.info = a.run.info();
   install_stop_handlers();  // SIGINT/SIGTERM: finish the step, checkpoint, exit 9
   const auto r = run_search(cfg, resume, cb);
   if (dist_env_from_environment().rank == 0) std::printf("%s\n", genotype_to_text(r.genotype).c_str());
@@ -80,12 +63,7 @@ void add_search_command(CLI::App& app, Action& run) {
       ->check(CLI::IsMember({"noisydarts", "darts"}))->capture_default_str();
   search->add_option("--scale", st->scale, "Size: small (~5 min on 2 cores, Fashion-MNIST subset) or paper (SPEC 1.3: 50 epochs, 8 cells, 16 channels, full data)")
       ->check(CLI::IsMember({"small", "paper"}))->capture_default_str();
-  search->add_option("--config", st->config_file, "JSON config file (keys as in a run's config.json); flags override it");
-  st->resume = search->add_option("--resume", st->resume_dir,
-                                  "Continue a search from its newest loadable checkpoint: --resume DIR, or --resume --out DIR")
-                   ->expected(0, 1)->type_name("[DIR]");
-  search->add_flag("--print-config", st->print_config, "Print the fully resolved configuration (as config.json) and exit; reads no data, writes nothing");
-  search->add_flag("-q,--quiet", st->quiet, "No progress or summary on stderr");
+  st->run.add(search, "search");
 
   const json shown = SearchConfig::preset_defaults("noisydarts", "small").to_json();
   st->flags = std::make_unique<ConfigFlags>(search, shown);

@@ -18,42 +18,27 @@ namespace noisydarts::cli {
 namespace {
 
 struct TrainArgs {
-  std::string preset = "default", config_file, resume_dir;
-  bool quiet = false, print_config = false;
-  CLI::Option* resume = nullptr;
+  std::string preset = "default";
+  RunOptions run;
   std::unique_ptr<ConfigFlags> flags;
 };
 
 int run_train_command(const TrainArgs& a) {
   TrainConfig cfg = TrainConfig::preset_defaults(a.preset);
-  if (!a.config_file.empty()) {
-    json j = read_json_file(a.config_file);
-    if (!j.is_object())
-      throw ConfigError(a.config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
-    j.erase("preset");  // the flag's preset stays authoritative
-    cfg.merge_json(j, a.config_file);
-  }
+  cfg.merge_json(a.run.config_overrides(), a.run.config_file);  // the flag's preset stays authoritative
   a.flags->apply([&](const json& o, const std::string& flag) { cfg.merge_json(o, flag); });
-  const bool resume = a.resume->count() > 0;
-  if (!a.resume_dir.empty()) {
-    if (!cfg.out.empty() && cfg.out != a.resume_dir)
-      throw UsageError("--resume " + a.resume_dir + " and --out " + cfg.out + " name different run directories: give one");
-    cfg.out = a.resume_dir;
-  }
-  if (a.print_config) {
+  const bool resume = a.run.resuming();
+  a.run.resolve_out(cfg.out);
+  if (a.run.print_config) {
     // What config.json of a new run with these flags holds; touches neither data nor disk.
-    if (resume) throw UsageError("--print-config shows a new run's configuration: not with --resume");
     cfg.finalize();
-    std::printf("%s\n", cfg.to_json().dump(2).c_str());
+    a.run.print(cfg.to_json());
     return kExitOk;
   }
   if (resume && !a.flags->given("threads")) cfg.threads = -1;  // keep the run's own
   TrainCallbacks cb;
-  cb.progress = !a.quiet;
-  const bool quiet = a.quiet;
-  cb.info = [quiet](const std::string& s) {
-    if (!quiet) std::fprintf(stderr, "%s\n", s.c_str());
-  };
+  cb.progress = !a.run.quiet;
+  cb.info = a.run.info();
   install_stop_handlers();  // SIGINT/SIGTERM: finish the step, checkpoint, exit 9
   const TrainResult r = run_train(cfg, resume, cb);
   if (dist_env_from_environment().rank != 0) return kExitOk;  // rank 0 reports
@@ -71,12 +56,7 @@ void add_train_command(CLI::App& app, Action& run) {
                   "default (~10 min on 2 cores: Fashion-MNIST 6000-image subset, C 16, L 8, 6 epochs, 1 thread) or paper "
                   "(CIFAR-10, C 36, L 20, batch 96, lr 0.025, 600 epochs, cutout 16, drop-path 0.2, aux 0.4)")
       ->check(CLI::IsMember({"default", "paper"}))->capture_default_str();
-  cmd->add_option("--config", st->config_file, "JSON config file (keys as in a run's config.json); flags override it");
-  st->resume = cmd->add_option("--resume", st->resume_dir,
-                               "Continue a run from its newest loadable checkpoint: --resume DIR, or --resume --out DIR")
-                   ->expected(0, 1)->type_name("[DIR]");
-  cmd->add_flag("--print-config", st->print_config, "Print the fully resolved configuration (as config.json) and exit; reads no data, writes nothing");
-  cmd->add_flag("-q,--quiet", st->quiet, "No progress or summary on stderr");
+  st->run.add(cmd, "run");
   st->flags = std::make_unique<ConfigFlags>(cmd, TrainConfig::preset_defaults("default").to_json());
   ConfigFlags& flags = *st->flags;
   flags.bind("-o,--out", "out", "Run directory (created; required unless --resume DIR)");

@@ -1,5 +1,8 @@
 #include "config_flags.h"
 
+#include <cstdio>
+
+#include "noisydarts/config.h"
 #include "noisydarts/error.h"
 
 namespace noisydarts::cli {
@@ -30,6 +33,29 @@ std::string default_text(const json& v) {
   return v.dump();
 }
 
+// CLI11 2.1 alone wraps "-1" into an unsigned field and clamps 99999999999999999999 to 2^63-1:
+// the text must be an integer the field's 64-bit type holds.
+CLI::Validator integer_text(bool is_unsigned) {
+  return CLI::Validator(
+      [is_unsigned](std::string& v) -> std::string {
+        try {
+          size_t pos = 0;
+          if (is_unsigned) {
+            if (v.find('-') != std::string::npos) return "Value " + v + " must be a non-negative integer";
+            (void)std::stoull(v, &pos);
+          } else {
+            (void)std::stoll(v, &pos);
+          }
+          if (pos == v.size()) return std::string();
+        } catch (const std::out_of_range&) {
+          return "Value " + v + " is out of the range of a 64-bit integer";
+        } catch (const std::exception&) {
+        }
+        return "Value " + v + " is not an integer";
+      },
+      "");
+}
+
 // The nested object {"a": {"b": v}} for key "a.b".
 json nested(const std::string& dotted, json v) {
   const auto dot = dotted.rfind('.');
@@ -47,13 +73,8 @@ CLI::Option* ConfigFlags::bind(const std::string& names, const std::string& key,
   b.like = *like;
   CLI::Option* o = nullptr;
   if (like->is_boolean()) o = cmd_->add_option(names, b.b, help);
-  else if (like->is_number_unsigned())  // CLI11 alone would wrap "-1" to 2^64-1
-    o = cmd_->add_option(names, b.u, help)->check(CLI::Validator(
-        [](std::string& v) {
-          return v.find('-') == std::string::npos ? std::string() : "Value " + v + " must be a non-negative integer";
-        },
-        ""));
-  else if (like->is_number_integer()) o = cmd_->add_option(names, b.i, help);
+  else if (like->is_number_unsigned()) o = cmd_->add_option(names, b.u, help)->check(integer_text(true));
+  else if (like->is_number_integer()) o = cmd_->add_option(names, b.i, help)->check(integer_text(false));
   else if (like->is_number()) o = cmd_->add_option(names, b.d, help);
   else if (like->is_array()) o = cmd_->add_option(names, b.list, help)->delimiter(',')->type_name("LIST");
   else o = cmd_->add_option(names, b.s, help);
@@ -102,6 +123,44 @@ std::string ConfigFlags::differences(const std::string& title, const json& other
     s += (s.empty() ? "" : ", ") + b.opt->get_name() + " " + default_text(*v);
   }
   return s.empty() ? "" : "  " + title + ": " + s + "\n";
+}
+
+void RunOptions::add(CLI::App* cmd, const std::string& what) {
+  cmd->add_option("--config", config_file, "JSON config file (keys as in a run's config.json); flags override it");
+  resume = cmd->add_option("--resume", resume_dir,
+                           "Continue a " + what + " from its newest loadable checkpoint: --resume DIR, or --resume --out DIR")
+               ->expected(0, 1)->type_name("[DIR]");
+  cmd->add_flag("--print-config", print_config,
+                "Print the fully resolved configuration (as config.json) and exit; reads no data, writes nothing");
+  cmd->add_flag("-q,--quiet", quiet, "No progress or summary on stderr");
+}
+
+json RunOptions::config_overrides() const {
+  if (config_file.empty()) return json::object();
+  json j = read_json_file(config_file);
+  if (!j.is_object()) throw ConfigError(config_file + ": expected a JSON object of configuration keys, got " + j.type_name());
+  j.erase("preset");
+  j.erase("scale");
+  return j;
+}
+
+void RunOptions::resolve_out(std::string& out) const {
+  if (resume_dir.empty()) return;
+  if (!out.empty() && out != resume_dir)
+    throw UsageError("--resume " + resume_dir + " and --out " + out + " name different run directories: give one");
+  out = resume_dir;
+}
+
+void RunOptions::print(const json& config) const {
+  if (resuming()) throw UsageError("--print-config shows a new run's configuration: not with --resume");
+  std::printf("%s\n", config.dump(2).c_str());
+}
+
+std::function<void(const std::string&)> RunOptions::info() const {
+  const bool q = quiet;
+  return [q](const std::string& s) {
+    if (!q) std::fprintf(stderr, "%s\n", s.c_str());
+  };
 }
 
 }  // namespace noisydarts::cli

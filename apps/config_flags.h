@@ -53,6 +53,26 @@ class ConfigFlags {
   std::deque<Binding> bindings_;  // stable addresses: CLI11 writes into them
 };
 
+/// The options every run command (`search`, `train`) has besides its config flags: --config,
+/// --resume [DIR], --print-config, -q.
+struct RunOptions {
+  std::string config_file, resume_dir;
+  bool quiet = false, print_config = false;
+  CLI::Option* resume = nullptr;
+  /// Adds the options to `cmd` (`what`: "search" or "run", for the help texts).
+  void add(CLI::App* cmd, const std::string& what);
+  bool resuming() const { return resume && resume->count() > 0; }
+  /// --config FILE as a JSON object without `preset`/`scale` (the flags' choice stays
+  /// authoritative); empty object when not given. Throws ConfigError.
+  nlohmann::json config_overrides() const;
+  /// Applies --resume DIR to the configuration's `out` (refusing a different --out).
+  void resolve_out(std::string& out) const;
+  /// Prints `config` for --print-config (refused with --resume).
+  void print(const nlohmann::json& config) const;
+  /// The info callback of a run: lines on stderr unless -q.
+  std::function<void(const std::string&)> info() const;
+};
+
 /// The value at a dotted key ("noise.lambda") of a JSON object, or nullptr.
 const nlohmann::json* find_key(const nlohmann::json& root, const std::string& dotted);
 

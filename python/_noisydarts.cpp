@@ -124,8 +124,7 @@ py::list named_tensors(torch::nn::Module& root) {
 nd::SearchConfig network_config(const std::string& preset, py::dict options, const std::string& where) {
   nd::SearchConfig cfg = nd::SearchConfig::preset_defaults(preset, "small");
   cfg.merge_json(to_json(options, where), where);
-  cfg.apply_space(nd::SearchConfig::preset_defaults(preset, "small").primitives);
-  if (cfg.noise.mixture == nd::NoiseMixture::kMultiplicative) cfg.noise.scale = nd::NoiseScale::kAbsolute;
+  cfg.finish_layering();
   cfg.validate();
   return cfg;
 }
@@ -196,9 +195,8 @@ py::dict search(const std::string& out, const std::string& preset, const std::st
   for (const auto& [k, v] : given.items()) cfg.merge_json(json{{k, v}}, where);
   if (out.empty()) throw nd::UsageError(where + ": out (the run directory) is required");
   cfg.out = out;
-  cfg.apply_space(nd::SearchConfig::preset_defaults(preset, scale).primitives);
+  cfg.finish_layering();
   if (resume && !given.contains("threads")) cfg.threads = -1;  // keep the run's own
-  if (cfg.noise.mixture == nd::NoiseMixture::kMultiplicative) cfg.noise.scale = nd::NoiseScale::kAbsolute;
 
   std::optional<py::error_already_set> callback_error;
   nd::SearchCallbacks cb;

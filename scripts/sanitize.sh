@@ -34,7 +34,7 @@ flags="-fsanitize=address,undefined -fno-omit-frame-pointer -g1"
 echo "[sanitize] configuring and building in $build (-j$jobs): $flags" >&2
 cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER=g++ \
       -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" \
-      -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" -DNOISYDARTS_BUILD_BENCH=OFF >/dev/null
+      -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" -DNOISYDARTS_BUILD_BENCH=OFF -DNOISYDARTS_PYTHON=OFF >/dev/null
 cmake --build "$build" -j "$jobs"
 
 cd "$build"

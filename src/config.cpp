@@ -214,6 +214,11 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
   }
 }
 
+void SearchConfig::finish_layering() {
+  apply_space(preset_defaults(preset, scale).primitives);
+  if (noise.mixture == NoiseMixture::kMultiplicative) noise.scale = NoiseScale::kAbsolute;
+}
+
 void SearchConfig::finalize() {
   validate();
   if (data_dir.empty()) data_dir = default_data_dir(dataset);

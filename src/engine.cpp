@@ -59,6 +59,19 @@ std::string signal_name(int s) {
   return "signal " + std::to_string(s);
 }
 
+std::string stop_message(const std::string& command, const std::string& out, int64_t epoch, int64_t step) {
+  const int s = stop_signal() ? stop_signal() : SIGTERM;
+  return "stopped by " + signal_name(s) + " after epoch " + std::to_string(epoch + (step > 0 ? 1 : 0)) +
+         (step > 0 ? " step " + std::to_string(step) : std::string()) +
+         ", checkpoint written; continue with: noisydarts " + command + " --resume " + out;
+}
+
+torch::Device rank_device(const std::string& device, const Distributed* dist) {
+  torch::Device d = parse_device(device);
+  if (dist && d.is_cuda() && !d.has_index()) d = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist->local_rank()));
+  return d;
+}
+
 // ------------------------------------------------------------------------------------------
 // Stateful parts
 // ------------------------------------------------------------------------------------------

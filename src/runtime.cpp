@@ -2,12 +2,18 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <cmath>
+#include <thread>
 #include <sstream>
 
 #include "noisydarts/error.h"
 
 namespace noisydarts {
+
+int resolve_threads(int threads) {
+  return threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
 
 void check_threads(int64_t threads) {
   if (threads < 0 || threads > kMaxThreads)

@@ -234,10 +234,8 @@ Searcher::Searcher(SearchConfig cfg, bool resume, const SearchCallbacks& cb)
   // Rendezvous first, so that a rank failing later makes the others stop at their next
   // collective instead of waiting forever.
   dist_ = init_distributed_from_environment(cfg_.dist_timeout_s);
-  device_ = parse_device(cfg_.device);
-  if (dist_ && device_.is_cuda() && !device_.has_index())
-    device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));
-  threads_ = cfg_.threads > 0 ? cfg_.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  device_ = rank_device(cfg_.device, dist_.get());
+  threads_ = resolve_threads(cfg_.threads);
   at::set_num_threads(threads_);
   keep_freed_memory();
   build();
@@ -473,9 +471,7 @@ void Searcher::save_checkpoint(int64_t epoch, int64_t step) {
 void Searcher::stop(int64_t epoch, int64_t step) {
   progress_.finish();
   if (step > 0) save_checkpoint(epoch, step);  // (an epoch end was just checkpointed)
-  throw StoppedError("stopped by " + signal_name(stop_signal() ? stop_signal() : SIGTERM) + " after epoch " +
-                     std::to_string(epoch + (step > 0 ? 1 : 0)) + (step > 0 ? " step " + std::to_string(step) : std::string()) +
-                     ", checkpoint written; continue with: noisydarts search --resume " + cfg_.out);
+  throw StoppedError(stop_message("search", cfg_.out, epoch, step));
 }
 
 void Searcher::supernet_accuracy(json& m) {
@@ -662,7 +658,7 @@ AnalyzeResult analyze_checkpoint(const std::string& path, const AnalyzeOptions& 
   cfg.merge_json(read_checkpoint_config(file, "search"), file);
   if (opt.threads >= 0) cfg.threads = opt.threads;
   if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
-  at::set_num_threads(cfg.threads > 0 ? cfg.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  at::set_num_threads(resolve_threads(cfg.threads));
   keep_freed_memory();
   const torch::Device device = parse_device(opt.device.empty() ? cfg.device : opt.device);
 

@@ -259,7 +259,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string&
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
   check_threads(threads);
   keep_freed_memory();
-  at::set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  at::set_num_threads(resolve_threads(threads));
   TrainConfig cfg;
   EvalNetwork net = load_trained_network(checkpoint, &cfg);
   const std::string dir = !data_dir.empty() ? data_dir : !cfg.data_dir.empty() ? cfg.data_dir : default_data_dir(cfg.dataset);
@@ -401,10 +401,8 @@ Trainer::Trainer(TrainConfig cfg, bool resume, const TrainCallbacks& cb) : cfg_(
   if (auxiliary && !cfg_.auxiliary) info("auxiliary head: off (a " + genotype_.space + " network has none)");
   // Data parallelism (docs/distributed.md): torchrun environment, rank 0 writes.
   dist_ = init_distributed_from_environment(cfg_.dist_timeout_s);
-  device_ = parse_device(cfg_.device);
-  if (dist_ && device_.is_cuda() && !device_.has_index())
-    device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist_->local_rank()));
-  threads_ = cfg_.threads > 0 ? cfg_.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  device_ = rank_device(cfg_.device, dist_.get());
+  threads_ = resolve_threads(cfg_.threads);
   at::set_num_threads(threads_);
   load_data();
   build();
@@ -673,9 +671,7 @@ void Trainer::save_checkpoint(int64_t epoch, int64_t step) {
 void Trainer::stop(int64_t epoch, int64_t step) {
   progress_.finish();
   if (step > 0) save_checkpoint(epoch, step);
-  throw StoppedError("stopped by " + signal_name(stop_signal() ? stop_signal() : SIGTERM) + " after epoch " +
-                     std::to_string(epoch + (step > 0 ? 1 : 0)) + (step > 0 ? " step " + std::to_string(step) : std::string()) +
-                     ", checkpoint written; continue with: noisydarts train --resume " + cfg_.out);
+  throw StoppedError(stop_message("train", cfg_.out, epoch, step));
 }
 
 /// The selected model on the test set, once; result.json and summary.txt.

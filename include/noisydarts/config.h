@@ -67,6 +67,10 @@ struct SearchConfig {
   /// `primitives` are still `preset_primitives` (none were given). validate() then refuses any
   /// other set for such a space.
   void apply_space(const std::vector<std::string>& preset_primitives);
+  /// The last step of the layering preset -> scale -> config file -> overrides, for every front
+  /// end (CLI, Python): the space's fixed op set unless the ops were overridden
+  /// (apply_space with the preset's), and multiplicative noise always on an absolute scale.
+  void finish_layering();
   /// Range checks; throws UsageError naming the option.
   void validate() const;
   /// What a run records as its config.json: validate(), then the dataset's default directory

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "noisydarts/data.h"
+#include "noisydarts/distributed.h"
 
 namespace noisydarts {
 
@@ -38,6 +39,13 @@ int stop_signal();
 void clear_stop();
 /// "SIGTERM", "SIGINT", "signal N".
 std::string signal_name(int signal_number);
+/// The line a graceful stop of `command` ("search" | "train") on run directory `out` ends with,
+/// at `epoch` finished epochs plus `step` steps.
+std::string stop_message(const std::string& command, const std::string& out, int64_t epoch, int64_t step);
+
+/// This rank's device for --device `device`: a data-parallel rank on CUDA without an index uses
+/// its LOCAL_RANK's GPU.
+torch::Device rank_device(const std::string& device, const Distributed* dist);
 
 // ------------------------------------------------------------------------------------------
 // Stateful parts and the checkpoint made of them

@@ -12,6 +12,9 @@ constexpr int kMaxThreads = 256;
 /// Throws UsageError naming --threads unless 0 <= threads <= kMaxThreads (0 = all cores).
 void check_threads(int64_t threads);
 
+/// The compute thread count of a --threads value: itself when > 0, else every core.
+int resolve_threads(int threads);
+
 /// Parses --device (cpu | cuda | cuda:N). Throws UsageError naming the option when the value is
 /// malformed or CUDA is not available.
 torch::Device parse_device(const std::string& d);
