@@ -695,8 +695,16 @@ bool render_dot(const std::string& in, const std::string& fmt, const std::string
 // Derivation
 // ------------------------------------------------------------------------------------------
 
-std::vector<GeneEdge> derive_cell(const torch::Tensor& weights,
-                                  const std::vector<std::string>& primitives, int steps) {
+namespace {
+// One kept edge of a derived cell: its row in the weight table, its op, and its margins.
+struct CellPick {
+  int input = 0;
+  int op = -1;
+  EdgeMargin margin;
+};
+
+// The derivation rule of derive_cell, with the margins it decided by.
+std::vector<CellPick> pick_cell(const torch::Tensor& weights, const std::vector<std::string>& primitives, int steps) {
   TORCH_CHECK_VALUE(steps >= 1, "derive_cell: steps must be >= 1, got ", steps);
   TORCH_CHECK_VALUE(!primitives.empty(), "derive_cell: empty primitives list");
   TORCH_CHECK_VALUE(weights.defined(), "derive_cell: undefined weights tensor");
@@ -724,19 +732,22 @@ std::vector<GeneEdge> derive_cell(const torch::Tensor& weights,
     return std::isnan(v) ? neg_inf : v;  // NaN never wins (and keeps the ordering strict)
   };
 
-  std::vector<GeneEdge> gene;
+  std::vector<CellPick> picks;
   int64_t start = 0;
   for (int i = 0; i < steps; ++i) {
     const int n = i + 2;
     std::vector<int> best_op(n, -1);
-    std::vector<double> score(n, neg_inf);
+    std::vector<double> score(n, neg_inf), second(n, neg_inf);
     for (int j = 0; j < n; ++j) {
       for (int64_t k = 0; k < num_ops; ++k) {
         if (!counts[k]) continue;
         const double v = at(start + j, k);
         if (best_op[j] < 0 || v > score[j]) {
+          if (best_op[j] >= 0) second[j] = score[j];
           best_op[j] = static_cast<int>(k);
           score[j] = v;
+        } else if (v > second[j]) {
+          second[j] = v;
         }
       }
     }
@@ -744,13 +755,55 @@ std::vector<GeneEdge> derive_cell(const torch::Tensor& weights,
     for (int j = 0; j < n; ++j) order[j] = j;
     std::stable_sort(order.begin(), order.end(),
                      [&](int a, int b) { return score[a] > score[b]; });
+    const double dropped = n > 2 ? score[order[2]] : neg_inf;
     for (int r = 0; r < 2; ++r) {
       const int j = order[r];
-      gene.emplace_back(primitives[best_op[j]], j);
+      CellPick p;
+      p.input = j;
+      p.op = best_op[j];
+      // One candidate op (or one dropped edge) leaves nothing to beat: the margin is the weight itself.
+      p.margin.op_margin = score[j] - (std::isinf(second[j]) ? 0.0 : second[j]);
+      p.margin.edge_margin = score[j] - (std::isinf(dropped) ? 0.0 : dropped);
+      picks.push_back(p);
     }
     start += n;
   }
+  return picks;
+}
+}  // namespace
+
+std::vector<GeneEdge> derive_cell(const torch::Tensor& weights,
+                                  const std::vector<std::string>& primitives, int steps) {
+  std::vector<GeneEdge> gene;
+  for (const auto& p : pick_cell(weights, primitives, steps)) gene.emplace_back(primitives[p.op], p.input);
   return gene;
+}
+
+std::vector<EdgeMargin> cell_margins(const torch::Tensor& weights, const std::vector<std::string>& primitives, int steps) {
+  std::vector<EdgeMargin> m;
+  for (const auto& p : pick_cell(weights, primitives, steps)) m.push_back(p.margin);
+  return m;
+}
+
+std::vector<double> row_margins(const torch::Tensor& weights) {
+  TORCH_CHECK_VALUE(weights.defined() && weights.dim() == 2 && weights.size(1) >= 1, "row_margins: expected a 2-D table");
+  const torch::Tensor w = weights.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  std::vector<double> out;
+  for (int64_t r = 0; r < w.size(0); ++r) {
+    double best = -std::numeric_limits<double>::infinity(), second = best;
+    for (int64_t k = 0; k < w.size(1); ++k) {
+      const double v = w[r][k].item<double>();
+      if (std::isnan(v)) continue;
+      if (v > best) {
+        second = best;
+        best = v;
+      } else if (v > second) {
+        second = v;
+      }
+    }
+    out.push_back(std::isinf(best) ? 0.0 : best - (std::isinf(second) ? 0.0 : second));
+  }
+  return out;
 }
 
 Genotype derive_genotype(const torch::Tensor& weights_normal, const torch::Tensor& weights_reduce,
@@ -989,7 +1042,7 @@ Genotype genotype_from_json(const nlohmann::json& j) {
                                                             : std::vector<std::string>{};
       if (keys.empty()) throw ConfigError("genotype JSON: unknown space " + squote(space) + " (known: darts, nb201, mbv2)");
       for (auto it = j.begin(); it != j.end(); ++it)
-        if (std::find(keys.begin(), keys.end(), it.key()) == keys.end())
+        if (it.key() != "margins" && std::find(keys.begin(), keys.end(), it.key()) == keys.end())
           throw ConfigError("genotype JSON: unknown key " + squote(it.key()) + " for space " + space + " (expected " + join(keys, ", ") + ")");
       if (space == "nb201") return nb201_from_string(j.at("arch").get<std::string>());
       Genotype g;
@@ -1007,7 +1060,7 @@ Genotype genotype_from_json(const nlohmann::json& j) {
     }
     static const char* kKeys[4] = {"normal", "normal_concat", "reduce", "reduce_concat"};
     for (auto it = j.begin(); it != j.end(); ++it) {
-      if (it.key() == "space") continue;  // "darts"
+      if (it.key() == "space" || it.key() == "margins") continue;  // "darts"; a search's decisiveness (ignored)
       if (std::find_if(std::begin(kKeys), std::end(kKeys),
                        [&](const char* k) { return it.key() == k; }) == std::end(kKeys)) {
         throw ConfigError("genotype JSON: unknown key " + squote(it.key()) +

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -155,6 +156,44 @@ std::string latest_checkpoint(const std::string& run_dir) {
 }
 
 namespace {
+
+/// The summary's margins line into `s`; returns the closing `warning:` line when a kept op's
+/// margin is below the threshold ("" otherwise).
+std::string margins_lines(const json& margins, std::ostringstream& s) {
+  if (margins.is_null()) return "";
+  const double threshold = margins["threshold"].get<double>();
+  double op_min = std::numeric_limits<double>::infinity(), edge_min = op_min;
+  std::string op_at, edge_at;
+  int below = 0, kept = 0;
+  for (const char* part : {"normal", "reduce", "layers"}) {
+    if (!margins.contains(part)) continue;
+    int i = 0;
+    for (const auto& e : margins[part]) {
+      ++i;
+      ++kept;
+      const std::string where = std::string(part == std::string("layers") ? "layer " : std::string(part) + " edge ") + std::to_string(i);
+      const double op = e["op_margin"].get<double>();
+      below += op < threshold;
+      if (op < op_min) op_min = op, op_at = where;
+      if (e.contains("edge_margin") && e["edge_margin"].get<double>() < edge_min) edge_min = e["edge_margin"].get<double>(), edge_at = where;
+    }
+  }
+  char b[320];
+  std::snprintf(b, sizeof b, "  margins           smallest op margin %.3g (%s)", op_min, op_at.c_str());
+  s << b;
+  if (!edge_at.empty()) {
+    std::snprintf(b, sizeof b, ", smallest edge margin %.3g (%s)", edge_min, edge_at.c_str());
+    s << b;
+  }
+  std::snprintf(b, sizeof b, "; undecided below 0.1/K = %.4f: %d of %d kept ops\n", threshold, below, kept);
+  s << b;
+  if (below == 0) return "";
+  std::snprintf(b, sizeof b,
+                "warning: %d of %d kept ops win by less than 0.1/K = %.4f (smallest %.3g, %s): another seed would likely "
+                "change the cell; search longer or with a larger --arch-lr\n",
+                below, kept, threshold, op_min, op_at.c_str());
+  return b;
+}
 
 /// The search loop (SPEC 1.1-1.3): the set-up in the constructor, one iteration in step(), the
 /// epoch-end work in small named pieces, the results in finish(). Every piece of state a restart
@@ -579,13 +618,19 @@ void Searcher::print_epoch_line(const json& m, double epoch_seconds) const {
 SearchResult Searcher::finish() {
   SearchResult result;
   const Genotype g = stopped_at_ > 0 ? early_genotype_ : net_->genotype();
+  // The margins of the epoch the genotype was derived at (the last one, or DARTS-ES' pick).
+  for (const auto& h : history_.epochs)
+    if (stopped_at_ > 0 ? h["epoch"] == history_.epochs.back()["early_stop"]["genotype_epoch"] : &h == &history_.epochs.back())
+      result.margins = genotype_margins(h, cfg_);
   result.genotype = g;
   result.stopped_early_at = stopped_at_;
   result.epochs_done = history_.epochs.empty() ? 0 : history_.epochs.back()["epoch"].get<int64_t>();
   result.valid_acc = history_.epochs.empty() ? -1.0 : history_.epochs.back().value("valid_acc", -1.0);
   result.seconds = seconds_since(t_start_);
   if (!writer_) return result;  // rank 0 writes the results
-  dir_->write("genotype.json", genotype_to_json(g).dump(2) + "\n");
+  json gj = genotype_to_json(g);
+  if (!result.margins.is_null()) gj["margins"] = result.margins;
+  dir_->write("genotype.json", gj.dump(2) + "\n");
   dir_->write("genotype.txt", genotype_to_text(g) + "\n");
   const std::vector<std::string> diagrams = write_genotype_diagrams(g, cfg_.out);
   std::ostringstream s;
@@ -610,6 +655,7 @@ SearchResult Searcher::finish() {
     std::snprintf(b, sizeof b, "%.2f%%", result.valid_acc);
     s << "  supernet valid acc " << b << " (eval mode, architecture half)\n";
   }
+  const std::string undecided = margins_lines(result.margins, s);
   {
     // The derived architecture's evaluation network at its recipe size (DARTS: C 36, L 20;
     // nb201: C 16, N 5) on this dataset's input shape: what `noisydarts profile --genotype
@@ -634,13 +680,47 @@ SearchResult Searcher::finish() {
   }
   if (report) s << " report.html";
   s << " summary.txt checkpoints/\n"
-    << "  next              noisydarts train --genotype " << cfg_.out << " --out " << cfg_.out << "-train\n";
+    << "  next              noisydarts train --genotype " << cfg_.out << " --out " << cfg_.out << "-train\n"
+    << undecided;
   dir_->write("summary.txt", s.str());
   info(s.str());
   return result;
 }
 
 }  // namespace
+
+json genotype_margins(const json& m, const SearchConfig& cfg) {
+  auto table = [&](const char* key) {
+    std::vector<double> v;
+    int64_t rows = 0, cols = 0;
+    for (const auto& row : m.at(key)) {
+      ++rows;
+      cols = static_cast<int64_t>(row.size());
+      for (const auto& x : row) v.push_back(x.get<double>());
+    }
+    return torch::tensor(v, torch::kDouble).reshape({rows, cols});
+  };
+  const double k = static_cast<double>(cfg.primitives.size());
+  json out{{"threshold", 0.1 / k}};
+  if (m.contains("alphas_normal")) {
+    for (const char* cell : {"normal", "reduce"}) {
+      json rows = json::array();
+      for (const auto& e : cell_margins(table(cell[0] == 'n' ? "alphas_normal" : "alphas_reduce"), cfg.primitives,
+                                        static_cast<int>(cfg.steps)))
+        rows.push_back({{"op_margin", e.op_margin}, {"edge_margin", e.edge_margin}});
+      out[cell] = rows;
+    }
+  } else if (m.contains("alphas")) {
+    const bool mbv2 = cfg.space == "mbv2";
+    json rows = json::array();
+    for (double x : row_margins(table("alphas"))) rows.push_back({{"op_margin", x}});
+    out[mbv2 ? "layers" : "normal"] = rows;
+    out["threshold"] = 0.1 / static_cast<double>(m.at("alphas").at(0).size());
+  } else {
+    return json();
+  }
+  return out;
+}
 
 SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb) {
   Searcher searcher(std::move(cfg), resume, cb);

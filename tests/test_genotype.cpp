@@ -113,6 +113,39 @@ TEST(Genotype, DeriveIgnoresNoneForEdgeRankingAndOpChoice) {
   EXPECT_EQ(cell, expected);
 }
 
+TEST(Genotype, MarginsFollowTheDerivationEdgeByEdge) {
+  const auto& P = darts_primitives();
+  auto w = make_weights(5, P,
+                        {{0, "none", 0.90}, {0, "sep_conv_3x3", 0.30},
+                         {1, "none", 0.00}, {1, "max_pool_3x3", 0.50},
+                         {2, "none", 0.95}, {2, "skip_connect", 0.10},
+                         {3, "dil_conv_3x3", 0.40},
+                         {4, "none", 0.99}, {4, "sep_conv_5x5", 0.60}});
+  const auto m = cell_margins(w, P, 2);
+  ASSERT_EQ(m.size(), 4u);  // in derive_cell's order: max_pool<-1, sep3<-0, sep5<-2, dil3<-1
+  // op margin: kept op - runner-up (`none` excluded, the others at 0.01); edge margin: kept
+  // edge's strength - strongest dropped edge into the node (node 0 drops none: the strength).
+  const double want[4][2] = {{0.49, 0.50}, {0.29, 0.30}, {0.59, 0.50}, {0.39, 0.30}};
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_NEAR(m[i].op_margin, want[i][0], 1e-6) << i;
+    EXPECT_NEAR(m[i].edge_margin, want[i][1], 1e-6) << i;
+  }
+  // Rows of a table (nb201 edges, mbv2 layers) keep their strongest entry; a tie is a zero margin.
+  auto t = torch::tensor({0.2, 0.5, 0.3, 0.4, 0.4, 0.2, 0.0, 0.9, 0.1}, torch::kDouble).reshape({3, 3});
+  const auto r = row_margins(t);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_NEAR(r[0], 0.2, 1e-12);
+  EXPECT_EQ(r[1], 0.0);
+  EXPECT_NEAR(r[2], 0.8, 1e-12);
+  // genotype.json with margins still reads as the genotype.
+  auto j = genotype_to_json(builtin_genotype("DARTS_V2"));
+  j["margins"] = {{"threshold", 0.0125}, {"normal", nlohmann::json::array()}};
+  EXPECT_EQ(genotype_from_json(j), builtin_genotype("DARTS_V2"));
+  auto n = genotype_to_json(nb201_from_string("|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|none~0|avg_pool_3x3~1|nor_conv_3x3~2|"));
+  n["margins"] = {{"threshold", 0.02}};
+  EXPECT_EQ(genotype_from_json(n).space, "nb201");
+}
+
 TEST(Genotype, DeriveWithoutNoneCountsAllOps) {
   const auto& P = noisydarts_primitives();
   auto w = make_weights(5, P,
@@ -479,8 +512,12 @@ TEST(Genotype, ResolveFromNameFileAndInline) {
   expect_config_error([] { resolve_genotype(""); }, "empty spec", "unknown genotype");
   expect_config_error([&] { resolve_genotype((dir.path / "missing.json").string()); },
                       "missing file", "missing.json");
-  expect_config_error([&] { resolve_genotype(dir.path.string()); }, "directory",
-                      "not a regular file");
+  // A directory is a search's run directory: its genotype.json (issue 17).
+  expect_config_error([&] { resolve_genotype(dir.path.string()); }, "directory without genotype.json",
+                      "holds no genotype.json");
+  std::filesystem::create_directories(dir.path / "run");
+  { std::ofstream(dir.path / "run" / "genotype.json") << genotype_to_json(builtin_genotype("DARTS_V2")).dump(); }
+  EXPECT_EQ(resolve_genotype((dir.path / "run").string()), builtin_genotype("DARTS_V2"));
   const std::string bad_json = dir.file("bad.json", "{\"normal\": [");
   expect_config_error([&] { resolve_genotype(bad_json); }, "bad json file", "bad.json");
   const std::string bad_text = dir.file("bad.txt", "Genotype(normal=[('sep_conv_3x3', 0)");

@@ -331,7 +331,8 @@ TEST(Cli, PrintConfigEqualsTheConfigJsonOfARunWithTheSameFlagsAndTouchesNothing)
   const auto pc = run_cli("search " + flags + " --print-config");
   ASSERT_EQ(pc.code, 0) << pc.out;
   EXPECT_FALSE(fs::exists(dir)) << "--print-config created the run directory";
-  ASSERT_EQ(run_cli("search " + flags).code, 0);
+  const auto r = run_cli("search " + flags);
+  ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(nlohmann::json::parse(pc.std_out), nlohmann::json::parse(read_file(dir / "config.json")));
   // The summary names every file the run wrote and the next command.
   const std::string summary = read_file(dir / "summary.txt");
@@ -341,6 +342,19 @@ TEST(Cli, PrintConfigEqualsTheConfigJsonOfARunWithTheSameFlagsAndTouchesNothing)
   }
   EXPECT_NE(summary.find("next              noisydarts train --genotype " + dir.string() + " --out " + dir.string() + "-train"),
             std::string::npos) << summary;
+  // How decisive the cell is: margins per kept edge in genotype.json, a summary line, and a
+  // warning after one step (the alphas are still within a hair of uniform).
+  const auto gj = nlohmann::json::parse(read_file(dir / "genotype.json"));
+  ASSERT_TRUE(gj.contains("margins"));
+  EXPECT_EQ(gj["margins"]["normal"].size(), 8u);
+  EXPECT_EQ(gj["margins"]["reduce"].size(), 8u);
+  EXPECT_DOUBLE_EQ(gj["margins"]["threshold"].get<double>(), 0.1 / 2);  // K = 2 ops
+  for (const auto& e : gj["margins"]["normal"]) {
+    EXPECT_GE(e["op_margin"].get<double>(), 0.0);
+    EXPECT_GE(e["edge_margin"].get<double>(), 0.0);
+  }
+  EXPECT_NE(summary.find("  margins           smallest op margin "), std::string::npos) << summary;
+  EXPECT_NE(summary.find("\nwarning: "), std::string::npos) << summary;
   // A search's run directory is a --genotype everywhere.
   const auto prof = run_cli("profile --genotype " + dir.string());
   EXPECT_EQ(prof.code, 0) << prof.out;

@@ -44,6 +44,19 @@ struct Genotype {
 /// non-`none` op (ties: first in `primitives`).
 std::vector<GeneEdge> derive_cell(const torch::Tensor& weights,
                                   const std::vector<std::string>& primitives, int steps = 4);
+/// How decisive each kept edge of a derived cell is (same rule and order as derive_cell):
+/// `op_margin` = weight of the kept op - weight of the runner-up op on that edge (`none`
+/// excluded, as in the derivation); `edge_margin` = strength of the kept edge - strength of the
+/// strongest dropped edge into the same node (strength: the edge's strongest non-`none` weight).
+struct EdgeMargin {
+  double op_margin = 0, edge_margin = 0;
+};
+std::vector<EdgeMargin> cell_margins(const torch::Tensor& weights, const std::vector<std::string>& primitives,
+                                     int steps = 4);
+/// The op margin of every row of a weight table where each row keeps its strongest entry
+/// (nb201 edges, mbv2 layers, whose disallowed skips are 0): strongest - runner-up.
+std::vector<double> row_margins(const torch::Tensor& weights);
+
 /// Derives both cells; concat = the last `multiplier` nodes.
 Genotype derive_genotype(const torch::Tensor& weights_normal, const torch::Tensor& weights_reduce,
                          const std::vector<std::string>& primitives, int steps = 4,

@@ -29,7 +29,16 @@ struct SearchResult {
   double valid_acc = -1;   ///< final eval-mode accuracy on the architecture half (%), -1 if off
   int64_t epochs_done = 0;
   int64_t stopped_early_at = -1;  ///< epoch at which --early-stop ended the run (-1: did not)
+  /// How decisive the genotype is (genotype.json's `margins`): per kept edge (darts), edge
+  /// (nb201) or layer (mbv2) `op_margin` (kept op's weight - runner-up's) and, for DARTS
+  /// cells, `edge_margin` (kept edge - strongest dropped edge into the node); `threshold` =
+  /// 0.1 / K (K candidates per edge), below which a kept op is called undecided.
+  nlohmann::json margins;
 };
+
+/// The margins of a genotype derived from the softmax tables of one metrics.jsonl line
+/// (`alphas_normal`/`alphas_reduce` or `alphas`), for search configuration `cfg`.
+nlohmann::json genotype_margins(const nlohmann::json& epoch_metrics, const SearchConfig& cfg);
 
 /// Runs (or, with `resume`, continues) a search. `cfg.out` is the run directory. On resume the
 /// configuration stored in the checkpoint is used; only `cfg.out` and, when >= 0, `cfg.threads`
