@@ -64,34 +64,34 @@ void add_train_command(CLI::App& app, Action& run) {
   flags.bind("--dataset", "dataset", "fashion-mnist | mnist | cifar10 | cifar100 | folder (--data-dir D: D/train/<class>/*.png|jpg, D/val/<class>/...) | synthetic")
       ->check(CLI::IsMember({"fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"}));
   flags.bind("--data-dir", "data_dir", "Dataset directory (default: the dataset's standard location)");
-  flags.bind("--image-size", "image_size", "folder dataset: resize (shorter side) and centre-crop every image to S x S pixels, 8..512 (32)");
-  flags.bind("--subset", "subset", "Use only N training images (0 = all)");
-  flags.bind("--valid-portion", "valid_portion", "Share of the training images held out for model selection (0 = none: last epoch)");
-  flags.bind("--batch-size", "batch_size", "Training batch size");
-  flags.bind("--crop-padding", "crop_padding", "Random-crop padding in pixels (0 = off)");
+  flags.bind("--image-size", "image_size", "folder dataset: resize (shorter side) and centre-crop every image to S x S pixels, 8..512 (32)")->check(CLI::Range(8, 512));
+  flags.bind("--subset", "subset", "Use only N training images (0 = all)")->check(CLI::NonNegativeNumber);
+  flags.bind("--valid-portion", "valid_portion", "Share of the training images held out for model selection (0 = none: last epoch)")->check(CLI::Range(0.0, 1.0));
+  flags.bind("--batch-size", "batch_size", "Training batch size")->check(at_least(1));
+  flags.bind("--crop-padding", "crop_padding", "Random-crop padding in pixels (0 = off)")->check(CLI::NonNegativeNumber);
   flags.bind("--flip", "flip", "Random horizontal flip (true/false)");
-  flags.bind("--cutout", "cutout", "Cutout side in pixels (0 = off)");
-  flags.bind("--workers", "workers", "Data-loading threads");
-  flags.bind("--channels", "channels", "Initial channels C (even)");
-  flags.bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3)");
+  flags.bind("--cutout", "cutout", "Cutout side in pixels (0 = off)")->check(CLI::NonNegativeNumber);
+  flags.bind("--workers", "workers", "Data-loading threads")->check(CLI::PositiveNumber);
+  flags.bind("--channels", "channels", "Initial channels C (even)")->check(CLI::Range(2, 1024));
+  flags.bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3)")->check(CLI::Range(1, 100));
   flags.bind("--network", "network", "cifar | imagenet (stem and auxiliary-head layout)")->check(CLI::IsMember({"cifar", "imagenet"}));
   flags.bind("--auxiliary", "auxiliary", "Auxiliary head after cell 2L/3 (true/false)");
-  flags.bind("--auxiliary-weight", "auxiliary_weight", "Weight of the auxiliary loss");
-  flags.bind("--drop-path", "drop_path_prob", "Final drop-path probability (grows linearly from 0)");
+  flags.bind("--auxiliary-weight", "auxiliary_weight", "Weight of the auxiliary loss")->check(CLI::NonNegativeNumber);
+  flags.bind("--drop-path", "drop_path_prob", "Final drop-path probability (grows linearly from 0)")->check(CLI::Range(0.0, 1.0));
   flags.bind("--init-from", "init_from", "Start from a PyTorch state dict (reference layout, torch.save)");
-  flags.bind("--epochs", "epochs", "Training epochs");
-  flags.bind("--lr", "lr", "Initial learning rate (cosine-annealed per epoch)");
-  flags.bind("--lr-min", "lr_min", "Final learning rate");
-  flags.bind("--momentum", "momentum", "SGD momentum");
-  flags.bind("--weight-decay", "weight_decay", "SGD weight decay");
-  flags.bind("--grad-clip", "grad_clip", "Gradient-norm clip");
+  flags.bind("--epochs", "epochs", "Training epochs")->check(at_least(1));
+  flags.bind("--lr", "lr", "Initial learning rate (cosine-annealed per epoch)")->check(CLI::PositiveNumber);
+  flags.bind("--lr-min", "lr_min", "Final learning rate")->check(CLI::NonNegativeNumber);
+  flags.bind("--momentum", "momentum", "SGD momentum")->check(CLI::Range(0.0, 1.0));
+  flags.bind("--weight-decay", "weight_decay", "SGD weight decay")->check(CLI::NonNegativeNumber);
+  flags.bind("--grad-clip", "grad_clip", "Gradient-norm clip")->check(CLI::PositiveNumber);
   flags.bind("--seed", "seed", "Random seed (split, init, augmentation, drop-path)");
   flags.bind("--threads", "threads", "Compute threads (0 = all cores)")->check(CLI::Range(0, 256));
   flags.bind("--device", "device", "cpu | cuda | cuda:N");
-  flags.bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)");
-  flags.bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)");
-  flags.bind("--checkpoint-every", "checkpoint_every_min", "Also checkpoint every N minutes mid-epoch (0 = at epoch ends only)");
-  flags.bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept in checkpoints/");
+  flags.bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)")->check(CLI::PositiveNumber);
+  flags.bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)")->check(CLI::NonNegativeNumber);
+  flags.bind("--checkpoint-every", "checkpoint_every_min", "Also checkpoint every N minutes mid-epoch (0 = at epoch ends only)")->check(CLI::NonNegativeNumber);
+  flags.bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept in checkpoints/")->check(CLI::Range(1, 1000000));
 
   cmd->footer("Defaults shown are those of --preset default. Layering: preset -> --config -> the flags given (each "
               "overrides only its key).\n" +

@@ -125,6 +125,19 @@ std::string ConfigFlags::differences(const std::string& title, const json& other
   return s.empty() ? "" : "  " + title + ": " + s + "\n";
 }
 
+CLI::Validator at_least(int64_t n) {
+  return CLI::Validator(
+      [n](std::string& v) -> std::string {
+        try {
+          if (std::stoll(v) >= n) return std::string();
+        } catch (const std::exception&) {
+          return std::string();  // not an integer: the type check names it
+        }
+        return "Value " + v + " must be at least " + std::to_string(n);
+      },
+      "at least " + std::to_string(n));
+}
+
 void RunOptions::add(CLI::App* cmd, const std::string& what) {
   cmd->add_option("--config", config_file, "JSON config file (keys as in a run's config.json); flags override it");
   resume = cmd->add_option("--resume", resume_dir,

@@ -73,6 +73,9 @@ struct RunOptions {
   std::function<void(const std::string&)> info() const;
 };
 
+/// A lower bound for an integer flag, shown as "INT:at least N" in --help.
+CLI::Validator at_least(int64_t n);
+
 /// The value at a dotted key ("noise.lambda") of a JSON object, or nullptr.
 const nlohmann::json* find_key(const nlohmann::json& root, const std::string& dotted);
 

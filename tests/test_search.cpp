@@ -303,8 +303,8 @@ TEST(Cli, SearchHelpShowsTheDefaultScalesValuesThatPrintConfigResolves) {
   EXPECT_EQ(help_default(help.std_out, "--subset"), "2000");
   EXPECT_EQ(help_default(help.std_out, "--flip"), "true");
   // Typed: the type names are shown, not TEXT for numbers.
-  EXPECT_NE(help.std_out.find("--epochs INT=10"), std::string::npos);
-  EXPECT_NE(help.std_out.find("--noise-lambda FLOAT=0.2"), std::string::npos);
+  EXPECT_NE(help.std_out.find("--epochs INT:at least 1=10"), std::string::npos);
+  EXPECT_NE(help.std_out.find("--noise-lambda FLOAT:NONNEGATIVE=0.2"), std::string::npos);
   // How the preset and the scale change the defaults.
   EXPECT_NE(help.std_out.find("--scale paper changes: "), std::string::npos);
   EXPECT_NE(help.std_out.find("--epochs 50"), std::string::npos);
