@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
@@ -1050,6 +1051,32 @@ std::string render_curves(const RunData& run, json& data) {
   return o.str();
 }
 
+// How decisive the genotype is (genotype.json's `margins`): the smallest op and edge margins and
+// how many kept ops are below 0.1/K. Empty without margins.
+std::string margins_text(const json& g) {
+  if (!g.is_object() || !g.contains("margins") || !g["margins"].is_object()) return "";
+  const json& m = g["margins"];
+  const double threshold = m.value("threshold", 0.0);
+  double op = std::numeric_limits<double>::infinity(), edge = op;
+  int below = 0, kept = 0;
+  for (const char* part : {"normal", "reduce", "layers"}) {
+    if (!m.contains(part) || !m[part].is_array()) continue;
+    for (const auto& e : m[part]) {
+      if (!e.is_object() || !e.contains("op_margin") || !e["op_margin"].is_number()) continue;
+      ++kept;
+      op = std::min(op, e["op_margin"].get<double>());
+      below += e["op_margin"].get<double>() < threshold;
+      if (e.contains("edge_margin") && e["edge_margin"].is_number()) edge = std::min(edge, e["edge_margin"].get<double>());
+    }
+  }
+  if (kept == 0) return "";
+  std::string s = "smallest op margin " + short_num(op);
+  if (std::isfinite(edge)) s += ", smallest edge margin " + short_num(edge);
+  s += "; " + std::to_string(below) + " of " + std::to_string(kept) + " kept ops below 0.1/K = " + short_num(threshold);
+  if (below > 0) s += " (undecided: another seed would likely change the cell)";
+  return s;
+}
+
 std::string summary_rows(const RunData& run) {
   const json& c = run.config;
   std::ostringstream o;
@@ -1081,6 +1108,7 @@ std::string summary_rows(const RunData& run) {
     if (std::isfinite(hess)) row("final Hessian eigenvalue", short_num(hess));
     row("compute time", format_seconds(total_seconds(run)));
   }
+  row("genotype margins", margins_text(run.genotype));
   return o.str();
 }
 

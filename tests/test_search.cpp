@@ -355,6 +355,9 @@ TEST(Cli, PrintConfigEqualsTheConfigJsonOfARunWithTheSameFlagsAndTouchesNothing)
   }
   EXPECT_NE(summary.find("  margins           smallest op margin "), std::string::npos) << summary;
   EXPECT_NE(summary.find("\nwarning: "), std::string::npos) << summary;
+  const std::string report = read_file(dir / "report.html");
+  EXPECT_NE(report.find("<th>genotype margins</th><td>smallest op margin "), std::string::npos);
+  EXPECT_NE(report.find("of 16 kept ops below 0.1/K"), std::string::npos);
   // A search's run directory is a --genotype everywhere.
   const auto prof = run_cli("profile --genotype " + dir.string());
   EXPECT_EQ(prof.code, 0) << prof.out;
