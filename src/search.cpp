@@ -427,7 +427,9 @@ SearchResult Searcher::run() {
            std::to_string(m["early_stop"]["genotype_epoch"].get<int64_t>()));
       break;
     }
-    if (stop_requested() && epoch + 1 < cfg_.epochs) stop(epoch + 1, 0);
+    // A single process stops at the epoch end it just checkpointed; data-parallel ranks decide
+    // together at the next step's all-reduce (a local flag could differ between ranks here).
+    if (!dist_ && stop_requested() && epoch + 1 < cfg_.epochs) stop(epoch + 1, 0);
   }
   return finish();
 }

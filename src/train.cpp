@@ -560,7 +560,9 @@ TrainResult Trainer::run() {
     for (int64_t s = first_step_; s < steps_per_epoch_; ++s) step(epoch, s);
     progress_.finish();
     end_epoch(epoch, lr, drop_prob);
-    if (stop_requested() && epoch + 1 < cfg_.epochs) stop(epoch + 1, 0);
+    // A single process stops at the epoch end it just checkpointed; data-parallel ranks decide
+    // together at the next step's all-reduce (a local flag could differ between ranks here).
+    if (!dist_ && stop_requested() && epoch + 1 < cfg_.epochs) stop(epoch + 1, 0);
   }
   return finish();
 }
