@@ -293,6 +293,17 @@ std::string RunDirectory::latest_checkpoint() const {
   return "";
 }
 
+RunDirectory::StoredConfig RunDirectory::open_for_resume(const std::string& kind, const std::vector<std::string>& extra,
+                                   const std::string& none_message, std::vector<std::string>& candidates) {
+  if (!exists()) throw CheckpointError(none_message);
+  lock();
+  candidates = resume_candidates(extra);
+  StoredConfig stored;
+  stored.file = load_newest(candidates, [&](const std::string& p) { stored.config = read_checkpoint_config(p, kind); },
+                            nullptr, none_message);
+  return stored;
+}
+
 void RunDirectory::publish(const std::string& checkpoint, const std::string& name) const {
   if (!writer_) return;
   const std::string target = file(name), tmp = target + ".tmp-link";

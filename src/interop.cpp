@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 
+#include "noisydarts/engine.h"
 #include "noisydarts/checkpoint.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
@@ -489,14 +490,7 @@ std::pair<std::string, size_t> export_checkpoint(const std::string& checkpoint,
 
 SearchNetwork load_search_network(const std::string& checkpoint) {
   SearchConfig cfg = SearchConfig::preset_defaults("noisydarts", "paper");
-  {
-    const auto stored = read_checkpoint_config(checkpoint, "search");
-    try {
-      cfg.merge_json(stored, checkpoint);
-    } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
-      throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
-    }
-  }
+  merge_stored_config(cfg, read_checkpoint_config(checkpoint, "search"), checkpoint);
   torch::serialize::InputArchive a;
   open_checkpoint(checkpoint, "search", a);
   DataShape shape;

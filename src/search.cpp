@@ -284,18 +284,10 @@ Searcher::Searcher(SearchConfig cfg, bool resume, const SearchCallbacks& cb)
 /// network being resumed); only the run directory and, when >= 0, the thread count come from
 /// the caller. The run directory is locked before anything in it is read.
 void Searcher::read_resumed_config(const std::string& out, int threads) {
-  const std::string none = "no checkpoint to resume in " + out + "/checkpoints (start a new search without --resume)";
-  if (!dir_->exists()) throw CheckpointError(none);
-  dir_->lock();
-  candidates_ = dir_->resume_candidates();
-  json stored;
-  load_newest(candidates_, [&](const std::string& p) { stored = read_checkpoint_config(p, "search"); }, nullptr, none);
+  const auto stored = dir_->open_for_resume(
+      "search", {}, "no checkpoint to resume in " + out + "/checkpoints (start a new search without --resume)", candidates_);
   cfg_ = SearchConfig::preset_defaults("noisydarts", "paper");
-  try {
-    cfg_.merge_json(stored, candidates_.front());
-  } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
-    throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
-  }
+  merge_stored_config(cfg_, stored.config, stored.file);
   cfg_.out = out;
   // The stored thread count is kept unless the caller overrides it: results are bitwise
   // reproducible only with the same number of threads (docs/reproducibility.md).

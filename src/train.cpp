@@ -223,14 +223,7 @@ std::vector<int64_t> all_indices(int64_t n) {
 EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg_out) {
   if (!fs::exists(checkpoint)) throw CheckpointError("cannot read checkpoint " + checkpoint + ": no such file");
   TrainConfig cfg = TrainConfig::preset_defaults("paper");
-  {
-    const auto stored = read_checkpoint_config(checkpoint, "train");
-    try {
-      cfg.merge_json(stored, checkpoint);
-    } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
-      throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
-    }
-  }
+  merge_stored_config(cfg, read_checkpoint_config(checkpoint, "train"), checkpoint);
   torch::serialize::InputArchive a;
   open_checkpoint(checkpoint, "train", a);
   int64_t in_channels = 0, classes = 0;
@@ -412,20 +405,13 @@ Trainer::Trainer(TrainConfig cfg, bool resume, const TrainCallbacks& cb) : cfg_(
 /// data workers and, when >= 0, the thread count come from the caller (the stored thread count
 /// is kept otherwise: bitwise reproducibility needs the same one).
 void Trainer::read_resumed_config() {
-  const std::string none = "no checkpoint to resume in " + cfg_.out + " (start a new run without --resume)";
-  if (!dir_->exists()) throw CheckpointError(none);
-  dir_->lock();
-  candidates_ = dir_->resume_candidates({dir_->file("checkpoint.pt")});
-  json stored;
-  load_newest(candidates_, [&](const std::string& p) { stored = read_checkpoint_config(p, "train"); }, nullptr, none);
+  const auto stored = dir_->open_for_resume("train", {dir_->file("checkpoint.pt")},
+                                            "no checkpoint to resume in " + cfg_.out + " (start a new run without --resume)",
+                                            candidates_);
   const std::string out = cfg_.out;
   const int threads = cfg_.threads, workers = cfg_.workers;
   cfg_ = TrainConfig::preset_defaults("paper");
-  try {
-    cfg_.merge_json(stored, candidates_.front());
-  } catch (const ConfigError& e) {  // a config this build cannot read: an incompatible checkpoint
-    throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
-  }
+  merge_stored_config(cfg_, stored.config, stored.file);
   cfg_.out = out;
   if (threads >= 0) cfg_.threads = threads;
   cfg_.workers = workers;

@@ -18,6 +18,7 @@
 
 #include "noisydarts/data.h"
 #include "noisydarts/distributed.h"
+#include "noisydarts/error.h"
 
 namespace noisydarts {
 
@@ -201,6 +202,16 @@ class RunDirectory {
   std::vector<std::string> resume_candidates(const std::vector<std::string>& extra = {}) const;
   /// The newest checkpoint `latest` names ("" when none).
   std::string latest_checkpoint() const;
+  /// Resume, first part: locks the directory, fills `candidates` (resume_candidates(extra)) and
+  /// returns the configuration stored in the newest candidate of `kind` whose config reads, with
+  /// that file. Throws CheckpointError `none_message` when the directory or every candidate is
+  /// missing, or the newest one's error when none reads.
+  struct StoredConfig {
+    nlohmann::json config;
+    std::string file;
+  };
+  StoredConfig open_for_resume(const std::string& kind, const std::vector<std::string>& extra,
+                                 const std::string& none_message, std::vector<std::string>& candidates);
   /// Makes DIR/name the same file as `checkpoint` (a hard link, replaced atomically; a copy
   /// where the file system has no hard links). Writer only.
   void publish(const std::string& checkpoint, const std::string& name) const;
@@ -210,6 +221,17 @@ class RunDirectory {
   bool writer_;
   int lock_fd_ = -1;
 };
+
+/// Merges a configuration stored in a checkpoint into `cfg`; one this build cannot read is an
+/// incompatible checkpoint (CheckpointError), not a config error.
+template <class Config>
+void merge_stored_config(Config& cfg, const nlohmann::json& stored, const std::string& where) {
+  try {
+    cfg.merge_json(stored, where);
+  } catch (const ConfigError& e) {
+    throw CheckpointError(std::string(e.what()) + " (checkpoint of another noisydarts version?)");
+  }
+}
 
 /// Loads the newest candidate that loads: `load(path)` is tried on each of `candidates` in
 /// order; a CheckpointError moves on to the next one (reported through `info` in one line once
