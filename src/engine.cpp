@@ -271,15 +271,21 @@ std::string RunDirectory::save_checkpoint(const Checkpoint& ckpt, int64_t epoch,
   const std::string p = (dir / name).string();
   ckpt.save(p);
   write_file_atomic((dir / "latest").string(), std::string(name) + "\n");
-  // Keep the newest `keep` (names sort chronologically).
+  // Keep the newest `keep`.
+  const std::vector<std::string> all = checkpoint_files();
+  std::error_code ec;
+  for (size_t i = 0; i + static_cast<size_t>(std::max(1, keep)) < all.size(); ++i) fs::remove(all[i], ec);
+  return p;
+}
+
+std::vector<std::string> RunDirectory::checkpoint_files() const {
   std::vector<std::string> all;
   std::error_code ec;
-  for (auto& e : fs::directory_iterator(dir, ec))
+  for (auto& e : fs::directory_iterator(fs::path(path_) / "checkpoints", ec))
     if (e.path().extension() == ".pt" && e.path().filename().string().rfind(prefix_ + "-", 0) == 0)
       all.push_back(e.path().string());
   std::sort(all.begin(), all.end());
-  for (size_t i = 0; i + static_cast<size_t>(std::max(1, keep)) < all.size(); ++i) fs::remove(all[i], ec);
-  return p;
+  return all;
 }
 
 std::string RunDirectory::latest_checkpoint() const {
@@ -324,14 +330,9 @@ std::vector<std::string> RunDirectory::resume_candidates(const std::vector<std::
   std::vector<std::string> out;
   const std::string latest = latest_checkpoint();
   if (!latest.empty()) out.push_back(latest);
-  std::vector<std::string> all;
-  std::error_code ec;
-  for (auto& e : fs::directory_iterator(fs::path(path_) / "checkpoints", ec))
-    if (e.path().extension() == ".pt" && e.path().filename().string().rfind(prefix_ + "-", 0) == 0)
-      all.push_back(e.path().string());
-  std::sort(all.rbegin(), all.rend());
-  for (auto& p : all)
-    if (p != latest) out.push_back(p);
+  const std::vector<std::string> all = checkpoint_files();
+  for (auto it = all.rbegin(); it != all.rend(); ++it)
+    if (*it != latest) out.push_back(*it);
   for (auto& x : extra)
     if (fs::is_regular_file(x)) out.push_back(x);
   return out;

@@ -50,22 +50,8 @@ struct EpochAccum {
   double train_loss = 0, arch_loss = 0;
   int64_t train_correct = 0, arch_correct = 0, train_seen = 0, arch_seen = 0;
   double seconds = 0;  // compute time spent in this epoch before the last checkpoint
-  json to_json() const {
-    return {{"train_loss", train_loss}, {"arch_loss", arch_loss}, {"train_correct", train_correct},
-            {"arch_correct", arch_correct}, {"train_seen", train_seen}, {"arch_seen", arch_seen},
-            {"seconds", seconds}};
-  }
-  static EpochAccum from_json(const json& j) {
-    EpochAccum a;
-    a.train_loss = j.at("train_loss");
-    a.arch_loss = j.at("arch_loss");
-    a.train_correct = j.at("train_correct");
-    a.arch_correct = j.at("arch_correct");
-    a.train_seen = j.at("train_seen");
-    a.arch_seen = j.at("arch_seen");
-    a.seconds = j.at("seconds");
-    return a;
-  }
+  NLOHMANN_DEFINE_TYPE_INTRUSIVE(EpochAccum, train_loss, arch_loss, train_correct, arch_correct, train_seen, arch_seen,
+                                 seconds)
 };
 
 /// The training images of a search and their two halves (a pure function of the config).
@@ -350,8 +336,8 @@ void Searcher::build() {
       .add(std::make_unique<StreamState>(*train_stream_, "train", world_))
       .add(std::make_unique<StreamState>(*valid_stream_, "valid", world_))
       .add(std::make_unique<RngState>())
-      .add(std::make_unique<JsonState>("epoch_accum", [this] { return acc_.to_json(); },
-                                       [this](const json& j) { acc_ = EpochAccum::from_json(j); }))
+      .add(std::make_unique<JsonState>("epoch_accum", [this] { return json(acc_); },
+                                       [this](const json& j) { acc_ = j.get<EpochAccum>(); }))
       .add(history_.state());
   if (resume_) resume_from_checkpoint();
 

@@ -315,15 +315,7 @@ struct TrainOptimizerState : Stateful {
 struct TrainAccum {
   double loss_sum = 0, seconds = 0;
   int64_t correct = 0, seen = 0;
-  json to_json() const { return {{"loss_sum", loss_sum}, {"correct", correct}, {"seen", seen}, {"seconds", seconds}}; }
-  static TrainAccum from_json(const json& j) {
-    TrainAccum a;
-    a.loss_sum = j.at("loss_sum");
-    a.correct = j.at("correct");
-    a.seen = j.at("seen");
-    a.seconds = j.at("seconds");
-    return a;
-  }
+  NLOHMANN_DEFINE_TYPE_INTRUSIVE(TrainAccum, loss_sum, correct, seen, seconds)
 };
 
 /// Training a genotype's network (SPEC 3): set-up in the constructor, one SGD iteration in
@@ -507,8 +499,8 @@ void Trainer::build() {
       .add(best_)
       .add(std::make_unique<StreamState>(*train_stream_, "train", so.world))
       .add(std::make_unique<RngState>())
-      .add(std::make_unique<JsonState>("epoch_accum", [this] { return acc_.to_json(); },
-                                       [this](const json& j) { acc_ = TrainAccum::from_json(j); }, /*optional=*/true))
+      .add(std::make_unique<JsonState>("epoch_accum", [this] { return json(acc_); },
+                                       [this](const json& j) { acc_ = j.get<TrainAccum>(); }, /*optional=*/true))
       .add(history_.state());
   if (resume_) resume_from_checkpoint();
   {

@@ -97,15 +97,20 @@ struct TempDir {
 // Derivation
 // ---------------------------------------------------------------------------------------------
 
+// steps = 2: node 0 has rows 0 (input 0), 1 (input 1); node 1 rows 2, 3, 4 (inputs 0, 1, 2);
+// large `none` weights where they would change the derivation if they counted.
+static torch::Tensor strong_none_weights() {
+  return make_weights(5, darts_primitives(),
+                      {{0, "none", 0.90}, {0, "sep_conv_3x3", 0.30},
+                       {1, "none", 0.00}, {1, "max_pool_3x3", 0.50},
+                       {2, "none", 0.95}, {2, "skip_connect", 0.10},
+                       {3, "dil_conv_3x3", 0.40},
+                       {4, "none", 0.99}, {4, "sep_conv_5x5", 0.60}});
+}
+
 TEST(Genotype, DeriveIgnoresNoneForEdgeRankingAndOpChoice) {
   const auto& P = darts_primitives();  // `none` first
-  // steps = 2: node 0 has rows 0 (input 0), 1 (input 1); node 1 rows 2, 3, 4 (inputs 0, 1, 2).
-  auto w = make_weights(5, P,
-                        {{0, "none", 0.90}, {0, "sep_conv_3x3", 0.30},
-                         {1, "none", 0.00}, {1, "max_pool_3x3", 0.50},
-                         {2, "none", 0.95}, {2, "skip_connect", 0.10},
-                         {3, "dil_conv_3x3", 0.40},
-                         {4, "none", 0.99}, {4, "sep_conv_5x5", 0.60}});
+  auto w = strong_none_weights();
   const auto cell = derive_cell(w, P, 2);
   const std::vector<GeneEdge> expected{
       {"max_pool_3x3", 1}, {"sep_conv_3x3", 0},  // strongest edge first
@@ -115,12 +120,7 @@ TEST(Genotype, DeriveIgnoresNoneForEdgeRankingAndOpChoice) {
 
 TEST(Genotype, MarginsFollowTheDerivationEdgeByEdge) {
   const auto& P = darts_primitives();
-  auto w = make_weights(5, P,
-                        {{0, "none", 0.90}, {0, "sep_conv_3x3", 0.30},
-                         {1, "none", 0.00}, {1, "max_pool_3x3", 0.50},
-                         {2, "none", 0.95}, {2, "skip_connect", 0.10},
-                         {3, "dil_conv_3x3", 0.40},
-                         {4, "none", 0.99}, {4, "sep_conv_5x5", 0.60}});
+  auto w = strong_none_weights();
   const auto m = cell_margins(w, P, 2);
   ASSERT_EQ(m.size(), 4u);  // in derive_cell's order: max_pool<-1, sep3<-0, sep5<-2, dil3<-1
   // op margin: kept op - runner-up (`none` excluded, the others at 0.01); edge margin: kept

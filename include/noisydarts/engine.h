@@ -217,6 +217,8 @@ class RunDirectory {
   void publish(const std::string& checkpoint, const std::string& name) const;
 
  private:
+  /// checkpoints/<prefix>-*.pt, sorted by name (= chronologically).
+  std::vector<std::string> checkpoint_files() const;
   std::string path_, prefix_;
   bool writer_;
   int lock_fd_ = -1;
