@@ -17,49 +17,13 @@
 #include <thread>
 #include <vector>
 
+#include "child_process.h"
 #include "commands.h"
 #include "noisydarts/error.h"
 
 namespace nd = noisydarts;
 
 namespace noisydarts::cli {
-
-namespace {
-
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) throw nd::Error("cannot find the noisydarts executable (/proc/self/exe)");
-  buf[n] = '\0';
-  return buf;
-}
-
-// Signals received by launch, in arrival order (at most a few matter; the rest are counted).
-volatile sig_atomic_t g_signals_received = 0;
-volatile sig_atomic_t g_signal_log[8] = {};
-
-extern "C" void on_stop_signal(int sig) {
-  const sig_atomic_t i = g_signals_received;
-  g_signal_log[i % 8] = sig;
-  g_signals_received = i + 1;
-}
-
-void install_stop_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
-}
-
-int exit_code_of(int status) {
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return 1;
-}
-
-}  // namespace
 
 void add_launch_command(CLI::App& app, Action& run) {
   struct State {
@@ -82,39 +46,16 @@ void add_launch_command(CLI::App& app, Action& run) {
   cmd->callback([st, &run] {
     run = [st] {
       const std::string exe = self_exe();
-      install_stop_handlers();
-      const pid_t launcher = ::getpid();
+      install_forwarding_handlers();
       std::vector<pid_t> pids;
-      for (int r = 0; r < st->nproc; ++r) {
-        const pid_t pid = ::fork();
-        if (pid < 0) throw nd::Error("fork failed while starting rank " + std::to_string(r));
-        if (pid == 0) {
-          // Its own process group: a terminal's Ctrl-C reaches launch alone, which forwards it
-          // once. SIGTERM when launch dies (even by SIGKILL), so no rank is left behind.
-          ::setpgid(0, 0);
-          ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-          if (::getppid() != launcher) ::_exit(nd::kExitFailure);  // launch died before prctl
-          struct sigaction dfl {};
-          dfl.sa_handler = SIG_DFL;
-          ::sigaction(SIGINT, &dfl, nullptr);
-          ::sigaction(SIGTERM, &dfl, nullptr);
-          ::setenv("RANK", std::to_string(r).c_str(), 1);
-          ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-          ::setenv("WORLD_SIZE", std::to_string(st->nproc).c_str(), 1);
-          ::setenv("LOCAL_WORLD_SIZE", std::to_string(st->nproc).c_str(), 1);
-          ::setenv("MASTER_ADDR", st->addr.c_str(), 1);
-          ::setenv("MASTER_PORT", std::to_string(st->port).c_str(), 1);
-          std::vector<char*> argv;
-          argv.push_back(const_cast<char*>(exe.c_str()));
-          for (auto& a : st->args) argv.push_back(a.data());
-          argv.push_back(nullptr);
-          ::execv(exe.c_str(), argv.data());
-          std::fprintf(stderr, "noisydarts: error: cannot start rank %d (%s)\n", r, exe.c_str());
-          ::_exit(nd::kExitFailure);
-        }
-        ::setpgid(pid, pid);  // also here, so it holds before launch forwards anything
-        pids.push_back(pid);
-      }
+      for (int r = 0; r < st->nproc; ++r)
+        pids.push_back(spawn_child(exe, st->args,
+                                   {{"RANK", std::to_string(r)},
+                                    {"LOCAL_RANK", std::to_string(r)},
+                                    {"WORLD_SIZE", std::to_string(st->nproc)},
+                                    {"LOCAL_WORLD_SIZE", std::to_string(st->nproc)},
+                                    {"MASTER_ADDR", st->addr},
+                                    {"MASTER_PORT", std::to_string(st->port)}}));
       // Wait for every rank. A signal to launch goes to every live rank, once per signal. A
       // rank that exits with kExitStopped stopped on request; after the first other failure the
       // others get `grace` seconds (they stop by themselves at their next collective), then
@@ -124,14 +65,10 @@ void add_launch_command(CLI::App& app, Action& run) {
       size_t left = pids.size();
       auto failed_at = std::chrono::steady_clock::time_point::max();
       std::vector<bool> done(pids.size(), false);
-      sig_atomic_t forwarded = 0;
       while (left > 0) {
-        while (forwarded < g_signals_received) {
-          const int sig = g_signal_log[forwarded % 8];
-          ++forwarded;
+        for (const int sig : take_signals())
           for (size_t i = 0; i < pids.size(); ++i)
             if (!done[i]) ::kill(pids[i], sig);
-        }
         int status = 0;
         const pid_t p = ::waitpid(-1, &status, WNOHANG);
         if (p > 0) {

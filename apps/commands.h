@@ -20,5 +20,7 @@ void add_compare_command(CLI::App& app, Action& run);
 void add_analyze_command(CLI::App& app, Action& run);
 void add_bench_command(CLI::App& app, Action& run);
 void add_launch_command(CLI::App& app, Action& run);
+void add_landscape_command(CLI::App& app, Action& run);
+void add_study_command(CLI::App& app, Action& run);
 
 }  // namespace noisydarts::cli

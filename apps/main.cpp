@@ -34,6 +34,8 @@ int main(int argc, char** argv) {
   nd::cli::add_analyze_command(app, run);
   nd::cli::add_bench_command(app, run);
   nd::cli::add_launch_command(app, run);
+  nd::cli::add_landscape_command(app, run);
+  nd::cli::add_study_command(app, run);
 
   try {
     app.parse(argc, argv);

@@ -182,7 +182,7 @@ std::vector<torch::Tensor> alpha_hessian_vector_product(SearchNetwork& net, cons
   return grads_or_zero(dot, alphas);
 }
 
-EigenResult hessian_dominant_eigenvalue(SearchNetwork& net, const Batch& batch, const EigenOptions& opt) {
+AlphaHvp alpha_hvp_on_batch(SearchNetwork& net, const Batch& batch) {
   BufferRestore keep(*net);
   NoiseSuspend quiet(net->noise());
   auto alphas = net->arch_parameters();
@@ -191,27 +191,10 @@ EigenResult hessian_dominant_eigenvalue(SearchNetwork& net, const Batch& batch, 
   std::vector<size_t> live;
   for (size_t i = 0; i < g.size(); ++i)
     if (g[i].requires_grad()) live.push_back(i);
-
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(opt.seed);
-  std::vector<torch::Tensor> v;
-  for (auto& a : alphas)
-    v.push_back(torch::randn(a.sizes(), gen, torch::TensorOptions().dtype(a.scalar_type())).to(a.device()));
-  auto normalize = [](std::vector<torch::Tensor>& x) {
-    const double n = global_norm(x);
-    if (n > 0)
-      for (auto& t : x) t.div_(n);
-    return n;
-  };
-  normalize(v);
-
-  EigenResult res;
-  if (live.empty()) {
-    res.converged = true;
-    res.vector = v;
-    return res;
-  }
-  double prev = 0;
-  for (int it = 0; it < opt.max_iters; ++it) {
+  return [alphas, g, live](const std::vector<torch::Tensor>& v) {
+    std::vector<torch::Tensor> hv;
+    for (auto& a : alphas) hv.push_back(torch::zeros_like(a));
+    if (live.empty()) return hv;
     std::vector<torch::Tensor> outs, vs, ins;
     for (size_t i : live) {
       outs.push_back(g[i]);
@@ -219,27 +202,78 @@ EigenResult hessian_dominant_eigenvalue(SearchNetwork& net, const Batch& batch, 
       ins.push_back(alphas[i]);
     }
     auto hl = torch::autograd::grad(outs, ins, vs, /*retain_graph=*/true, /*create_graph=*/false, true);
-    std::vector<torch::Tensor> hv;
-    for (auto& a : alphas) hv.push_back(torch::zeros_like(a));
     for (size_t k = 0; k < live.size(); ++k)
       if (hl[k].defined()) hv[live[k]] = hl[k].detach();
-    double lambda = 0;
-    for (size_t i = 0; i < v.size(); ++i) lambda += (v[i].to(torch::kDouble) * hv[i].to(torch::kDouble)).sum().item<double>();
-    res.eigenvalue = lambda;
-    res.iterations = it + 1;
-    if (it > 0 && std::abs(lambda - prev) <= opt.tol * std::abs(lambda)) {
-      res.converged = true;
-      break;
-    }
-    prev = lambda;
-    if (normalize(hv) == 0) {  // H v = 0: v is in the null space, the Rayleigh quotient is 0
-      res.converged = true;
-      break;
-    }
-    v = hv;
+    return hv;
+  };
+}
+
+namespace {
+
+double dot(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += (a[i].to(torch::kDouble) * b[i].to(torch::kDouble)).sum().item<double>();
+  return s;
+}
+
+double normalize(std::vector<torch::Tensor>& x) {
+  const double n = global_norm(x);
+  if (n > 0)
+    for (auto& t : x) t.div_(n);
+  return n;
+}
+
+/// x <- x - sum_k (x . u_k) u_k for orthonormal u_k.
+void project_out(std::vector<torch::Tensor>& x, const std::vector<EigenResult>& found) {
+  for (const auto& f : found) {
+    const double c = dot(x, f.vector);
+    for (size_t i = 0; i < x.size(); ++i) x[i].sub_(f.vector[i] * c);
   }
-  res.vector = v;
-  return res;
+}
+
+}  // namespace
+
+std::vector<EigenResult> top_eigenpairs(const AlphaHvp& hvp, const std::vector<torch::Tensor>& like, int k,
+                                        const EigenOptions& opt) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(opt.seed);
+  std::vector<EigenResult> found;
+  for (int n = 0; n < k; ++n) {
+    std::vector<torch::Tensor> v;
+    for (auto& a : like)
+      v.push_back(torch::randn(a.sizes(), gen, torch::TensorOptions().dtype(a.scalar_type())).to(a.device()));
+    project_out(v, found);
+    normalize(v);
+    EigenResult res;
+    double prev = 0;
+    for (int it = 0; it < opt.max_iters; ++it) {
+      auto hv = hvp(v);
+      const double lambda = dot(v, hv);
+      res.eigenvalue = lambda;
+      res.iterations = it + 1;
+      if (it > 0 && std::abs(lambda - prev) <= opt.tol * std::abs(lambda)) {
+        res.converged = true;
+        break;
+      }
+      prev = lambda;
+      // Deflation: the iteration runs in the complement of the eigenvectors already found.
+      project_out(hv, found);
+      if (normalize(hv) == 0) {  // H v = 0: v is in the null space, the Rayleigh quotient is 0
+        res.converged = true;
+        break;
+      }
+      v = hv;
+    }
+    // Exactly orthonormal to the earlier vectors (power iteration drifts by rounding).
+    project_out(v, found);
+    normalize(v);
+    res.vector = v;
+    found.push_back(res);
+  }
+  return found;
+}
+
+EigenResult hessian_dominant_eigenvalue(SearchNetwork& net, const Batch& batch, const EigenOptions& opt) {
+  return top_eigenpairs(alpha_hvp_on_batch(net, batch), net->arch_parameters(), 1, opt)[0];
 }
 
 }  // namespace noisydarts

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -1187,6 +1188,7 @@ RunData load_run(const std::string& run_dir) {
     }
   }
   load_diagrams(run, dir);
+  run.landscape_svg = slurp(dir / "landscape" / "landscape.svg").value_or("");
   return run;
 }
 
@@ -1215,6 +1217,14 @@ std::string render_report(const RunData& run) {
 
   o << render_alpha_section(run, g, data);
   o << render_curves(run, data);
+  if (!run.landscape_svg.empty() && looks_well_formed(run.landscape_svg)) {
+    // `noisydarts landscape` wrote DIR/landscape/ (our own SVG, embedded as it is).
+    o << "<h2 id=\"landscape\">Loss landscape</h2>\n<p class=\"note\">landscape/landscape.svg: validation loss over "
+         "alpha + a d1 + b d2 (cross: the run's alphas; circle: the minimum). landscape/landscape.json has the values.</p>\n";
+    const size_t b = run.landscape_svg.find("<svg");
+    o << "<div>" << run.landscape_svg.substr(b) << "</div>\n";
+    data["landscape"] = true;
+  }
 
   o << "<h2 id=\"config\">Configuration</h2>\n<details><summary>config.json</summary>\n<pre>"
     << esc(run.config.dump(2, ' ', false, json::error_handler_t::replace)) << "</pre>\n</details>\n";
@@ -1369,6 +1379,139 @@ std::string render_compare(const std::vector<RunData>& runs) {
   data["plots"] = jplots;
   o << "<h2>Text table</h2>\n<pre>" << esc(compare_table(runs)) << "</pre>\n";
   o << "<script type=\"application/json\" id=\"report-data\">" << script_json(data) << "</script>\n";
+  o << "</body>\n</html>\n";
+  return o.str();
+}
+
+
+namespace {
+
+/// Per epoch over the runs of one setting: the mean and the sample standard deviation of a
+/// per-epoch series (epochs that only some runs reached use those runs).
+struct Band {
+  std::vector<double> x, mean, lo, hi;
+};
+
+Band band_of(const std::vector<Series>& per_run) {
+  std::map<double, std::vector<double>> at;
+  for (const auto& s : per_run)
+    for (size_t i = 0; i < s.x.size(); ++i) at[s.x[i]].push_back(s.y[i]);
+  Band b;
+  for (const auto& [x, v] : at) {
+    double m = 0;
+    for (double y : v) m += y;
+    m /= static_cast<double>(v.size());
+    double ss = 0;
+    for (double y : v) ss += (y - m) * (y - m);
+    const double sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0;
+    b.x.push_back(x);
+    b.mean.push_back(m);
+    b.lo.push_back(m - sd);
+    b.hi.push_back(m + sd);
+  }
+  return b;
+}
+
+std::string stat_text(const json& agg, const char* key, bool percent) {
+  if (!agg.contains(key) || agg[key].is_null()) return "n/a";
+  const auto& a = agg[key];
+  const double m = a["mean"].get<double>(), sd = a["std"].get<double>();
+  return percent ? strf("%.2f%% &#177; %.2f", m, sd) : strf("%.4g &#177; %.2g", m, sd);
+}
+
+}  // namespace
+
+std::string render_study(const json& study, const std::vector<std::pair<std::string, std::vector<RunData>>>& settings) {
+  std::ostringstream o;
+  const size_t n_rows = study.contains("rows") ? study["rows"].size() : 0;
+  o << page_head("noisydarts study: " + std::to_string(settings.size()) + " settings, " + std::to_string(n_rows) + " runs");
+  o << "<h1>Study: " << settings.size() << " settings x " << study["spec"]["seeds"].size() << " seeds</h1>\n";
+  o << "<p class=\"note\">search flags: <code>" << esc([&] {
+    std::string a;
+    for (const auto& x : study["spec"]["search_args"]) a += (a.empty() ? "" : " ") + x.get<std::string>();
+    return a.empty() ? std::string("(defaults)") : a;
+  }()) << "</code>; each line is the mean over the seeds of a setting, the dashed lines mean &#177; one standard deviation.</p>\n";
+  o << "<h2>Settings</h2>\n<table class=\"summary\">\n<tr><th>setting</th><th>runs</th><th>skips normal</th>"
+       "<th>skips reduce</th><th>skip weight (normal)</th><th>supernet valid acc</th><th>Hessian eig.</th>"
+       "<th>retrain test acc</th><th>search time</th></tr>\n";
+  for (size_t i = 0; i < study["settings"].size(); ++i) {
+    const auto& a = study["settings"][i];
+    o << "<tr><td style=\"color:" << series_color(i) << ";font-weight:bold\">" << esc(a["setting"].get<std::string>())
+      << "</td><td>" << a["runs"] << "</td><td>" << stat_text(a, "skip_normal", false) << "</td><td>"
+      << stat_text(a, "skip_reduce", false) << "</td><td>" << stat_text(a, "skip_weight_normal", false) << "</td><td>"
+      << stat_text(a, "valid_acc", true) << "</td><td>" << stat_text(a, "hessian_eigenvalue", false) << "</td><td>"
+      << stat_text(a, "retrain_test_top1", true) << "</td><td>"
+      << (a["search_seconds"].is_null() ? std::string("n/a") : esc(format_seconds(a["search_seconds"]["mean"].get<double>())))
+      << "</td></tr>\n";
+  }
+  o << "</table>\n<h2>Per epoch, mean over seeds</h2>\n<div class=\"plots\">\n";
+  json plots = json::object();
+  const auto plot = [&](const std::string& key, const std::string& title, bool integer,
+                        const std::function<Series(const RunData&)>& series_of) {
+    std::vector<Series> lines;
+    for (size_t i = 0; i < settings.size(); ++i) {
+      std::vector<Series> per_run;
+      for (const auto& r : settings[i].second) per_run.push_back(series_of(r));
+      const Band b = band_of(per_run);
+      if (b.x.empty()) continue;
+      Series m;
+      m.label = settings[i].first;
+      m.color = series_color(i);
+      m.x = b.x;
+      m.y = b.mean;
+      m.width = 2.2;
+      m.attrs = {{"data-setting", settings[i].first}, {"data-stat", "mean"}};
+      for (int side = 0; side < 2; ++side) {
+        Series e = m;
+        e.label = settings[i].first + (side ? " +sd" : " -sd");
+        e.y = side ? b.hi : b.lo;
+        e.width = 1;
+        e.dash = "4 3";
+        e.attrs = {{"data-setting", settings[i].first}, {"data-stat", side ? "mean+sd" : "mean-sd"}};
+        lines.push_back(std::move(e));
+      }
+      plots[key].push_back({{"setting", settings[i].first}, {"x", b.x}, {"mean", b.mean}, {"lo", b.lo}, {"hi", b.hi}});
+      lines.push_back(std::move(m));
+    }
+    if (lines.empty()) return;
+    Plot p;
+    p.title = title;
+    p.integer_y = integer;
+    p.y_from_zero = integer;
+    p.legend = false;
+    o << render_plot(p, lines);
+  };
+  const auto scalar = [](const std::string& key) { return [key](const RunData& r) { return scalar_series(r, key); }; };
+  plot("skip_normal", "skip connections, normal cell", true, [](const RunData& r) {
+    Series s = scalar_series(r, "skip_normal");
+    return s.x.empty() ? scalar_series(r, "skips") : s;
+  });
+  plot("skip_reduce", "skip connections, reduction cell", true, scalar("skip_reduce"));
+  plot("skip_weight_normal", "softmax(alpha) of skip_connect, mean over edges (normal)", false,
+       [](const RunData& r) {
+         Series s = op_weight_series(r, "alphas_normal", "skip_connect", false);
+         return s.x.empty() ? op_weight_series(r, "alphas", "skip_connect", false) : s;
+       });
+  plot("skip_weight_reduce", "softmax(alpha) of skip_connect, mean over edges (reduce)", false,
+       [](const RunData& r) { return op_weight_series(r, "alphas_reduce", "skip_connect", false); });
+  plot("valid_acc", "supernet valid acc (%)", false, scalar("valid_acc"));
+  plot("hessian_eigenvalue", "dominant Hessian eigenvalue", false, scalar("hessian_eigenvalue"));
+  o << "</div>\n<p class=\"note\">legend: ";
+  for (size_t i = 0; i < settings.size(); ++i)
+    o << "<span class=\"key\" style=\"color:" << series_color(i) << ";font-weight:bold\">" << esc(settings[i].first) << "</span>";
+  o << "</p>\n<h2>Runs</h2>\n<table class=\"summary\">\n<tr><th>setting</th><th>seed</th><th>status</th><th>skips n/r</th>"
+       "<th>valid acc</th><th>Hessian eig.</th><th>retrain test acc</th><th>search time</th><th>genotype</th></tr>\n";
+  auto num_or = [](const json& v, const char* fmt) { return v.is_number() ? strf(fmt, v.get<double>()) : std::string("n/a"); };
+  for (const auto& r : study["rows"]) {
+    o << "<tr><td>" << esc(r["setting"].get<std::string>()) << "</td><td>" << r["seed"] << "</td><td>"
+      << esc(r["status"].get<std::string>()) << "</td><td>" << num_or(r["skip_normal"], "%.0f") << "/"
+      << num_or(r["skip_reduce"], "%.0f") << "</td><td>" << num_or(r["valid_acc"], "%.2f%%") << "</td><td>"
+      << num_or(r["hessian_eigenvalue"], "%.4g") << "</td><td>" << num_or(r["retrain_test_top1"], "%.2f%%") << "</td><td>"
+      << (r["search_seconds"].is_number() ? esc(format_seconds(r["search_seconds"].get<double>())) : std::string("n/a"))
+      << "</td><td><code>" << esc(r["genotype"].is_string() ? r["genotype"].get<std::string>() : std::string("")) << "</code></td></tr>\n";
+  }
+  o << "</table>\n";
+  o << "<script type=\"application/json\" id=\"report-data\">" << script_json({{"plots", plots}, {"rows", study["rows"]}}) << "</script>\n";
   o << "</body>\n</html>\n";
   return o.str();
 }

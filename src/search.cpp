@@ -707,47 +707,67 @@ SearchResult run_search(SearchConfig cfg, bool resume, const SearchCallbacks& cb
   return searcher.run();
 }
 
-AnalyzeResult analyze_checkpoint(const std::string& path, const AnalyzeOptions& opt) {
-  const auto t0 = Clock::now();
-  std::string file = path;
+SearchSnapshot open_search_checkpoint(const std::string& path, int threads, const std::string& device,
+                                      int64_t batches) {
+  SearchSnapshot snap;
+  snap.file = path;
   if (fs::is_directory(path)) {
-    file = latest_checkpoint(path);
-    if (file.empty()) throw CheckpointError("run directory " + path + " holds no checkpoint (checkpoints/latest missing)");
+    snap.file = latest_checkpoint(path);
+    if (snap.file.empty()) throw CheckpointError("run directory " + path + " holds no checkpoint (checkpoints/latest missing)");
   }
-  SearchConfig cfg = SearchConfig::preset_defaults("noisydarts", "paper");
+  const std::string& file = snap.file;
+  SearchConfig& cfg = snap.cfg;
+  cfg = SearchConfig::preset_defaults("noisydarts", "paper");
   cfg.merge_json(read_checkpoint_config(file, "search"), file);
-  if (opt.threads >= 0) cfg.threads = opt.threads;
+  if (threads >= 0) cfg.threads = threads;
   if (cfg.data_dir.empty()) cfg.data_dir = default_data_dir(cfg.dataset);
   at::set_num_threads(resolve_threads(cfg.threads));
   keep_freed_memory();
-  const torch::Device device = parse_device(opt.device.empty() ? cfg.device : opt.device);
+  snap.device = parse_device(device.empty() ? cfg.device : device);
 
   SearchData sd = load_search_data(cfg);
-  SearchNetwork net = build_search_network(cfg, sd);
-  AnalyzeResult r;
-  r.checkpoint = file;
+  snap.net = build_search_network(cfg, sd);
   {
     torch::serialize::InputArchive a;
     open_checkpoint(file, "search", a);
     try {
       torch::serialize::InputArchive m;
       a.read("model", m);
-      net->load(m);
-      r.epoch = read_int(a, "epoch");
-      r.step = read_int(a, "step");
+      snap.net->load(m);
+      snap.epoch = read_int(a, "epoch");
+      snap.step = read_int(a, "step");
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {
       throw CheckpointError("checkpoint " + file + " does not match its search network: " + std::string(e.what()).substr(0, 200));
     }
   }
-  net->to(device);
-  net->train();
+  snap.net->to(snap.device);
+  snap.net->train();
+  // The architecture half in fixed order without augmentation; batch 0 is curvature_batch's.
   BatchStream eval_stream(sd.train, sd.a_idx, eval_stream_options(cfg));
-  const Batch b = curvature_batch(eval_stream, device);
+  eval_stream.seek({0, 0});
+  const int64_t n = std::min<int64_t>(std::max<int64_t>(batches, 1), eval_stream.batches_per_pass());
+  for (int64_t i = 0; i < n; ++i) {
+    Batch b = eval_stream.next();
+    b.x = b.x.to(snap.device);
+    b.y = b.y.to(snap.device);
+    snap.batches.push_back(std::move(b));
+  }
+  return snap;
+}
+
+AnalyzeResult analyze_checkpoint(const std::string& path, const AnalyzeOptions& opt) {
+  const auto t0 = Clock::now();
+  SearchSnapshot snap = open_search_checkpoint(path, opt.threads, opt.device, 1);
+  AnalyzeResult r;
+  r.checkpoint = snap.file;
+  r.epoch = snap.epoch;
+  r.step = snap.step;
+  const Batch& b = snap.batches.front();
   r.batch_size = b.y.size(0);
-  r.eigen = hessian_dominant_eigenvalue(net, b, EigenOptions{opt.iters > 0 ? opt.iters : static_cast<int>(cfg.hessian_iters), opt.tol, cfg.seed});
-  r.genotype = net->genotype();
+  r.eigen = hessian_dominant_eigenvalue(snap.net, b, EigenOptions{opt.iters > 0 ? opt.iters : static_cast<int>(snap.cfg.hessian_iters), opt.tol, snap.cfg.seed});
+  r.genotype = snap.net->genotype();
   r.seconds = seconds_since(t0);
   return r;
 }

@@ -9,6 +9,7 @@
 ///   were: temporary weights are written in place and copied back, buffers are restored. Only the
 ///   random generators advance (noise and drop-path draws), which checkpoints store.
 #include <torch/torch.h>
+#include <functional>
 #include <vector>
 
 #include "noisydarts/architect.h"
@@ -108,6 +109,21 @@ struct EigenResult {
   bool converged = false;
   std::vector<torch::Tensor> vector;   ///< unit eigenvector estimate, shaped like the alphas
 };
+
+/// A Hessian-vector product v -> H v over vectors shaped like the alphas.
+using AlphaHvp = std::function<std::vector<torch::Tensor>(const std::vector<torch::Tensor>&)>;
+
+/// Exact products with the Hessian of the cross-entropy on `batch` w.r.t. the alphas: one forward
+/// (training mode, noise and drop-path suspended, buffers restored) and one create-graph backward
+/// now, one double backward per call. Alphas outside the graph have zero rows.
+AlphaHvp alpha_hvp_on_batch(SearchNetwork& net, const Batch& batch);
+
+/// The `k` eigenpairs of largest magnitude of a symmetric operator, by power iteration with
+/// deflation: the n-th iteration runs in the orthogonal complement of the first n - 1 vectors, so
+/// the vectors are orthonormal. Start vectors are drawn from `opt.seed` (own generator) in the
+/// shapes of `like`. With k = 1 this is hessian_dominant_eigenvalue's iteration.
+std::vector<EigenResult> top_eigenpairs(const AlphaHvp& hvp, const std::vector<torch::Tensor>& like, int k,
+                                        const EigenOptions& opt = {});
 
 /// Dominant eigenvalue (largest magnitude) of the Hessian of the cross-entropy on `batch` w.r.t.
 /// all alphas together, by power iteration on exact Hessian-vector products. One forward and one

@@ -11,6 +11,7 @@
 /// the pictures show the recorded numbers.
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace noisydarts {
@@ -23,6 +24,7 @@ struct RunData {
   std::vector<nlohmann::json> epochs; ///< metrics.jsonl, one object per completed epoch
   nlohmann::json genotype;            ///< genotype.json, or null when absent (run not finished)
   std::string normal_svg, reduce_svg; ///< Graphviz cell diagrams (normal.svg/reduce.svg) or empty
+  std::string landscape_svg;          ///< landscape/landscape.svg (`noisydarts landscape`) or empty
 };
 
 /// Reads a run directory. It must hold config.json or metrics.jsonl (else ConfigError naming the
@@ -44,5 +46,12 @@ std::string compare_table(const std::vector<RunData>& runs);
 
 /// The comparison page (complete XHTML document): the table, overlaid curves, cells side by side.
 std::string render_compare(const std::vector<RunData>& runs);
+
+/// A study's page (complete XHTML document, docs/study.md): per setting the mean and spread over
+/// seeds of skip counts, softmax(alpha) of skip, supernet accuracy and Hessian eigenvalue per
+/// epoch, the settings' table (with retrain accuracy) and every run's row. `study` is
+/// study.json's content; `settings` the loaded runs of each setting, in the table's order.
+std::string render_study(const nlohmann::json& study,
+                         const std::vector<std::pair<std::string, std::vector<RunData>>>& settings);
 
 }  // namespace noisydarts

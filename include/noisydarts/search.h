@@ -65,6 +65,25 @@ SearchNetwork build_search_network(const SearchConfig& cfg, const DataShape& sha
 /// Path of the newest checkpoint in a run directory, or "" when there is none.
 std::string latest_checkpoint(const std::string& run_dir);
 
+/// A search checkpoint opened for analysis (analyze, landscape): its stored configuration, the
+/// search network holding the checkpoint's weights, alphas and BatchNorm statistics (training
+/// mode, on `device`), and the first batches of the architecture half in fixed order without
+/// augmentation (batch 0 is the one the search's Hessian eigenvalue is computed on).
+struct SearchSnapshot {
+  std::string file;  ///< the checkpoint read
+  SearchConfig cfg;
+  int64_t epoch = 0, step = 0;
+  SearchNetwork net{nullptr};
+  torch::Device device{torch::kCPU};
+  std::vector<Batch> batches;
+};
+
+/// Opens a search checkpoint (a .pt file or a run directory: its latest checkpoint). `threads`
+/// < 0 and empty `device` keep the run's; `batches` (>= 1, at most one pass) architecture-half
+/// batches are read. Throws CheckpointError / ConfigError / DataError with one-line messages.
+SearchSnapshot open_search_checkpoint(const std::string& path, int threads = -1, const std::string& device = "",
+                                      int64_t batches = 1);
+
 struct AnalyzeOptions {
   int iters = 0;          ///< power-iteration steps (0: the run's hessian_iters)
   double tol = 1e-3;
