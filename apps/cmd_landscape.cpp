@@ -8,6 +8,7 @@
 #include "commands.h"
 #include "noisydarts/error.h"
 #include "noisydarts/landscape.h"
+#include "noisydarts/report.h"
 
 namespace nd = noisydarts;
 namespace fs = std::filesystem;
@@ -80,6 +81,15 @@ void add_landscape_command(CLI::App& app, Action& run) {
       for (const auto& p : panels) j["panels"].push_back(p.to_json());
       nd::write_file_atomic((out / "landscape.json").string(), j.dump(1) + "\n");
       nd::write_file_atomic((out / "landscape.svg").string(), nd::landscape_svg(panels));
+      // Written into a run directory's landscape/: its report embeds the picture now.
+      const fs::path run_dir = run_dir_of(st->checkpoint);
+      if (st->out.empty() && fs::exists(run_dir / "report.html")) {
+        try {
+          nd::write_report(run_dir.string());
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "warning: %s/report.html not rewritten: %s\n", run_dir.string().c_str(), e.what());
+        }
+      }
       for (const auto& p : panels) {
         const auto pj = p.to_json();
         std::printf("landscape  %s (epoch %lld): centre loss %.6g, minimum %.6g at a=%.4g b=%.4g, %s directions, %dx%d grid, %.1f s\n",

@@ -61,7 +61,7 @@ void add_search_command(CLI::App& app, Action& run) {
   auto* search = app.add_subcommand("search", "Run a NoisyDARTS/DARTS search (DARTS cells, RobustDARTS op sets, NAS-Bench-201 or the mbv2 chain)");
   search->add_option("--preset", st->preset, "Method preset: noisydarts (7 ops, gaussian skip noise) or darts (8 ops, no noise)")
       ->check(CLI::IsMember({"noisydarts", "darts"}))->capture_default_str();
-  search->add_option("--scale", st->scale, "Size: small (~5 min on 2 cores, Fashion-MNIST subset) or paper (SPEC 1.3: 50 epochs, 8 cells, 16 channels, full data)")
+  search->add_option("--scale", st->scale, "Size: small (~7 min on 2 cores, Fashion-MNIST subset, arch lr 3e-2) or paper (SPEC 1.3: 50 epochs, 8 cells, 16 channels, full data)")
       ->check(CLI::IsMember({"small", "paper"}))->capture_default_str();
   st->run.add(search, "search");
 

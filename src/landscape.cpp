@@ -233,7 +233,7 @@ std::string landscape_svg(const std::vector<Landscape>& panels) {
   const double tlo = tr(lo), thi = tr(hi) > tr(lo) ? tr(hi) : tr(lo) + 1;
   auto T = [&](double x) { return std::isfinite(x) ? (tr(x) - tlo) / (thi - tlo) : 1.0; };
 
-  const double side = 300, ml = 52, mt = 30, gap = 40, bar = 70, mb = 44;
+  const double side = 300, ml = 52, mt = 30, gap = 40, bar = 100, mb = 44;
   const double w = ml + panels.size() * (side + gap) + bar, h = mt + side + mb;
   std::ostringstream o;
   o << "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"landscape\" width=\"" << f2(w) << "\" height=\"" << f2(h)
@@ -305,7 +305,7 @@ std::string landscape_svg(const std::vector<Landscape>& panels) {
     o << "<text x=\"" << f2(bx + 18) << "\" y=\"" << f2(mt + side - k * side / 4 + 4) << "\">" << num(logscale ? std::exp(t) : t)
       << "</text>";
   }
-  o << "<text x=\"" << f2(bx) << "\" y=\"" << f2(mt - 10) << "\">loss" << (logscale ? " (log)" : "") << "</text>\n";
+  o << "<text x=\"" << f2(bx) << "\" y=\"" << f2(mt + side + 16) << "\">loss" << (logscale ? " (log scale)" : "") << "</text>\n";
   o << "</svg>\n";
   return o.str();
 }

@@ -1503,8 +1503,13 @@ std::string render_study(const json& study, const std::vector<std::pair<std::str
        "<th>valid acc</th><th>Hessian eig.</th><th>retrain test acc</th><th>search time</th><th>genotype</th></tr>\n";
   auto num_or = [](const json& v, const char* fmt) { return v.is_number() ? strf(fmt, v.get<double>()) : std::string("n/a"); };
   for (const auto& r : study["rows"]) {
-    o << "<tr><td>" << esc(r["setting"].get<std::string>()) << "</td><td>" << r["seed"] << "</td><td>"
-      << esc(r["status"].get<std::string>()) << "</td><td>" << num_or(r["skip_normal"], "%.0f") << "/"
+    const std::string run_name = r["run"].get<std::string>();
+    o << "<tr><td>" << esc(r["setting"].get<std::string>()) << "</td><td>" << r["seed"] << "</td><td>";
+    if (r["status"] != "not started")
+      o << "<a href=\"runs/" << esc(run_name) << "/report.html\">" << esc(r["status"].get<std::string>()) << "</a>";
+    else
+      o << esc(r["status"].get<std::string>());
+    o << "</td><td>" << num_or(r["skip_normal"], "%.0f") << "/"
       << num_or(r["skip_reduce"], "%.0f") << "</td><td>" << num_or(r["valid_acc"], "%.2f%%") << "</td><td>"
       << num_or(r["hessian_eigenvalue"], "%.4g") << "</td><td>" << num_or(r["retrain_test_top1"], "%.2f%%") << "</td><td>"
       << (r["search_seconds"].is_number() ? esc(format_seconds(r["search_seconds"].get<double>())) : std::string("n/a"))

@@ -293,13 +293,18 @@ void write_study_files(const std::string& dir, const StudySpec& spec, const std:
   for (const auto& s : settings) {
     std::vector<size_t> idx;
     std::vector<RunData> data;
+    size_t n_runs = 0;
     for (size_t i = 0; i < runs.size(); ++i) {
       if (runs[i].setting != s) continue;
-      idx.push_back(i);
+      ++n_runs;
+      // Means and spreads over the finished searches only: a run still going would mix its
+      // early epochs into the final numbers.
+      const std::string status = rows[i]["status"].get<std::string>();
+      if (status == "searched" || status == "retrained") idx.push_back(i);
       const fs::path rd = fs::path(dir) / "runs" / runs[i].name;
       if (rows[i]["status"] != "not started") data.push_back(load_run(rd.string()));
     }
-    json agg{{"setting", s}, {"runs", idx.size()}};
+    json agg{{"setting", s}, {"runs", n_runs}, {"finished", idx.size()}};
     for (const char* k : kRowNumbers) agg[k] = mean_spread(rows, idx, k);
     summary.push_back(agg);
     groups.emplace_back(s, std::move(data));

@@ -300,7 +300,9 @@ TEST(Cli, SearchHelpShowsTheDefaultScalesValuesThatPrintConfigResolves) {
   ASSERT_EQ(help.code, 0) << help.out;
   EXPECT_EQ(help_default(help.std_out, "--epochs"), "10") << help.std_out;
   EXPECT_EQ(help_default(help.std_out, "--noise-lambda"), "0.2");
-  EXPECT_EQ(help_default(help.std_out, "--subset"), "2000");
+  EXPECT_EQ(help_default(help.std_out, "--subset"), "1000");
+  EXPECT_EQ(help_default(help.std_out, "--arch-lr"), "0.03");
+  EXPECT_EQ(help_default(help.std_out, "--batch-size"), "32");
   EXPECT_EQ(help_default(help.std_out, "--flip"), "true");
   // Typed: the type names are shown, not TEXT for numbers.
   EXPECT_NE(help.std_out.find("--epochs INT:at least 1=10"), std::string::npos);
