@@ -59,7 +59,6 @@ void add_landscape_command(CLI::App& app, Action& run) {
   cmd->callback([st, &run] {
     run = [st] {
       st->opt.filter_norm = st->norm == "filter";
-      if (st->opt.grid % 2 == 0) throw nd::UsageError("--grid " + std::to_string(st->opt.grid) + ": use an odd number (the centre is the checkpoint's alphas)");
       const fs::path out = st->out.empty() ? run_dir_of(st->checkpoint) / "landscape" : fs::path(st->out);
       std::vector<std::string> inputs{st->checkpoint};
       if (!st->compare.empty()) inputs.push_back(st->compare);

@@ -96,7 +96,7 @@ int wait_for(pid_t pid) {
 
 class StudyRunner {
  public:
-  StudyRunner(const StudyArgs& a) : args_(a), dir_(a.out) {}
+  explicit StudyRunner(const StudyArgs& a) : args_(a), dir_(a.out) {}
 
   int run() {
     spec_.seeds = parse_seeds(args_.seeds);

@@ -1398,16 +1398,11 @@ Band band_of(const std::vector<Series>& per_run) {
     for (size_t i = 0; i < s.x.size(); ++i) at[s.x[i]].push_back(s.y[i]);
   Band b;
   for (const auto& [x, v] : at) {
-    double m = 0;
-    for (double y : v) m += y;
-    m /= static_cast<double>(v.size());
-    double ss = 0;
-    for (double y : v) ss += (y - m) * (y - m);
-    const double sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0;
+    const MeanSd ms = mean_and_sd(v);
     b.x.push_back(x);
-    b.mean.push_back(m);
-    b.lo.push_back(m - sd);
-    b.hi.push_back(m + sd);
+    b.mean.push_back(ms.mean);
+    b.lo.push_back(ms.mean - ms.sd);
+    b.hi.push_back(ms.mean + ms.sd);
   }
   return b;
 }
@@ -1420,6 +1415,16 @@ std::string stat_text(const json& agg, const char* key, bool percent) {
 }
 
 }  // namespace
+
+MeanSd mean_and_sd(const std::vector<double>& v) {
+  MeanSd r;
+  for (double x : v) r.mean += x;
+  r.mean /= static_cast<double>(v.size());
+  double ss = 0;
+  for (double x : v) ss += (x - r.mean) * (x - r.mean);
+  r.sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0;
+  return r;
+}
 
 std::string render_study(const json& study, const std::vector<std::pair<std::string, std::vector<RunData>>>& settings) {
   std::ostringstream o;

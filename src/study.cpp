@@ -80,13 +80,8 @@ json mean_spread(const std::vector<json>& rows, const std::vector<size_t>& idx, 
   for (size_t i : idx)
     if (rows[i].contains(key) && rows[i][key].is_number()) v.push_back(rows[i][key].get<double>());
   if (v.empty()) return json();
-  double mean = 0;
-  for (double x : v) mean += x;
-  mean /= static_cast<double>(v.size());
-  double ss = 0;
-  for (double x : v) ss += (x - mean) * (x - mean);
-  const double sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : 0.0;
-  return {{"mean", mean}, {"std", sd}, {"n", v.size()}, {"min", *std::min_element(v.begin(), v.end())},
+  const MeanSd ms = mean_and_sd(v);
+  return {{"mean", ms.mean}, {"std", ms.sd}, {"n", v.size()}, {"min", *std::min_element(v.begin(), v.end())},
           {"max", *std::max_element(v.begin(), v.end())}};
 }
 

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_helpers.h"
+#include "tensor_helpers.h"
 #include "noisydarts/hessian.h"
 #include "noisydarts/landscape.h"
 #include "noisydarts/study.h"
@@ -52,18 +53,8 @@ nd::Batch tiny_batch() {
   return {torch::randn({6, 1, 8, 8}, torch::kDouble), torch::randint(0, 3, {6}, torch::kLong)};
 }
 
-std::vector<torch::Tensor> snapshot(const std::vector<torch::Tensor>& ts) {
-  std::vector<torch::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.detach().clone());
-  return out;
-}
-
-bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (!torch::equal(a[i], b[i])) return false;
-  return true;
-}
+using noisydarts::test::bitwise_equal;
+using noisydarts::test::snapshot;
 
 double dot(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
   double s = 0;

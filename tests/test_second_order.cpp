@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "cli_helpers.h"
+#include "tensor_helpers.h"
 #include <unistd.h>
 
 #include <filesystem>
@@ -62,18 +63,8 @@ double max_abs_diff(const std::vector<torch::Tensor>& a, const std::vector<torch
   return m;
 }
 
-std::vector<torch::Tensor> snapshot(const std::vector<torch::Tensor>& ts) {
-  std::vector<torch::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.detach().clone());
-  return out;
-}
-
-bool bitwise_equal(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (!torch::equal(a[i], b[i])) return false;
-  return true;
-}
+using noisydarts::test::bitwise_equal;
+using noisydarts::test::snapshot;
 
 double loss_of(nd::SearchNetwork& net, const nd::Batch& b) {
   return torch::nn::functional::cross_entropy(net->forward(b.x), b.y).item<double>();

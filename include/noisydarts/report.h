@@ -47,6 +47,12 @@ std::string compare_table(const std::vector<RunData>& runs);
 /// The comparison page (complete XHTML document): the table, overlaid curves, cells side by side.
 std::string render_compare(const std::vector<RunData>& runs);
 
+/// Mean and sample standard deviation (n - 1; 0 for fewer than two values) of `v` (non-empty).
+struct MeanSd {
+  double mean = 0, sd = 0;
+};
+MeanSd mean_and_sd(const std::vector<double>& v);
+
 /// A study's page (complete XHTML document, docs/study.md): per setting the mean and spread over
 /// seeds of skip counts, softmax(alpha) of skip, supernet accuracy and Hessian eigenvalue per
 /// epoch, the settings' table (with retrain accuracy) and every run's row. `study` is
