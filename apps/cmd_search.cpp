@@ -9,7 +9,9 @@
 #include "noisydarts/engine.h"
 #include "noisydarts/error.h"
 #include "noisydarts/genotype.h"
+#include "noisydarts/method.h"
 #include "noisydarts/search.h"
+#include "noisydarts/spaces.h"
 
 namespace nd = noisydarts;
 using nlohmann::json;
@@ -19,17 +21,21 @@ namespace noisydarts::cli {
 namespace {
 
 struct SearchArgs {
-  std::string preset = "noisydarts", scale = "small";
+  std::string preset = "noisydarts", scale = "small", method;
+  CLI::Option* preset_opt = nullptr;
   RunOptions run;
   std::unique_ptr<ConfigFlags> flags;
 };
 
 /// The configuration the command line describes: preset -> scale -> --config file -> flags.
 SearchConfig resolve_config(const SearchArgs& a, bool resume) {
-  SearchConfig cfg = SearchConfig::preset_defaults(a.preset, a.scale);
+  // --method M alone means --preset M: the method's own search recipe.
+  const std::string preset = a.preset_opt->count() == 0 && !a.method.empty() ? a.method : a.preset;
+  SearchConfig cfg = SearchConfig::preset_defaults(preset, a.scale);
   // A saved config.json names its own preset/scale; the flags' choice stays authoritative.
   cfg.merge_json(a.run.config_overrides(), a.run.config_file);
   a.flags->apply([&](const json& o, const std::string& flag) { cfg.merge_json(o, flag); });
+  if (!a.method.empty()) cfg.method = a.method;
   a.run.resolve_out(cfg.out);
   cfg.finish_layering();
   if (resume && !a.flags->given("threads")) cfg.threads = -1;  // keep the run's own
@@ -54,13 +60,27 @@ int run_search_command(const SearchArgs& a) {
   return kExitOk;
 }
 
+/// The --help lines of what each method's preset changes from the shown defaults.
+std::string method_differences(const ConfigFlags& flags) {
+  std::string s;
+  for (const auto& m : nd::method_names()) {
+    if (m == "noisydarts") continue;
+    s += flags.differences(std::string(m == "darts" ? "--preset darts" : "--method " + m) + " changes",
+                           SearchConfig::preset_defaults(m, "small").to_json());
+  }
+  return s;
+}
+
 }  // namespace
 
 void add_search_command(CLI::App& app, Action& run) {
   auto st = std::make_shared<SearchArgs>();
   auto* search = app.add_subcommand("search", "Run a NoisyDARTS/DARTS search (DARTS cells, RobustDARTS op sets, NAS-Bench-201 or the mbv2 chain)");
-  search->add_option("--preset", st->preset, "Method preset: noisydarts (7 ops, gaussian skip noise) or darts (8 ops, no noise)")
-      ->check(CLI::IsMember({"noisydarts", "darts"}))->capture_default_str();
+  st->preset_opt = search->add_option("--preset", st->preset, "Search recipe (weight and arch optimisers, ops, noise, batch) of a method's paper: noisydarts (7 ops, gaussian skip noise), darts (8 ops, no noise) or any --method name")
+      ->check(CLI::IsMember(nd::method_names()))->capture_default_str();
+  search->add_option("--method", st->method, "Search algorithm (docs/methods.md): " + nd::join_names(nd::method_names()) +
+                                                 ". Alone it also picks its recipe (--preset M); the noise flags combine with every method")
+      ->check(CLI::IsMember(nd::method_names()))->type_name("METHOD");
   search->add_option("--scale", st->scale, "Size: small (~7 min on 2 cores, Fashion-MNIST subset, arch lr 3e-2) or paper (SPEC 1.3: 50 epochs, 8 cells, 16 channels, full data)")
       ->check(CLI::IsMember({"small", "paper"}))->capture_default_str();
   st->run.add(search, "search");
@@ -77,8 +97,8 @@ void add_search_command(CLI::App& app, Action& run) {
   flags.bind("--train-portion", "train_portion", "Share of the training images in the weight half")->check(CLI::Range(0.0, 1.0));
   flags.bind("--epochs", "epochs", "Search epochs")->check(at_least(1));
   flags.bind("--batch-size", "batch_size", "Batch size of both halves")->check(at_least(2));
-  flags.bind("--space", "space", "Search space: darts (default) | darts-s2 | darts-s3 | darts-s4 (RobustDARTS op sets) | nb201 (NAS-Bench-201) | mbv2 (MobileNetV2-like chain); docs/spaces.md")
-      ->check(CLI::IsMember({"darts", "darts-s2", "darts-s3", "darts-s4", "nb201", "mbv2"}));
+  flags.bind("--space", "space", "Search space: darts (default) | darts-s1 .. darts-s4 (RobustDARTS op sets) | nb201 (NAS-Bench-201) | mbv2 (MobileNetV2-like chain); docs/spaces.md")
+      ->check(CLI::IsMember(nd::search_space_names()));
   flags.bind("--channels", "channels", "Initial channels C (even; nb201: the stem's C; mbv2: unused)")->check(CLI::Range(2, 1024));
   flags.bind("--layers", "layers", "Number of cells L (reductions at L/3 and 2L/3; nb201: cells per stage N; mbv2: unused)")->check(CLI::Range(1, 100));
   flags.bind("--ops", "primitives", "Comma-separated candidate ops (default: the preset's; fixed by --space other than darts)");
@@ -117,12 +137,29 @@ void add_search_command(CLI::App& app, Action& run) {
   flags.bind("--keep-checkpoints", "keep_checkpoints", "Newest checkpoints kept")->check(CLI::Range(1, 1000000));
   flags.bind("--dist-timeout", "dist_timeout_s", "Data-parallel runs: seconds to wait for another rank before failing (exit 8)")->check(CLI::PositiveNumber);
   flags.bind("--max-steps", "max_steps", "Limit steps per epoch (0 = full epochs; for tests and benchmarks)")->check(CLI::NonNegativeNumber);
+  // The methods' settings (docs/methods.md); each method reads only its own.
+  flags.bind("--arch-warmup", "arch_warmup", "Share of the epochs before the first alpha update (pc-darts: 0.3 = epoch 15 of 50)")->check(CLI::Range(0.0, 1.0));
+  flags.bind("--fair-zero-one-weight", "method_settings.fair_darts.zero_one_weight", "fair-darts: weight of the zero-one loss")->check(CLI::NonNegativeNumber);
+  flags.bind("--fair-threshold", "method_settings.fair_darts.threshold", "fair-darts: sigmoid threshold of a kept op")->check(CLI::Range(0.0, 1.0));
+  flags.bind("--pc-k", "method_settings.pc_darts.k", "pc-darts: 1/K of the channels go through each mixed op")->check(CLI::Range(1, 64));
+  flags.bind("--pc-edge-norm", "method_settings.pc_darts.edge_norm", "pc-darts: edge normalisation (true/false)");
+  flags.bind("--sdarts-epsilon-start", "method_settings.sdarts.epsilon_start", "sdarts-rs/-adv: perturbation radius at the start")->check(CLI::Range(0.0, 1.0));
+  flags.bind("--sdarts-epsilon-end", "method_settings.sdarts.epsilon_end", "sdarts-rs/-adv: radius the linear ramp heads to")->check(CLI::Range(0.0, 1.0));
+  flags.bind("--sdarts-attack-steps", "method_settings.sdarts.attack_steps", "sdarts-adv: PGD steps per weight step")->check(CLI::Range(1, 100));
+  flags.bind("--dminus-beta-start", "method_settings.darts_minus.beta_start", "darts-minus: auxiliary-skip coefficient at the start");
+  flags.bind("--dminus-beta-end", "method_settings.darts_minus.beta_end", "darts-minus: coefficient the linear decay heads to");
+  flags.bind("--beta-lambda-start", "method_settings.beta_darts.lambda_start", "beta-darts: regulariser weight at the start")->check(CLI::NonNegativeNumber);
+  flags.bind("--beta-lambda-end", "method_settings.beta_darts.lambda_end", "beta-darts: weight the linear ramp heads to")->check(CLI::NonNegativeNumber);
+  flags.bind("--gdas-tau-start", "method_settings.gdas.tau_start", "gdas: Gumbel-softmax temperature at the first epoch")->check(CLI::PositiveNumber);
+  flags.bind("--gdas-tau-end", "method_settings.gdas.tau_end", "gdas: temperature at the last epoch")->check(CLI::PositiveNumber);
+  flags.bind("--drnas-reg", "method_settings.drnas.reg", "drnas: l2 (the arch weight decay) | kl (KL to Dirichlet(1))")->check(CLI::IsMember({"l2", "kl"}));
+  flags.bind("--drnas-reg-weight", "method_settings.drnas.reg_weight", "drnas: weight of the KL regulariser")->check(CLI::NonNegativeNumber);
 
 
   search->footer(
       "Defaults shown are those of --preset noisydarts --scale small. Layering: preset -> scale -> --config -> "
       "the flags given (each overrides only its key).\n" +
-      flags.differences("--preset darts changes", SearchConfig::preset_defaults("darts", "small").to_json()) +
+      method_differences(flags) +
       flags.differences("--scale paper changes", SearchConfig::preset_defaults("noisydarts", "paper").to_json()));
   search->callback([st, &run] {
     run = [st] { return run_search_command(*st); };

@@ -27,12 +27,26 @@ ArchStepResult Architect::step(const Batch& valid) {
   WeightsFrozen frozen(net_->weight_parameters());
   auto logits = net_->forward(valid.x);
   auto loss = torch::nn::functional::cross_entropy(logits, valid.y);
+  torch::Tensor total = loss;
+  if (penalty_) {
+    auto p = penalty_();
+    if (p.defined()) total = loss + p;
+  }
   // Only the alphas' gradient is needed: autograd::grad leaves the weights' .grad untouched and
   // computes no weight gradients. With very few layers every cell may be a reduction cell,
   // leaving alphas_normal out of the graph; its gradient is then zero.
-  apply(grads_or_zero(loss, alphas), /*reduce=*/true);
+  apply(grads_or_zero(total, alphas), /*reduce=*/true);
   ArchStepResult r;
   r.loss = loss.item<double>();
+  r.correct = logits.argmax(1).eq(valid.y).sum().item<int64_t>();
+  return r;
+}
+
+ArchStepResult Architect::evaluate(const Batch& valid) {
+  torch::NoGradGuard g;
+  auto logits = net_->forward(valid.x);
+  ArchStepResult r;
+  r.loss = torch::nn::functional::cross_entropy(logits, valid.y).item<double>();
   r.correct = logits.argmax(1).eq(valid.y).sum().item<int64_t>();
   return r;
 }
@@ -55,6 +69,13 @@ ArchStepResult Architect::step_unrolled(const Batch& valid, const Batch& train, 
   // Every gradient inside is averaged across ranks, so the result is the large-batch gradient;
   // the final alpha gradient is then already reduced.
   auto g = unrolled_alpha_gradient(net_, valid, train, sgd_momentum_buffers(sgd, weights), uo, reduce_);
+  if (penalty_) {  // identical on every rank (the alphas are): added after the reduction
+    auto p = penalty_();
+    if (p.defined()) {
+      auto pg = grads_or_zero(p, net_->arch_parameters());
+      for (size_t i = 0; i < pg.size(); ++i) g.alpha_grad[i] = g.alpha_grad[i] + pg[i];
+    }
+  }
   apply(std::move(g.alpha_grad), /*reduce=*/false);
   ArchStepResult r;
   r.loss = g.valid_loss;

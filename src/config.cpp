@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "noisydarts/error.h"
+#include "noisydarts/method.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/runtime.h"
 #include "noisydarts/spaces.h"
@@ -17,20 +18,47 @@ SearchConfig SearchConfig::preset_defaults(const std::string& preset, const std:
   SearchConfig c;
   c.preset = preset;
   c.scale = scale;
+  // DARTS' recipe (quark0/darts train_search.py), the base of every method's preset; each
+  // method's own changes from its authors' search script (docs/methods.md).
+  c.primitives = darts_primitives();
+  c.noise.type = NoiseType::kNone;
+  c.noise.skip_drop_path = 0.0;
+  c.batch_size = 64;
+  c.lr = 0.025;
   if (preset == "noisydarts") {
     c.primitives = noisydarts_primitives();
     c.noise = NoiseOptions{};  // gaussian additive relative, lambda 0.2, mu 0
     c.noise.skip_drop_path = 0.3;
     c.batch_size = 128;
     c.lr = 0.05;
-  } else if (preset == "darts") {
-    c.primitives = darts_primitives();
-    c.noise.type = NoiseType::kNone;
-    c.noise.skip_drop_path = 0.0;
-    c.batch_size = 64;
-    c.lr = 0.025;
+  } else if (preset == "darts" || preset == "darts-minus" || preset == "beta-darts") {
+  } else if (preset == "fair-darts") {
+    c.primitives = noisydarts_primitives();  // no `none`: sigmoid weights need no zero op
+    c.batch_size = 128;
+    c.lr = 0.005;
+    c.arch_lr = 3e-3;
+    c.arch_beta1 = 0.9;
+    c.alpha_init_std = 0;  // alphas start at 0: every sigmoid at 0.5
+  } else if (preset == "pc-darts") {
+    c.batch_size = 256;
+    c.lr = 0.1;
+    c.lr_min = 0.0;
+    c.arch_lr = 6e-4;
+    c.arch_warmup = 0.3;  // alpha updates from epoch 15 of 50
+  } else if (preset == "sdarts-rs" || preset == "sdarts-adv") {
+    c.primitives = noisydarts_primitives();  // SmoothDARTS' DARTS space has no `none`
+  } else if (preset == "gdas") {
+    c.batch_size = 256;
+    c.weight_decay = 5e-4;
+  } else if (preset == "drnas") {
+    c.primitives = noisydarts_primitives();
+    c.lr = 0.1;
+    c.lr_min = 0.0;
+    c.arch_lr = 6e-4;
+  } else if (preset == "rdarts-l2") {
+    c.weight_decay = 81e-4;  // 27x DARTS' 3e-4: the rung of RobustDARTS' L2 ladder commonly reported
   } else {
-    throw UsageError("--preset must be noisydarts or darts, got '" + preset + "'");
+    throw UsageError("--preset/--method must be one of " + join_names(method_names()) + ", got '" + preset + "'");
   }
   c.augment.crop_padding = 4;
   c.augment.flip = true;
@@ -54,7 +82,9 @@ SearchConfig SearchConfig::preset_defaults(const std::string& preset, const std:
 }
 
 json SearchConfig::to_json() const {
+  const MethodSettings& ms = method_settings;
   return json{{"preset", preset},
+              {"method", method},
               {"scale", scale},
               {"out", out},
               {"dataset", dataset},
@@ -91,6 +121,18 @@ json SearchConfig::to_json() const {
               {"arch_weight_decay", arch_weight_decay},
               {"order", order},
               {"unrolled_xi", unrolled_xi},
+              {"arch_warmup", arch_warmup},
+              {"method_settings",
+               {{"fair_darts", {{"zero_one_weight", ms.fair_darts.zero_one_weight}, {"threshold", ms.fair_darts.threshold}}},
+                {"pc_darts", {{"k", ms.pc_darts.k}, {"edge_norm", ms.pc_darts.edge_norm}}},
+                {"sdarts",
+                 {{"epsilon_start", ms.sdarts.epsilon_start},
+                  {"epsilon_end", ms.sdarts.epsilon_end},
+                  {"attack_steps", ms.sdarts.attack_steps}}},
+                {"darts_minus", {{"beta_start", ms.darts_minus.beta_start}, {"beta_end", ms.darts_minus.beta_end}}},
+                {"beta_darts", {{"lambda_start", ms.beta_darts.lambda_start}, {"lambda_end", ms.beta_darts.lambda_end}}},
+                {"gdas", {{"tau_start", ms.gdas.tau_start}, {"tau_end", ms.gdas.tau_end}}},
+                {"drnas", {{"reg", ms.drnas.reg}, {"reg_weight", ms.drnas.reg_weight}}}}},
               {"hessian_every", hessian_every},
               {"hessian_iters", hessian_iters},
               {"early_stop_ratio", early_stop_ratio},
@@ -166,6 +208,9 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
   merge_into(cur, j, "", where);
   try {
     read_config_value(cur["preset"], preset, "preset", where);
+    read_config_value(cur["method"], method, "method", where);
+    // A config written before --method existed (no `method` key) ran its preset's method.
+    if (j.is_object() && j.contains("preset") && !j.contains("method")) method = preset;
     read_config_value(cur["scale"], scale, "scale", where);
     read_config_value(cur["out"], out, "out", where);
     read_config_value(cur["dataset"], dataset, "dataset", where);
@@ -201,6 +246,29 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
     read_config_value(cur["arch_weight_decay"], arch_weight_decay, "arch_weight_decay", where);
     read_config_value(cur["order"], order, "order", where);
     read_config_value(cur["unrolled_xi"], unrolled_xi, "unrolled_xi", where);
+    read_config_value(cur["arch_warmup"], arch_warmup, "arch_warmup", where);
+    {
+      MethodSettings& ms = method_settings;
+      const json& m = cur["method_settings"];
+      auto rd = [&](const char* method, const char* key, auto& field) {
+        read_config_value(m[method][key], field, std::string("method_settings.") + method + "." + key, where);
+      };
+      rd("fair_darts", "zero_one_weight", ms.fair_darts.zero_one_weight);
+      rd("fair_darts", "threshold", ms.fair_darts.threshold);
+      rd("pc_darts", "k", ms.pc_darts.k);
+      rd("pc_darts", "edge_norm", ms.pc_darts.edge_norm);
+      rd("sdarts", "epsilon_start", ms.sdarts.epsilon_start);
+      rd("sdarts", "epsilon_end", ms.sdarts.epsilon_end);
+      rd("sdarts", "attack_steps", ms.sdarts.attack_steps);
+      rd("darts_minus", "beta_start", ms.darts_minus.beta_start);
+      rd("darts_minus", "beta_end", ms.darts_minus.beta_end);
+      rd("beta_darts", "lambda_start", ms.beta_darts.lambda_start);
+      rd("beta_darts", "lambda_end", ms.beta_darts.lambda_end);
+      rd("gdas", "tau_start", ms.gdas.tau_start);
+      rd("gdas", "tau_end", ms.gdas.tau_end);
+      rd("drnas", "reg", ms.drnas.reg);
+      rd("drnas", "reg_weight", ms.drnas.reg_weight);
+    }
     read_config_value(cur["hessian_every"], hessian_every, "hessian_every", where);
     read_config_value(cur["hessian_iters"], hessian_iters, "hessian_iters", where);
     read_config_value(cur["early_stop_ratio"], early_stop_ratio, "early_stop_ratio", where);
@@ -219,11 +287,13 @@ void SearchConfig::merge_json(const json& j, const std::string& where) {
 }
 
 void SearchConfig::finish_layering() {
+  if (method.empty()) method = preset;  // --preset P alone runs method P
   apply_space(preset_defaults(preset, scale).primitives);
   if (noise.mixture == NoiseMixture::kMultiplicative) noise.scale = NoiseScale::kAbsolute;
 }
 
 void SearchConfig::finalize() {
+  if (method.empty()) method = preset;
   validate();
   if (data_dir.empty()) data_dir = default_data_dir(dataset);
 }
@@ -284,6 +354,8 @@ void SearchConfig::validate() const {
   need(std::find(primitives.begin(), primitives.end(), "none") == primitives.end() || primitives.size() >= 2,
        "primitives must contain an op other than none");
   need(alpha_init_std >= 0, "alpha_init_std must be >= 0");
+  need(arch_warmup >= 0 && arch_warmup < 1, "--arch-warmup must be in [0, 1) (a share of the epochs), got " + std::to_string(arch_warmup));
+  check_method_config(*this);
   noise.validate();
   for (const auto& p : noise.ops) need(is_known_op(p), "unknown op '" + p + "' in --noise-ops");
 }

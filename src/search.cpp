@@ -14,6 +14,7 @@
 #include "noisydarts/architect.h"
 #include "noisydarts/hessian.h"
 #include "noisydarts/checkpoint.h"
+#include "noisydarts/method.h"
 #include "noisydarts/data.h"
 #include "noisydarts/distributed.h"
 #include "noisydarts/engine.h"
@@ -115,7 +116,11 @@ SearchNetwork build_search_network(const SearchConfig& cfg, const DataShape& sha
   nopt.in_channels(shape.channels).steps(cfg.steps).multiplier(cfg.multiplier)
       .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std)
       .space(genotype_space(cfg.space)).se_ratio(cfg.se_ratio).swish(cfg.swish).image_size(shape.height);
-  return make_search_network(nopt);
+  auto method = make_search_method(cfg);
+  method->shape_network(nopt);
+  auto net = make_search_network(nopt);
+  net->set_method(std::move(method));
+  return net;
 }
 
 WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
@@ -227,6 +232,7 @@ class Searcher {
   std::vector<torch::Tensor> weights_;
   std::unique_ptr<torch::optim::SGD> sgd_;
   std::unique_ptr<Architect> architect_;
+  SearchMethod* method_ = nullptr;  // the network's (method.h)
   std::unique_ptr<BatchStream> train_stream_, valid_stream_, eval_stream_;
   GradReducer reduce_;
   int64_t world_ = 1, steps_per_epoch_ = 0;
@@ -303,6 +309,14 @@ void Searcher::build() {
   sgd_ = std::make_unique<torch::optim::SGD>(
       weights_, torch::optim::SGDOptions(cfg_.lr).momentum(cfg_.momentum).weight_decay(cfg_.weight_decay));
   architect_ = std::make_unique<Architect>(net_, ArchitectOptions{cfg_.arch_lr, cfg_.arch_beta1, cfg_.arch_beta2, cfg_.arch_weight_decay});
+  method_ = net_->method();
+  {
+    // The method's loss term sees the op alphas (not pc-darts' edge weights).
+    std::vector<torch::Tensor> op_alphas;
+    for (size_t i = 0; i < net_->arch_names().size(); ++i)
+      if (net_->arch_names()[i].rfind("alphas", 0) == 0) op_alphas.push_back(net_->arch_parameters()[i]);
+    architect_->set_penalty([this, op_alphas] { return method_->arch_penalty(op_alphas); });
+  }
 
   // Streams. Each rank reads its slice of every global batch of batch_size * world images.
   BatchStream::Options so;
@@ -338,7 +352,9 @@ void Searcher::build() {
       .add(std::make_unique<RngState>())
       .add(std::make_unique<JsonState>("epoch_accum", [this] { return json(acc_); },
                                        [this](const json& j) { acc_ = j.get<EpochAccum>(); }))
-      .add(history_.state());
+      .add(history_.state())
+      .add(std::make_unique<JsonState>("method", [this] { return method_->state(); },
+                                       [this](const json& j) { method_->load_state(j); }, /*optional=*/true));
   if (resume_) resume_from_checkpoint();
 
   if (dist_) {
@@ -370,7 +386,7 @@ void Searcher::print_start_line() const {
   int64_t n_params = 0;
   for (auto& p : weights_) n_params += p.numel();
   std::ostringstream o;
-  o << "search: " << cfg_.preset << " preset, " << cfg_.dataset << " (" << sd_.w_idx.size() << " weight / "
+  o << "search: " << method_->name() << " (" << cfg_.preset << " preset), " << cfg_.dataset << " (" << sd_.w_idx.size() << " weight / "
     << sd_.a_idx.size() << " architecture images), " << cfg_.layers << " cells x " << cfg_.channels
     << " channels, " << cfg_.primitives.size() << " ops, " << n_params << " weights, noise "
     << to_string(cfg_.noise.type);
@@ -416,6 +432,7 @@ void Searcher::begin_epoch(int64_t epoch, double& lr) {
   lr = cosine_lr(cfg_.lr, cfg_.lr_min, epoch, cfg_.epochs);
   for (auto& g : sgd_->param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
   net_->set_noise_decay(noise_decay_factor(cfg_.noise, static_cast<double>(epoch), static_cast<double>(cfg_.epochs)));
+  method_->begin_epoch(*net_, epoch, cfg_.epochs);
   net_->train();
   first_step_ = (epoch == pos_.epoch) ? pos_.step : 0;
   if (first_step_ == 0) acc_ = EpochAccum{};
@@ -432,12 +449,16 @@ void Searcher::step(int64_t epoch, int64_t step, double lr) {
   tb.x = tb.x.to(device_);
   tb.y = tb.y.to(device_);
   // 1. Architecture step on the architecture half (noise on, training mode). Second order
-  //    unrolls the coming weight step on the same training batch.
-  const auto ar = cfg_.order == "second"
+  //    unrolls the coming weight step on the same training batch. During the method's warm-up
+  //    the alphas are only evaluated.
+  const auto ar = epoch < first_arch_epoch(cfg_) ? architect_->evaluate(vb)
+                  : cfg_.order == "second"
                       ? architect_->step_unrolled(vb, tb, *sgd_, cfg_.unrolled_xi < 0 ? lr : cfg_.unrolled_xi)
                       : architect_->step(vb);
-  // 2. Weight step on the weight half.
+  // 2. Weight step on the weight half (with the op weights the method perturbs, if any).
+  method_->before_weight_step(*net_, tb);
   const auto wr = search_weight_step(net_, *sgd_, weights_, tb, cfg_.grad_clip, reduce_);
+  method_->after_weight_step();
   // 3. Losses, counts and stop requests of this step over all ranks (identical on every rank,
   //    so the epoch sums in the checkpoint, the divergence decision and the stop step agree).
   std::vector<torch::Tensor> st{torch::tensor({ar.loss * vb.y.size(0), static_cast<double>(ar.correct),
@@ -528,6 +549,7 @@ void Searcher::supernet_accuracy(json& m) {
 json Searcher::epoch_metrics(int64_t epoch, double lr, double epoch_seconds) {
   const double decay = noise_decay_factor(cfg_.noise, static_cast<double>(epoch), static_cast<double>(cfg_.epochs));
   json m{{"epoch", epoch + 1},
+         {"method", method_->name()},
          {"lr", lr},
          {"noise_decay", decay},
          {"noise_scale", cfg_.noise.enabled() ? cfg_.noise.lambda * decay : 0.0},
@@ -551,6 +573,8 @@ json Searcher::epoch_metrics(int64_t epoch, double lr, double epoch_seconds) {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < net_->arch_names().size(); ++i) m[net_->arch_names()[i]] = weight_table(net_->arch_weights(i, /*as_double=*/true));
   }
+  m.update(method_->state());
+  m.update(method_->epoch_log(*net_));
   hessian_and_early_stop(epoch, m);
   return m;
 }
@@ -616,6 +640,7 @@ SearchResult Searcher::finish() {
   std::ostringstream s;
   s << "NoisyDARTS search finished\n"
     << "  run directory     " << cfg_.out << "\n"
+    << "  method            " << method_->name() << "\n"
     << "  preset            " << cfg_.preset << " (scale " << cfg_.scale << "), noise " << to_string(cfg_.noise.type);
   if (cfg_.noise.enabled())
     s << " " << to_string(cfg_.noise.mixture) << " lambda " << cfg_.noise.lambda << " mu " << cfg_.noise.mean

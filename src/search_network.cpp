@@ -16,8 +16,8 @@ std::vector<std::string> SearchNetworkOptions::noisydarts_default_primitives() {
 SearchCellImpl::SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, int64_t c_p,
                                int64_t c, bool reduction, bool reduction_prev,
                                const std::vector<std::string>& primitives,
-                               std::shared_ptr<NoiseState> noise)
-    : reduction_(reduction), steps_(steps), multiplier_(multiplier) {
+                               std::shared_ptr<NoiseState> noise, int64_t partial_channels)
+    : reduction_(reduction), steps_(steps), multiplier_(multiplier), channels_(c), noise_(noise) {
   if (reduction_prev) {
     auto m = register_module("preprocess0", FactorizedReduce(c_pp, c, /*affine=*/false));
     preprocess0_ = nn::AnyModule(m);
@@ -31,20 +31,24 @@ SearchCellImpl::SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, 
   for (int64_t i = 0; i < steps; ++i) {
     for (int64_t j = 0; j < 2 + i; ++j) {
       const int64_t stride = (reduction && j < 2) ? 2 : 1;
-      edges_.emplace_back(c, stride, primitives, noise);
+      edges_.emplace_back(c, stride, primitives, noise, /*nb201_layout=*/false, partial_channels);
       list->push_back(edges_.back());
     }
   }
 }
 
 torch::Tensor SearchCellImpl::forward(const torch::Tensor& s0, const torch::Tensor& s1,
-                                      const torch::Tensor& weights) {
+                                      const torch::Tensor& weights, const torch::Tensor& edge_weights) {
   std::vector<torch::Tensor> states{preprocess0_.forward(s0), preprocess1_.forward(s1)};
   size_t offset = 0;
+  const double aux = aux_.empty() ? 0.0 : noise_->aux_skip;
   for (int64_t i = 0; i < steps_; ++i) {
     torch::Tensor s;
     for (size_t j = 0; j < states.size(); ++j) {
-      auto y = edges_[offset + j]->forward(states[j], weights[offset + j]);
+      const size_t e = offset + j;
+      auto y = edges_[e]->forward(states[j], weights[e]);
+      if (edge_weights.defined()) y = edge_weights[e] * y;
+      if (aux != 0) y = y + aux * (aux_[e] ? aux_[e]->forward(states[j]) : states[j]);
       s = s.defined() ? s + y : y;
     }
     offset += states.size();
@@ -63,10 +67,25 @@ SearchNetworkImpl::SearchNetworkImpl(SearchNetworkOptions o)
   noise_->options = op.noise();
 }
 
-void SearchNetworkImpl::add_arch_parameter(const std::string& name, int64_t rows) {
-  const auto k = static_cast<int64_t>(options_.primitives().size());
+void SearchNetworkImpl::add_arch_parameter(const std::string& name, int64_t rows, int64_t cols) {
+  const auto k = cols < 0 ? static_cast<int64_t>(options_.primitives().size()) : cols;
   arch_.push_back(register_parameter(name, torch::randn({rows, k}) * options_.alpha_init_std()));
   arch_names_.push_back(name);
+}
+
+void SearchNetworkImpl::set_method(std::shared_ptr<SearchMethod> m) {
+  method_ = std::move(m);
+  noise_->single_op = method_ && method_->single_op();
+}
+
+torch::Tensor SearchNetworkImpl::method_weights(size_t i, const torch::Tensor& a, bool as_double) const {
+  if (as_double) {
+    auto d = a.to(torch::kDouble);
+    return method_ ? method_->derivation_weights(d) : torch::softmax(d, -1);
+  }
+  if (!method_) return torch::softmax(a, -1);
+  const ForwardKind kind = noise_->suspended ? ForwardKind::kAnalysis : is_training() ? ForwardKind::kSearch : ForwardKind::kEval;
+  return method_->op_weights(i, a, kind);
 }
 
 torch::Tensor& SearchNetworkImpl::arch_parameter(const std::string& name) {
@@ -107,7 +126,7 @@ DartsSearchNetworkImpl::DartsSearchNetworkImpl(SearchNetworkOptions o) : SearchN
     const bool reduction = (i == L / 3 || i == 2 * L / 3);
     if (reduction) c *= 2;
     cell_list_.emplace_back(op.steps(), op.multiplier(), c_pp, c_p, c, reduction, reduction_prev,
-                            op.primitives(), noise_);
+                            op.primitives(), noise_, op.partial_channels());
     cells_->push_back(cell_list_.back());
     reduction_prev = reduction;
     c_pp = c_p;
@@ -115,17 +134,63 @@ DartsSearchNetworkImpl::DartsSearchNetworkImpl(SearchNetworkOptions o) : SearchN
   }
   classifier_ = register_module("classifier", nn::Linear(c_p, op.num_classes()));
   const int64_t s = op.steps();
-  add_arch_parameter("alphas_normal", s * (s + 3) / 2);  // sum_{i<s} (i + 2) edges
-  add_arch_parameter("alphas_reduce", s * (s + 3) / 2);
+  const int64_t edges = s * (s + 3) / 2;  // sum_{i<s} (i + 2) edges
+  add_arch_parameter("alphas_normal", edges);
+  add_arch_parameter("alphas_reduce", edges);
+  // The parts only some methods have come after the alphas, so that everything else draws
+  // the same initial values as a DARTS network of the same seed.
+  if (op.edge_norm()) {
+    add_arch_parameter("betas_normal", edges, 1);
+    add_arch_parameter("betas_reduce", edges, 1);
+  }
+  if (op.aux_skip()) {
+    auto aux_list = register_module("aux_skip", nn::ModuleList());
+    for (auto& cell : cell_list_) {
+      std::vector<FactorizedReduce> aux;
+      for (int64_t i = 0; i < s; ++i)
+        for (int64_t j = 0; j < 2 + i; ++j) {
+          if (cell->reduction() && j < 2) {
+            aux.emplace_back(cell->channels(), cell->channels(), /*affine=*/false);
+            aux_list->push_back(aux.back());
+          } else {
+            aux.emplace_back(nullptr);
+          }
+        }
+      cell->set_aux_skip(std::move(aux));
+    }
+  }
+}
+
+torch::Tensor DartsSearchNetworkImpl::edge_weights(bool reduce, bool as_double) const {
+  if (!options_.edge_norm()) return {};
+  auto b = arch_parameters()[reduce ? 3 : 2].flatten();
+  if (as_double) b = b.to(torch::kDouble);
+  std::vector<torch::Tensor> parts;
+  int64_t offset = 0;
+  for (int64_t i = 0; i < options_.steps(); ++i) {
+    parts.push_back(torch::softmax(b.narrow(0, offset, i + 2), 0));
+    offset += i + 2;
+  }
+  return torch::cat(parts);
+}
+
+torch::Tensor DartsSearchNetworkImpl::arch_weights(size_t i, bool as_double) const {
+  const auto a = arch_parameters()[i];
+  if (i >= 2) return edge_weights(i == 3, as_double).unsqueeze(1);  // betas: [edges, 1]
+  auto w = method_weights(i, a, as_double);
+  // The derivation ranks an edge by its op weight times its edge weight (pc-darts).
+  if (as_double && options_.edge_norm()) w = w * edge_weights(i == 1, true).unsqueeze(1);
+  return w;
 }
 
 torch::Tensor DartsSearchNetworkImpl::forward(const torch::Tensor& x) {
   auto w_normal = arch_weights(0);
   auto w_reduce = arch_weights(1);
+  auto e_normal = edge_weights(false), e_reduce = edge_weights(true);
   auto s0 = stem_->forward(x);
   auto s1 = s0;
   for (auto& cell : cell_list_) {
-    auto s2 = cell->forward(s0, s1, cell->reduction() ? w_reduce : w_normal);
+    auto s2 = cell->reduction() ? cell->forward(s0, s1, w_reduce, e_reduce) : cell->forward(s0, s1, w_normal, e_normal);
     s0 = s1;
     s1 = s2;
   }
@@ -135,9 +200,8 @@ torch::Tensor DartsSearchNetworkImpl::forward(const torch::Tensor& x) {
 
 Genotype DartsSearchNetworkImpl::genotype() const {
   torch::NoGradGuard g;
-  const auto arch = arch_parameters();
-  auto wn = torch::softmax(arch[0].detach().to(torch::kCPU, torch::kDouble), -1);
-  auto wr = torch::softmax(arch[1].detach().to(torch::kCPU, torch::kDouble), -1);
+  auto wn = arch_weights(0, /*as_double=*/true).detach().cpu();
+  auto wr = arch_weights(1, /*as_double=*/true).detach().cpu();
   return derive_genotype(wn, wr, options_.primitives(), options_.steps(), options_.multiplier());
 }
 

@@ -323,7 +323,9 @@ Mbv2SearchNetworkImpl::Mbv2SearchNetworkImpl(SearchNetworkOptions o) : SearchNet
 
 torch::Tensor Mbv2SearchNetworkImpl::arch_weights(size_t i, bool as_double) const {
   const auto a = as_double ? arch_parameters()[i].to(torch::kDouble) : arch_parameters()[i];
-  return torch::softmax(a.masked_fill(skip_mask_.to(a.device()), -std::numeric_limits<double>::infinity()), -1);
+  // Disallowed skips at -inf: weight 0 under every softmax-weighted method (the only ones
+  // check_method_config lets run on mbv2).
+  return method_weights(i, a.masked_fill(skip_mask_.to(a.device()), -std::numeric_limits<double>::infinity()), as_double);
 }
 
 torch::Tensor Mbv2SearchNetworkImpl::forward(const torch::Tensor& x) {

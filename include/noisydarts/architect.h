@@ -39,8 +39,14 @@ class Architect {
   /// training batch `train` (the one the following weight step uses). The reported loss and
   /// accuracy are those of the virtual network w'.
   ArchStepResult step_unrolled(const Batch& valid, const Batch& train, torch::optim::SGD& sgd, double xi);
+  /// The validation loss and accuracy of the current alphas on `valid` without an update (a
+  /// training-mode forward without gradients: the warm-up epochs before the first alpha update).
+  ArchStepResult evaluate(const Batch& valid);
   torch::optim::Adam& optimizer() { return *adam_; }
   void set_grad_reducer(GradReducer r) { reduce_ = std::move(r); }
+  /// A term added to the architecture loss (the search method's, method.h), a function of the
+  /// alphas only; undefined results add nothing. The reported loss stays the validation loss.
+  void set_penalty(std::function<torch::Tensor()> p) { penalty_ = std::move(p); }
 
  private:
   /// Adam step of the alphas with `grads` (averaged across ranks first when `reduce`).
@@ -48,6 +54,7 @@ class Architect {
   SearchNetwork net_;
   std::unique_ptr<torch::optim::Adam> adam_;
   GradReducer reduce_;
+  std::function<torch::Tensor()> penalty_;
 };
 
 }  // namespace noisydarts

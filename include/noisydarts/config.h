@@ -10,9 +10,42 @@
 
 namespace noisydarts {
 
+/// The settings of every search method (docs/methods.md), config key `method_settings`, one
+/// object per method; a method reads only its own. Defaults are its authors' (docs/methods.md
+/// names the file each comes from). Schedules run over the search: value_start at the first
+/// epoch, value_end at the last (method.h schedule_progress).
+struct MethodSettings {
+  struct FairDarts {
+    double zero_one_weight = 10;  ///< weight of the zero-one loss -mean((sigmoid(alpha) - 0.5)^2)
+    double threshold = 0.85;      ///< derivation: kept ops below it are reported
+  } fair_darts;
+  struct PcDarts {
+    int64_t k = 4;                ///< 1/K of the channels go through the mixed op
+    bool edge_norm = true;        ///< per-node edge weights beta (softmax over a node's inputs)
+  } pc_darts;
+  struct Sdarts {
+    double epsilon_start = 0.03, epsilon_end = 0.3;  ///< perturbation radius ramp
+    int64_t attack_steps = 7;     ///< sdarts-adv: PGD steps
+  } sdarts;
+  struct DartsMinus {
+    double beta_start = 1, beta_end = 0;  ///< coefficient of the auxiliary skip
+  } darts_minus;
+  struct BetaDarts {
+    double lambda_start = 0, lambda_end = 50;  ///< weight of the beta-decay regulariser
+  } beta_darts;
+  struct Gdas {
+    double tau_start = 10, tau_end = 0.1;  ///< Gumbel-softmax temperature
+  } gdas;
+  struct Drnas {
+    std::string reg = "l2";       ///< l2 (--arch-weight-decay, no loss term) | kl (reg_weight * KL to Dirichlet(1))
+    double reg_weight = 1e-3;
+  } drnas;
+};
+
 struct SearchConfig {
   // Identity of the run.
-  std::string preset = "noisydarts";  ///< noisydarts | darts
+  std::string preset = "noisydarts";  ///< a method name (method.h): its paper's search recipe
+  std::string method;                 ///< method.h: the search algorithm; empty: the preset's name
   std::string scale = "small";        ///< small (~10 min on 2 cores) | paper (SPEC 1.3 sizes)
   std::string out;                    ///< run directory
   // Data.
@@ -41,6 +74,8 @@ struct SearchConfig {
   // Architecture optimiser (Adam).
   double arch_lr = 3e-4, arch_beta1 = 0.5, arch_beta2 = 0.999, arch_weight_decay = 1e-3;
   std::string order = "first";        ///< first | second
+  double arch_warmup = 0;             ///< share of the epochs before the first alpha update
+  MethodSettings method_settings{};
   double unrolled_xi = -1;            ///< virtual-step lr for --order second; < 0: current lr
   // Curvature analysis (hessian.h) and DARTS-ES early stop.
   int64_t hessian_every = 0;          ///< dominant Hessian eigenvalue every K epochs (0 = off)
@@ -57,7 +92,8 @@ struct SearchConfig {
   int64_t max_steps = 0;              ///< stop after this many steps per epoch (0 = whole epoch)
   double dist_timeout_s = 300;        ///< data-parallel runs: longest wait for another rank
 
-  /// Defaults of a preset (noisydarts | darts) at a scale (small | paper). Throws UsageError.
+  /// Defaults of a preset (every method name of method.h) at a scale (small | paper). Throws
+  /// UsageError.
   static SearchConfig preset_defaults(const std::string& preset, const std::string& scale);
   nlohmann::json to_json() const;
   /// Overrides the fields present in `j` (same keys as to_json()); unknown keys or wrong types

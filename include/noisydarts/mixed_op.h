@@ -18,6 +18,12 @@ struct NoiseState {
   /// While true, training-mode forwards draw no noise and no skip drop-path (the Hessian
   /// analysis measures the deterministic loss; see hessian.h). Set through NoiseSuspend.
   bool suspended = false;
+  /// gdas (method.h): a forward runs only the op of largest weight on each edge; the other
+  /// candidates add their (zero) weights, so their alphas still get the straight-through
+  /// gradient. Ignored while suspended.
+  bool single_op = false;
+  /// darts-minus: coefficient of the auxiliary skip of every edge (0: not computed).
+  double aux_skip = 0;
   /// The search-time perturbation of candidate `op`'s output `y`: in training mode and when not
   /// suspended, the noise (on the ops the options name) and, on skip_connect, the skip
   /// drop-path. Otherwise `y` unchanged.
@@ -27,12 +33,14 @@ struct NoiseState {
 /// One edge. Registered as `_ops.{k}` (candidates, reference layout) plus `bn1` (after
 /// max_pool) and `bn2` (after avg_pool): non-affine BatchNorms that the search network puts
 /// after parameter-free pools. `nb201_layout`: NAS-Bench-201's search edge instead (candidates
-/// registered directly as `{k}`, no BatchNorm after pools).
+/// registered directly as `{k}`, no BatchNorm after pools). `partial_channels` K > 1
+/// (pc-darts): the candidates see the first C/K channels, the others bypass them (2x2 max pool
+/// on stride 2), and the concatenation is channel-shuffled in K groups.
 class MixedOpImpl : public torch::nn::Module {
  public:
   MixedOpImpl(int64_t c, int64_t stride, std::vector<std::string> primitives,
-              std::shared_ptr<NoiseState> noise, bool nb201_layout = false);
-  /// `weights`: [num_ops], softmax of this edge's alphas.
+              std::shared_ptr<NoiseState> noise, bool nb201_layout = false, int64_t partial_channels = 1);
+  /// `weights`: [num_ops], the op weights of this edge's alphas.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& weights);
   const std::vector<std::string>& primitives() const { return primitives_; }
 
@@ -43,7 +51,16 @@ class MixedOpImpl : public torch::nn::Module {
   torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr};
   std::shared_ptr<NoiseState> noise_;
   int64_t stride_;
+  int64_t partial_ = 1;
+  /// Candidate k's output for x (pool + BN, the search-time perturbation).
+  torch::Tensor candidate(size_t k, const torch::Tensor& x, bool fused);
+  /// The weighted sum of the candidates on x.
+  torch::Tensor mix(const torch::Tensor& x, const torch::Tensor& weights);
 };
+
+/// y [B, C, H, W] with its channels regrouped: view as [B, groups, C/groups, H, W], swap the
+/// two channel axes (pc-darts).
+torch::Tensor shuffle_channels(const torch::Tensor& y, int64_t groups);
 TORCH_MODULE(MixedOp);
 
 }  // namespace noisydarts

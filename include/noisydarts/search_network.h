@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "noisydarts/genotype.h"
+#include "noisydarts/method.h"
 #include "noisydarts/mixed_op.h"
+#include "noisydarts/ops.h"
 
 namespace noisydarts {
 
@@ -38,6 +40,13 @@ struct SearchNetworkOptions {
   TORCH_ARG(double, se_ratio) = 0;     ///< mbv2: squeeze-excite ratio of the candidates (0: none)
   TORCH_ARG(bool, swish) = false;      ///< mbv2: swish instead of ReLU in the candidates
   TORCH_ARG(int64_t, image_size) = 32; ///< mbv2: the stem has stride 2 only for images >= 64 px
+  /// DARTS cells (method.h): pc-darts' partial channels (1/K of an edge's channels go through
+  /// its mixed op; 1: all), pc-darts' edge weights (`betas_normal`/`betas_reduce` [edges, 1],
+  /// softmax over each node's inputs) and darts-minus' auxiliary skip on every edge (identity,
+  /// or FactorizedReduce on stride 2, registered as `aux_skip.{n}` after the alphas).
+  TORCH_ARG(int64_t, partial_channels) = 1;
+  TORCH_ARG(bool, edge_norm) = false;
+  TORCH_ARG(bool, aux_skip) = false;
 
   static std::vector<std::string> noisydarts_default_primitives();
 };
@@ -47,18 +56,25 @@ class SearchCellImpl : public torch::nn::Module {
  public:
   SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, int64_t c_p, int64_t c,
                  bool reduction, bool reduction_prev, const std::vector<std::string>& primitives,
-                 std::shared_ptr<NoiseState> noise);
-  /// `weights`: [num_edges, num_ops] softmax of the shared alphas.
+                 std::shared_ptr<NoiseState> noise, int64_t partial_channels = 1);
+  /// `weights`: [num_edges, num_ops] op weights of the shared alphas; `edge_weights` (pc-darts,
+  /// else undefined): [num_edges] weight of each edge's output.
   torch::Tensor forward(const torch::Tensor& s0, const torch::Tensor& s1,
-                        const torch::Tensor& weights);
+                        const torch::Tensor& weights, const torch::Tensor& edge_weights = {});
   bool reduction() const { return reduction_; }
+  int64_t channels() const { return channels_; }
+  /// darts-minus: the auxiliary skip of each edge (FactorizedReduce on stride-2 edges, an
+  /// undefined module for the identity); its coefficient is NoiseState::aux_skip.
+  void set_aux_skip(std::vector<FactorizedReduce> aux) { aux_ = std::move(aux); }
 
  private:
   bool reduction_;
-  int64_t steps_, multiplier_;
+  int64_t steps_, multiplier_, channels_;
   torch::nn::AnyModule preprocess0_;
   torch::nn::AnyModule preprocess1_;
   std::vector<MixedOp> edges_;
+  std::vector<FactorizedReduce> aux_;
+  std::shared_ptr<NoiseState> noise_;
 };
 TORCH_MODULE(SearchCell);
 
@@ -84,11 +100,16 @@ class SearchNetworkImpl : public torch::nn::Module {
   /// DARTS' two alphas (arch_parameter("alphas_normal"/"alphas_reduce")).
   torch::Tensor& alphas_normal() { return arch_parameter("alphas_normal"); }
   torch::Tensor& alphas_reduce() { return arch_parameter("alphas_reduce"); }
-  /// The softmax weights the forward uses for arch parameter `i` (mbv2: disallowed skips 0);
-  /// `as_double`: computed in double precision (for logs).
+  /// The op weights the forward uses for arch parameter `i` (the method's: softmax, sigmoid,
+  /// a Gumbel or Dirichlet sample in a training-mode forward; mbv2: disallowed skips 0);
+  /// `as_double`: the method's deterministic derivation weights in double precision (for the
+  /// genotype, the margins and the logs; pc-darts: times the edge weights).
   virtual torch::Tensor arch_weights(size_t i, bool as_double = false) const {
-    return torch::softmax(as_double ? arch_[i].to(torch::kDouble) : arch_[i], -1);
+    return method_weights(i, arch_[i], as_double);
   }
+  /// The search method shaping the forward (method.h); none: softmax, as DARTS.
+  void set_method(std::shared_ptr<SearchMethod> m);
+  SearchMethod* method() const { return method_.get(); }
   /// Candidate names of the columns of every arch parameter.
   const std::vector<std::string>& candidates() const { return options_.primitives(); }
 
@@ -101,8 +122,12 @@ class SearchNetworkImpl : public torch::nn::Module {
   int64_t num_edges() const { return arch_.front().size(0); }
 
  protected:
-  /// Registers an architecture parameter [rows, candidates] ~ alpha_init_std * N(0, 1).
-  void add_arch_parameter(const std::string& name, int64_t rows);
+  /// Registers an architecture parameter [rows, cols] ~ alpha_init_std * N(0, 1) (cols < 0:
+  /// one per candidate).
+  void add_arch_parameter(const std::string& name, int64_t rows, int64_t cols = -1);
+  /// arch_weights of the (possibly masked) values `a` of arch parameter `i`.
+  torch::Tensor method_weights(size_t i, const torch::Tensor& a, bool as_double) const;
+  std::shared_ptr<SearchMethod> method_;
   SearchNetworkOptions options_;
   std::shared_ptr<NoiseState> noise_;
 
@@ -118,6 +143,10 @@ class DartsSearchNetworkImpl : public SearchNetworkImpl {
   explicit DartsSearchNetworkImpl(SearchNetworkOptions options);
   torch::Tensor forward(const torch::Tensor& x) override;
   Genotype genotype() const override;
+  torch::Tensor arch_weights(size_t i, bool as_double = false) const override;
+  /// pc-darts: the weight of every edge of a normal (`reduce` false) or reduction cell, softmax
+  /// of betas over each node's incoming edges; undefined without edge weights.
+  torch::Tensor edge_weights(bool reduce, bool as_double = false) const;
 
  private:
   torch::nn::Sequential stem_{nullptr};
