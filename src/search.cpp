@@ -126,7 +126,10 @@ SearchNetwork build_search_network(const SearchConfig& cfg, const DataShape& sha
 WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
                                     const std::vector<torch::Tensor>& weights, const Batch& batch,
                                     double grad_clip, const GradReducer& reduce) {
-  sgd.zero_grad();
+  // Gradients start undefined each step (not zeroed): a weight outside this step's graph (an op
+  // gdas did not sample) is then skipped by SGD in every step alike, whether or not it had a
+  // gradient before, so a resumed run (gradients are not checkpointed) steps the same weights.
+  for (const auto& w : weights) w.mutable_grad().reset();
   auto logits = net->forward(batch.x);
   auto loss = torch::nn::functional::cross_entropy(logits, batch.y);
   WeightStepResult r;

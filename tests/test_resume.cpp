@@ -232,6 +232,33 @@ TEST(Stop, SigtermMidRunCheckpointsExits9AndResumeDirIsBitwiseIdentical) {
   fs::remove(log);
 }
 
+TEST(Stop, MethodsWithStateResumeBitwiseAfterSigterm) {
+  // gdas (temperature, Gumbel draws) and darts-minus (auxiliary-skip coefficient): a run stopped
+  // mid-epoch and resumed ends where the uninterrupted one did.
+  for (const std::string method : {"gdas", "darts-minus"}) {
+    const std::string args = kSmallSearch + " --method " + method + " --epochs 3 --checkpoint-every 0.00001";
+    const auto ref = fresh("m_ref"), d = fresh("m_term"), log = fresh("m_log");
+    ASSERT_EQ(run(args + " --out " + ref.string()), 0) << method;
+    const pid_t pid = spawn(args + " --out " + d.string(), log);
+    ASSERT_GT(pid, 0);
+    ASSERT_TRUE(wait_for(d / "checkpoints" / "latest", 120)) << "no checkpoint appeared";
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    ::kill(pid, SIGTERM);
+    ASSERT_EQ(wait_exit(pid), 9) << slurp(log);
+    std::string out;
+    ASSERT_EQ(run("search -q --resume " + d.string(), &out), 0) << out;
+    EXPECT_EQ(slurp(ref / "genotype.json"), slurp(d / "genotype.json")) << method;
+    const auto a = metrics_without_timings(ref), b = metrics_without_timings(d);
+    ASSERT_EQ(a.size(), 3u);
+    ASSERT_EQ(b.size(), 3u);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << method << " epoch " << i + 1;  // alphas, tau / beta
+    EXPECT_TRUE(a.back().contains(method == "gdas" ? "gdas_tau" : "dminus_beta"));
+    fs::remove_all(ref);
+    fs::remove_all(d);
+    fs::remove(log);
+  }
+}
+
 TEST(Stop, SigtermDuringTrainingCheckpointsExits9AndResumeEqualsTheUninterruptedRun) {
   const std::string train = "train --dataset synthetic --genotype DARTS_V2 --channels 4 --layers 3 --batch-size 16 "
                             "--subset 320 --epochs 4 --threads 1 --seed 5 -q --auxiliary false";

@@ -45,6 +45,7 @@ class Sdarts : public SearchMethod {
 
   void before_weight_step(SearchNetworkImpl& net, const Batch& batch) override {
     perturbed_.clear();
+    if (epsilon_ == 0) return;  // radius 0: DARTS' weight step exactly
     std::vector<torch::Tensor> w0;  // the unperturbed op weights (mbv2: disallowed skips 0)
     {
       torch::NoGradGuard g;
