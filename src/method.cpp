@@ -86,6 +86,9 @@ void check_method_config(const SearchConfig& cfg) {
     need(one_of(m, {"darts", "noisydarts", "sdarts-rs", "sdarts-adv", "beta-darts", "rdarts-l2"}),
          "--method " + m + " is not defined on --space mbv2 (softmax-weighted methods only: darts, noisydarts, sdarts-rs, "
          "sdarts-adv, beta-darts, rdarts-l2)");
+  // Dirichlet concentrations of the ops an S1 edge does not have would be 0 (no distribution).
+  if (m == "drnas")
+    need(space_edge_ops(cfg.space, false) == nullptr, "--method drnas needs every edge to hold the whole op set: not --space " + cfg.space);
   // Sampled op weights have no unrolled (second-order) step in their papers.
   if (one_of(m, {"gdas", "drnas"}))
     need(cfg.order == "first", "--method " + m + " samples its op weights: --order second is not defined for it (use first)");

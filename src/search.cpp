@@ -116,6 +116,7 @@ SearchNetwork build_search_network(const SearchConfig& cfg, const DataShape& sha
   nopt.in_channels(shape.channels).steps(cfg.steps).multiplier(cfg.multiplier)
       .primitives(cfg.primitives).noise(cfg.noise).alpha_init_std(cfg.alpha_init_std)
       .space(genotype_space(cfg.space)).se_ratio(cfg.se_ratio).swish(cfg.swish).image_size(shape.height);
+  if (const EdgeOps* normal = space_edge_ops(cfg.space, false)) nopt.edge_ops_normal(*normal).edge_ops_reduce(*space_edge_ops(cfg.space, true));
   auto method = make_search_method(cfg);
   method->shape_network(nopt);
   auto net = make_search_network(nopt);
@@ -313,13 +314,8 @@ void Searcher::build() {
       weights_, torch::optim::SGDOptions(cfg_.lr).momentum(cfg_.momentum).weight_decay(cfg_.weight_decay));
   architect_ = std::make_unique<Architect>(net_, ArchitectOptions{cfg_.arch_lr, cfg_.arch_beta1, cfg_.arch_beta2, cfg_.arch_weight_decay});
   method_ = net_->method();
-  {
-    // The method's loss term sees the op alphas (not pc-darts' edge weights).
-    std::vector<torch::Tensor> op_alphas;
-    for (size_t i = 0; i < net_->arch_names().size(); ++i)
-      if (net_->arch_names()[i].rfind("alphas", 0) == 0) op_alphas.push_back(net_->arch_parameters()[i]);
-    architect_->set_penalty([this, op_alphas] { return method_->arch_penalty(op_alphas); });
-  }
+  // The method's loss term sees the op alphas (not pc-darts' edge weights; S1: each edge's pair).
+  architect_->set_penalty([this] { return method_->arch_penalty(net_->op_alphas()); });
 
   // Streams. Each rank reads its slice of every global batch of batch_size * world images.
   BatchStream::Options so;
@@ -708,7 +704,9 @@ json genotype_margins(const json& m, const SearchConfig& cfg) {
     }
     return torch::tensor(v, torch::kDouble).reshape({rows, cols});
   };
-  const double k = static_cast<double>(cfg.primitives.size());
+  // K: the candidates of an edge (S1: its own two, not the union the table spans).
+  const auto* edge_ops = space_edge_ops(cfg.space, false);
+  const double k = static_cast<double>(edge_ops ? edge_ops->front().size() : cfg.primitives.size());
   json out{{"threshold", 0.1 / k}};
   if (m.contains("alphas_normal")) {
     for (const char* cell : {"normal", "reduce"}) {

@@ -5,6 +5,7 @@
 #include "noisydarts/space_networks.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace noisydarts {
 namespace nn = torch::nn;
@@ -16,7 +17,7 @@ std::vector<std::string> SearchNetworkOptions::noisydarts_default_primitives() {
 SearchCellImpl::SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, int64_t c_p,
                                int64_t c, bool reduction, bool reduction_prev,
                                const std::vector<std::string>& primitives,
-                               std::shared_ptr<NoiseState> noise, int64_t partial_channels)
+                               std::shared_ptr<NoiseState> noise, int64_t partial_channels, const EdgeOps& edge_ops)
     : reduction_(reduction), steps_(steps), multiplier_(multiplier), channels_(c), noise_(noise) {
   if (reduction_prev) {
     auto m = register_module("preprocess0", FactorizedReduce(c_pp, c, /*affine=*/false));
@@ -31,7 +32,16 @@ SearchCellImpl::SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, 
   for (int64_t i = 0; i < steps; ++i) {
     for (int64_t j = 0; j < 2 + i; ++j) {
       const int64_t stride = (reduction && j < 2) ? 2 : 1;
-      edges_.emplace_back(c, stride, primitives, noise, /*nb201_layout=*/false, partial_channels);
+      if (!edge_ops.empty()) {
+        const auto& mine = edge_ops.at(edges_.size());
+        std::vector<int64_t> cols;
+        for (const auto& op : mine)
+          cols.push_back(std::find(primitives.begin(), primitives.end(), op) - primitives.begin());
+        cols_.push_back(torch::tensor(cols, torch::kLong));
+        edges_.emplace_back(c, stride, mine, noise, /*nb201_layout=*/false, partial_channels);
+      } else {
+        edges_.emplace_back(c, stride, primitives, noise, /*nb201_layout=*/false, partial_channels);
+      }
       list->push_back(edges_.back());
     }
   }
@@ -46,7 +56,7 @@ torch::Tensor SearchCellImpl::forward(const torch::Tensor& s0, const torch::Tens
     torch::Tensor s;
     for (size_t j = 0; j < states.size(); ++j) {
       const size_t e = offset + j;
-      auto y = edges_[e]->forward(states[j], weights[e]);
+      auto y = edges_[e]->forward(states[j], cols_.empty() ? weights[e] : weights[e].index_select(0, cols_[e].to(weights.device())));
       if (edge_weights.defined()) y = edge_weights[e] * y;
       if (aux != 0) y = y + aux * (aux_[e] ? aux_[e]->forward(states[j]) : states[j]);
       s = s.defined() ? s + y : y;
@@ -76,6 +86,13 @@ void SearchNetworkImpl::add_arch_parameter(const std::string& name, int64_t rows
 void SearchNetworkImpl::set_method(std::shared_ptr<SearchMethod> m) {
   method_ = std::move(m);
   noise_->single_op = method_ && method_->single_op();
+}
+
+std::vector<torch::Tensor> SearchNetworkImpl::op_alphas() const {
+  std::vector<torch::Tensor> out;
+  for (size_t i = 0; i < arch_.size(); ++i)
+    if (arch_names_[i].rfind("alphas", 0) == 0) out.push_back(arch_[i]);
+  return out;
 }
 
 torch::Tensor SearchNetworkImpl::method_weights(size_t i, const torch::Tensor& a, bool as_double) const {
@@ -126,7 +143,7 @@ DartsSearchNetworkImpl::DartsSearchNetworkImpl(SearchNetworkOptions o) : SearchN
     const bool reduction = (i == L / 3 || i == 2 * L / 3);
     if (reduction) c *= 2;
     cell_list_.emplace_back(op.steps(), op.multiplier(), c_pp, c_p, c, reduction, reduction_prev,
-                            op.primitives(), noise_, op.partial_channels());
+                            op.primitives(), noise_, op.partial_channels(), reduction ? op.edge_ops_reduce() : op.edge_ops_normal());
     cells_->push_back(cell_list_.back());
     reduction_prev = reduction;
     c_pp = c_p;
@@ -137,6 +154,19 @@ DartsSearchNetworkImpl::DartsSearchNetworkImpl(SearchNetworkOptions o) : SearchN
   const int64_t edges = s * (s + 3) / 2;  // sum_{i<s} (i + 2) edges
   add_arch_parameter("alphas_normal", edges);
   add_arch_parameter("alphas_reduce", edges);
+  for (int r = 0; r < 2; ++r) {
+    const EdgeOps& eo = r ? op.edge_ops_reduce() : op.edge_ops_normal();
+    if (eo.empty()) continue;
+    TORCH_CHECK_VALUE(static_cast<int64_t>(eo.size()) == edges, "per-edge op sets: ", eo.size(), " lists for ", edges, " edges");
+    const auto& prim = op.primitives();
+    dead_[r] = torch::ones({edges, static_cast<int64_t>(prim.size())}, torch::kBool);
+    for (int64_t e = 0; e < edges; ++e)
+      for (const auto& name : eo[static_cast<size_t>(e)]) {
+        const auto k = std::find(prim.begin(), prim.end(), name) - prim.begin();
+        TORCH_CHECK_VALUE(k < static_cast<int64_t>(prim.size()), "edge op ", name, " is not in the op set");
+        dead_[r][e][k] = false;
+      }
+  }
   // The parts only some methods have come after the alphas, so that everything else draws
   // the same initial values as a DARTS network of the same seed.
   if (op.edge_norm()) {
@@ -177,10 +207,25 @@ torch::Tensor DartsSearchNetworkImpl::edge_weights(bool reduce, bool as_double) 
 torch::Tensor DartsSearchNetworkImpl::arch_weights(size_t i, bool as_double) const {
   const auto a = arch_parameters()[i];
   if (i >= 2) return edge_weights(i == 3, as_double).unsqueeze(1);  // betas: [edges, 1]
-  auto w = method_weights(i, a, as_double);
+  const auto& dead = dead_[i];
+  auto w = method_weights(i, dead.defined() ? a.masked_fill(dead.to(a.device()), -std::numeric_limits<double>::infinity()) : a, as_double);
   // The derivation ranks an edge by its op weight times its edge weight (pc-darts).
   if (as_double && options_.edge_norm()) w = w * edge_weights(i == 1, true).unsqueeze(1);
   return w;
+}
+
+std::vector<torch::Tensor> DartsSearchNetworkImpl::op_alphas() const {
+  std::vector<torch::Tensor> out;
+  for (size_t i = 0; i < 2; ++i) {
+    const auto a = arch_parameters()[i];
+    if (!dead_[i].defined()) {
+      out.push_back(a);
+      continue;
+    }
+    const auto live = dead_[i].logical_not().to(a.device());
+    out.push_back(a.masked_select(live).view({a.size(0), -1}));  // every S1 edge has 2 ops
+  }
+  return out;
 }
 
 torch::Tensor DartsSearchNetworkImpl::forward(const torch::Tensor& x) {

@@ -5,7 +5,7 @@
 namespace noisydarts {
 
 const std::vector<std::string>& search_space_names() {
-  static const std::vector<std::string> k{"darts", "darts-s2", "darts-s3", "darts-s4", "nb201", "mbv2"};
+  static const std::vector<std::string> k{"darts", "darts-s1", "darts-s2", "darts-s3", "darts-s4", "nb201", "mbv2"};
   return k;
 }
 
@@ -24,12 +24,31 @@ std::string genotype_space(const std::string& space) {
 
 std::vector<std::string> space_primitives(const std::string& space) {
   check_search_space(space);
+  if (space == "darts-s1") return {"max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3", "dil_conv_5x5"};
   if (space == "darts-s2") return {"skip_connect", "sep_conv_3x3"};
   if (space == "darts-s3") return {"none", "skip_connect", "sep_conv_3x3"};
   if (space == "darts-s4") return {"sep_conv_3x3", "noise"};
   if (space == "nb201") return nb201_primitives();
   if (space == "mbv2") return mbv2_choices();
   return {};
+}
+
+const EdgeOps* space_edge_ops(const std::string& space, bool reduce) {
+  // RobustDARTS' S1 (automl/RobustDARTS src/spaces.py), edges in DARTS order (node 0: edges
+  // 0-1, node 1: 2-4, node 2: 5-8, node 3: 9-13; inputs c_{k-2}, c_{k-1}, then the nodes).
+  static const EdgeOps normal{{"skip_connect", "dil_conv_3x3"}, {"skip_connect", "dil_conv_5x5"}, {"skip_connect", "dil_conv_5x5"},
+                              {"skip_connect", "sep_conv_3x3"}, {"skip_connect", "dil_conv_3x3"}, {"max_pool_3x3", "skip_connect"},
+                              {"skip_connect", "sep_conv_3x3"}, {"skip_connect", "sep_conv_3x3"}, {"skip_connect", "dil_conv_3x3"},
+                              {"skip_connect", "sep_conv_3x3"}, {"max_pool_3x3", "skip_connect"}, {"skip_connect", "dil_conv_3x3"},
+                              {"dil_conv_3x3", "dil_conv_5x5"}, {"dil_conv_3x3", "dil_conv_5x5"}};
+  static const EdgeOps reduction{{"max_pool_3x3", "avg_pool_3x3"}, {"max_pool_3x3", "dil_conv_3x3"}, {"max_pool_3x3", "avg_pool_3x3"},
+                                 {"max_pool_3x3", "avg_pool_3x3"}, {"skip_connect", "dil_conv_5x5"}, {"max_pool_3x3", "avg_pool_3x3"},
+                                 {"max_pool_3x3", "sep_conv_3x3"}, {"skip_connect", "dil_conv_3x3"}, {"skip_connect", "dil_conv_5x5"},
+                                 {"max_pool_3x3", "avg_pool_3x3"}, {"max_pool_3x3", "avg_pool_3x3"}, {"skip_connect", "dil_conv_5x5"},
+                                 {"skip_connect", "dil_conv_5x5"}, {"skip_connect", "dil_conv_5x5"}};
+  check_search_space(space);
+  if (space != "darts-s1") return nullptr;
+  return reduce ? &reduction : &normal;
 }
 
 const std::vector<std::string>& nb201_primitives() {

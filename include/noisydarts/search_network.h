@@ -18,6 +18,7 @@
 #include "noisydarts/method.h"
 #include "noisydarts/mixed_op.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/spaces.h"
 
 namespace noisydarts {
 
@@ -47,6 +48,12 @@ struct SearchNetworkOptions {
   TORCH_ARG(int64_t, partial_channels) = 1;
   TORCH_ARG(bool, edge_norm) = false;
   TORCH_ARG(bool, aux_skip) = false;
+  /// DARTS cells whose edges have their own candidates (space_edge_ops: RobustDARTS' S1): edge
+  /// e of a normal / reduction cell holds only these ops (registered `_ops.0`, `_ops.1`, ... as
+  /// the reference's); its alpha row keeps a column per `primitives` op, the others at -inf.
+  /// Empty: every edge has `primitives`.
+  TORCH_ARG(EdgeOps, edge_ops_normal) = {};
+  TORCH_ARG(EdgeOps, edge_ops_reduce) = {};
 
   static std::vector<std::string> noisydarts_default_primitives();
 };
@@ -56,7 +63,7 @@ class SearchCellImpl : public torch::nn::Module {
  public:
   SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, int64_t c_p, int64_t c,
                  bool reduction, bool reduction_prev, const std::vector<std::string>& primitives,
-                 std::shared_ptr<NoiseState> noise, int64_t partial_channels = 1);
+                 std::shared_ptr<NoiseState> noise, int64_t partial_channels = 1, const EdgeOps& edge_ops = {});
   /// `weights`: [num_edges, num_ops] op weights of the shared alphas; `edge_weights` (pc-darts,
   /// else undefined): [num_edges] weight of each edge's output.
   torch::Tensor forward(const torch::Tensor& s0, const torch::Tensor& s1,
@@ -75,6 +82,7 @@ class SearchCellImpl : public torch::nn::Module {
   std::vector<MixedOp> edges_;
   std::vector<FactorizedReduce> aux_;
   std::shared_ptr<NoiseState> noise_;
+  std::vector<torch::Tensor> cols_;  // per edge: its ops' columns of the weight table (edge_ops)
 };
 TORCH_MODULE(SearchCell);
 
@@ -107,6 +115,9 @@ class SearchNetworkImpl : public torch::nn::Module {
   virtual torch::Tensor arch_weights(size_t i, bool as_double = false) const {
     return method_weights(i, arch_[i], as_double);
   }
+  /// The op alphas the method's loss term sees (method.h arch_penalty): every `alphas*`
+  /// parameter; for per-edge op sets (S1) the [rows, 2] table of each edge's own ops.
+  virtual std::vector<torch::Tensor> op_alphas() const;
   /// The search method shaping the forward (method.h); none: softmax, as DARTS.
   void set_method(std::shared_ptr<SearchMethod> m);
   SearchMethod* method() const { return method_.get(); }
@@ -147,8 +158,11 @@ class DartsSearchNetworkImpl : public SearchNetworkImpl {
   /// pc-darts: the weight of every edge of a normal (`reduce` false) or reduction cell, softmax
   /// of betas over each node's incoming edges; undefined without edge weights.
   torch::Tensor edge_weights(bool reduce, bool as_double = false) const;
+  std::vector<torch::Tensor> op_alphas() const override;
 
  private:
+  torch::Tensor dead_[2];  // per-edge op sets: true where a column is not the edge's op
+
   torch::nn::Sequential stem_{nullptr};
   torch::nn::ModuleList cells_{nullptr};
   std::vector<SearchCell> cell_list_;

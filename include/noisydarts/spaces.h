@@ -3,9 +3,9 @@
 /// only; the networks live in search_network.h (supernets) and eval_network.h (trained nets).
 ///
 /// - `darts`: the DARTS CNN cell space (2 cells of 14 mixed edges), op set from --primitives.
-/// - `darts-s2` .. `darts-s4`: RobustDARTS' reduced spaces on the DARTS cell: S2 {skip_connect,
-///   sep_conv_3x3}, S3 {none, skip_connect, sep_conv_3x3}, S4 {sep_conv_3x3, noise}. (S1, a
-///   per-edge op set, is not built.)
+/// - `darts-s1` .. `darts-s4`: RobustDARTS' reduced spaces on the DARTS cell: S1 a published
+///   pair of ops per edge (space_edge_ops), S2 {skip_connect, sep_conv_3x3}, S3 {none,
+///   skip_connect, sep_conv_3x3}, S4 {sep_conv_3x3, noise}.
 /// - `nb201`: the NAS-Bench-201 cell (4 nodes, 6 edges) in its 3-stage network.
 /// - `mbv2`: the MobileNetV2-like chain of 19 inverted-bottleneck layers (NoisyDARTS-A).
 #include <cstdint>
@@ -18,11 +18,17 @@ namespace noisydarts {
 const std::vector<std::string>& search_space_names();
 /// Throws UsageError naming the known spaces when `space` is not one of them.
 void check_search_space(const std::string& space);
-/// The genotype family of a search space: darts (darts, darts-s2..s4), nb201, mbv2.
+/// The genotype family of a search space: darts (darts, darts-s1..s4), nb201, mbv2.
 std::string genotype_space(const std::string& space);
-/// The fixed op set of a space (darts-s2..s4, nb201, mbv2); empty for darts, whose ops come
-/// from --ops (the preset's by default).
+/// The fixed op set of a space (darts-s1..s4, nb201, mbv2; S1: the union of its edges' pairs,
+/// in DARTS order); empty for darts, whose ops come from --ops (the preset's by default).
 std::vector<std::string> space_primitives(const std::string& space);
+/// The candidates of every edge of a cell, for spaces whose edges differ (S1: two each; the
+/// alphas keep one column per space_primitives op, the others held at weight 0).
+using EdgeOps = std::vector<std::vector<std::string>>;
+/// The edge op lists of the normal (`reduce` false) or reduction cell of `space`, or nullptr
+/// when every edge has the whole op set.
+const EdgeOps* space_edge_ops(const std::string& space, bool reduce);
 
 // ---- NAS-Bench-201.
 /// none, skip_connect, nor_conv_1x1, nor_conv_3x3, avg_pool_3x3 (the benchmark's order).
