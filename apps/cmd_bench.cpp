@@ -20,6 +20,7 @@
 #include "noisydarts/genotype.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/runtime.h"
+#include "noisydarts/method.h"
 #include "noisydarts/search.h"
 #include "noisydarts/search_network.h"
 
@@ -34,6 +35,7 @@ struct BenchOptions {
   int iters = 5, warmup = 2, threads = 0;
   std::string order = "first";
   std::string preset = "noisydarts";
+  std::string method;  // search-step: empty = the preset's
   std::string genotype = "NoisyDARTS_a";
   std::string device = "cpu";
   bool json = false;
@@ -98,7 +100,10 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"image_size", o.image_size},
                      {"device", o.device},
                      {"fused", fused_ops_enabled()}};
-    if (what == "search-step") j["order"] = o.order;
+    if (what == "search-step") {
+      j["order"] = o.order;
+      j["method"] = o.method.empty() ? o.preset : o.method;
+    }
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("%s: median %.3f s/iteration (min %.3f, max %.3f over %d), %.1f images/s, peak RSS %.0f MB, %d threads\n",
@@ -131,19 +136,28 @@ void add_bench_command(CLI::App& app, Action& run) {
   ss->add_option("--order", so->order, "first | second")->check(CLI::IsMember({"first", "second"}))->capture_default_str();
   ss->add_option("--preset", so->preset, "Ops and noise of: noisydarts (7 ops, noise) | darts (8 ops, no noise)")
       ->check(CLI::IsMember({"noisydarts", "darts"}))->capture_default_str();
+  ss->add_option("--method", so->method, "Search method (docs/methods.md), with its recipe's ops and noise: " + nd::join_names(nd::method_names()))
+      ->check(CLI::IsMember(nd::method_names()));
   ss->callback([so, &run] {
     run = [so] {
       const auto& o = *so;
       setup(o);
       const torch::Device device = nd::parse_device(o.device);
-      const auto cfg = nd::SearchConfig::preset_defaults(o.preset, "paper");
+      // The method's network and step parts exactly as the search loop uses them (src/search.cpp).
+      auto cfg = nd::SearchConfig::preset_defaults(o.method.empty() ? o.preset : o.method, "paper");
+      cfg.method = cfg.preset;
+      cfg.channels = o.channels;
+      cfg.layers = o.layers;
+      cfg.order = o.order;
+      nd::check_method_config(cfg);
       torch::manual_seed(0);
-      nd::SearchNetworkOptions no(o.channels, o.classes, o.layers);
-      no.in_channels(o.in_channels).primitives(cfg.primitives).noise(cfg.noise);
-      nd::SearchNetwork net = nd::make_search_network(no);
+      nd::SearchNetwork net = nd::build_search_network(cfg, nd::DataShape{o.in_channels, o.image_size, o.image_size, o.classes});
       net->to(device);
       net->train();
+      nd::SearchMethod& method = *net->method();
+      method.begin_epoch(*net, cfg.epochs / 2, cfg.epochs);  // mid-search schedule values
       nd::Architect arch(net, nd::ArchitectOptions{});
+      arch.set_penalty([&] { return method.arch_penalty(net->op_alphas()); });
       auto weights = net->weight_parameters();
       torch::optim::SGD sgd(weights, torch::optim::SGDOptions(cfg.lr).momentum(cfg.momentum).weight_decay(cfg.weight_decay));
       auto opts = torch::TensorOptions().device(device);
@@ -153,15 +167,17 @@ void add_bench_command(CLI::App& app, Action& run) {
                             torch::randint(0, o.classes, {o.batch_size}, opts.dtype(torch::kLong))};
       const bool second = o.order == "second";
       if (!o.json)
-        std::fprintf(stderr, "bench search-step: %s preset, %s order, %lldx%lldx%lld input, C %lld, L %lld, batch %lld\n",
-                     o.preset.c_str(), o.order.c_str(), static_cast<long long>(o.in_channels),
+        std::fprintf(stderr, "bench search-step: %s method, %s order, %lldx%lldx%lld input, C %lld, L %lld, batch %lld\n",
+                     method.name().c_str(), o.order.c_str(), static_cast<long long>(o.in_channels),
                      static_cast<long long>(o.image_size), static_cast<long long>(o.image_size),
                      static_cast<long long>(o.channels), static_cast<long long>(o.layers),
                      static_cast<long long>(o.batch_size));
       return report(o, "search-step", 2 * o.batch_size, [&] {
         if (second) arch.step_unrolled(valid, train, sgd, cfg.lr);
         else arch.step(valid);
+        method.before_weight_step(*net, train);
         nd::search_weight_step(net, sgd, weights, train, cfg.grad_clip);
+        method.after_weight_step();
       }, sync_for(device));
     };
   });

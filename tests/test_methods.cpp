@@ -14,6 +14,7 @@
 #include "noisydarts/method.h"
 #include "noisydarts/search.h"
 #include "noisydarts/search_network.h"
+#include "noisydarts/spaces.h"
 #include "tensor_helpers.h"
 
 using namespace noisydarts;
@@ -474,4 +475,83 @@ TEST(Methods, MethodsOutsideTheirSpaceOrOrderAreRefusedInOneLine) {
   // NB201 takes the methods that do not reshape the DARTS cell.
   for (const std::string ok : {"gdas", "drnas", "fair-darts", "beta-darts", "sdarts-adv"})
     EXPECT_EQ(test::run_cli("search --print-config --out /tmp/x --space nb201 --method " + ok).code, 0) << ok;
+}
+
+TEST(Methods, RobustDartsS1HasThePublishedOpPairsAndDerivesOnlyThem) {
+  // automl/RobustDARTS src/spaces.py primitives_1, edge by edge.
+  const std::string normal =
+      "skip_connect,dil_conv_3x3 skip_connect,dil_conv_5x5 skip_connect,dil_conv_5x5 skip_connect,sep_conv_3x3 "
+      "skip_connect,dil_conv_3x3 max_pool_3x3,skip_connect skip_connect,sep_conv_3x3 skip_connect,sep_conv_3x3 "
+      "skip_connect,dil_conv_3x3 skip_connect,sep_conv_3x3 max_pool_3x3,skip_connect skip_connect,dil_conv_3x3 "
+      "dil_conv_3x3,dil_conv_5x5 dil_conv_3x3,dil_conv_5x5";
+  const std::string reduce =
+      "max_pool_3x3,avg_pool_3x3 max_pool_3x3,dil_conv_3x3 max_pool_3x3,avg_pool_3x3 max_pool_3x3,avg_pool_3x3 "
+      "skip_connect,dil_conv_5x5 max_pool_3x3,avg_pool_3x3 max_pool_3x3,sep_conv_3x3 skip_connect,dil_conv_3x3 "
+      "skip_connect,dil_conv_5x5 max_pool_3x3,avg_pool_3x3 max_pool_3x3,avg_pool_3x3 skip_connect,dil_conv_5x5 "
+      "skip_connect,dil_conv_5x5 skip_connect,dil_conv_5x5";
+  auto text = [](const EdgeOps& eo) {
+    std::string s;
+    for (const auto& e : eo) s += (s.empty() ? "" : " ") + e.at(0) + "," + e.at(1);
+    return s;
+  };
+  ASSERT_NE(space_edge_ops("darts-s1", false), nullptr);
+  EXPECT_EQ(text(*space_edge_ops("darts-s1", false)), normal);
+  EXPECT_EQ(text(*space_edge_ops("darts-s1", true)), reduce);
+  EXPECT_EQ(space_edge_ops("darts-s2", false), nullptr);
+
+  SearchConfig c = tiny_config("darts");
+  c.space = "darts-s1";
+  c.primitives = tiny_config("darts").primitives;
+  c.finish_layering();
+  ASSERT_EQ(c.primitives, (std::vector<std::string>{"max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3", "dil_conv_5x5"}));
+  auto net = tiny_net(c);
+  EXPECT_EQ(net->alphas_normal().sizes(), (std::vector<int64_t>{14, 6}));
+  // Each edge's mixed op holds its two ops only, as the reference registers them.
+  std::set<std::string> edge0;
+  for (auto& m : net->named_children()["cells"]->named_children()["0"]->named_children()["_ops"]->named_children()["0"]->named_children()["_ops"]->named_children())
+    edge0.insert(m.key());
+  EXPECT_EQ(edge0, (std::set<std::string>{"0", "1"}));
+  torch::manual_seed(21);
+  {
+    torch::NoGradGuard g;
+    for (auto& a : net->arch_parameters()) a.copy_(torch::randn_like(a));
+  }
+  for (size_t cell = 0; cell < 2; ++cell) {
+    const auto w = net->arch_weights(cell, true);
+    const auto& eo = *space_edge_ops("darts-s1", cell == 1);
+    for (int64_t e = 0; e < 14; ++e) {
+      double live = 0;
+      for (size_t k = 0; k < c.primitives.size(); ++k) {
+        const bool mine = std::find(eo[e].begin(), eo[e].end(), c.primitives[k]) != eo[e].end();
+        const double x = w[e][static_cast<int64_t>(k)].item<double>();
+        if (mine) live += x;
+        else EXPECT_EQ(x, 0.0) << "cell " << cell << " edge " << e << " " << c.primitives[k];
+      }
+      EXPECT_NEAR(live, 1.0, 1e-12);
+    }
+    // The method's loss terms see each edge's own two alphas.
+    const auto oa = net->op_alphas()[cell];
+    EXPECT_EQ(oa.sizes(), (std::vector<int64_t>{14, 2}));
+    EXPECT_TRUE(torch::allclose(torch::softmax(oa.detach().to(torch::kDouble), -1).sum(-1), torch::ones({14}, torch::kDouble)));
+  }
+  // The derived ops are each edge's own: node n's edges start at n (n + 3) / 2.
+  const Genotype g = net->genotype();
+  EXPECT_NO_THROW(validate_genotype(g));
+  for (int cell = 0; cell < 2; ++cell) {
+    const auto& genes = cell ? g.reduce : g.normal;
+    const auto& eo = *space_edge_ops("darts-s1", cell == 1);
+    for (size_t k = 0; k < genes.size(); ++k) {
+      const size_t node = k / 2, row = node * (node + 3) / 2 + static_cast<size_t>(genes[k].second);
+      EXPECT_NE(std::find(eo[row].begin(), eo[row].end(), genes[k].first), eo[row].end()) << genes[k].first << " on edge " << row;
+    }
+  }
+  const Batch b = tiny_batch();
+  EXPECT_EQ(net->forward(b.x).sizes(), (std::vector<int64_t>{6, 5}));
+  // A CLI search and its refusal of --ops.
+  const auto d = fresh("s1");
+  EXPECT_EQ(test::run_cli("search --dataset synthetic --space darts-s1 --subset 96 --epochs 1 --max-steps 2 --channels 4 --layers 2 "
+                          "--batch-size 8 --threads 1 -q --out " + d.string()).code, 0);
+  EXPECT_TRUE(fs::exists(d / "genotype.json"));
+  fs::remove_all(d);
+  EXPECT_EQ(test::run_cli("search --print-config --space darts-s1 --ops skip_connect,sep_conv_3x3 --out /tmp/x").code, 2);
 }
