@@ -8,23 +8,21 @@ namespace {
 
 class BetaDarts final : public SearchMethod {
  public:
-  explicit BetaDarts(const SearchConfig& cfg) : SearchMethod(cfg), lambda_(cfg.method_settings.beta_darts.lambda_start) {}
+  explicit BetaDarts(const SearchConfig& cfg)
+      : SearchMethod(cfg), lambda_("beta_lambda", cfg.method_settings.beta_darts.lambda_start, cfg.method_settings.beta_darts.lambda_end) {}
   std::string name() const override { return "beta-darts"; }
   /// lambda * mean over every edge (both cells' rows together) of logsumexp(alpha_row).
   torch::Tensor arch_penalty(const std::vector<torch::Tensor>& alphas) const override {
     std::vector<torch::Tensor> rows;
     for (const auto& a : alphas) rows.push_back(torch::logsumexp(a, -1));
-    return lambda_ * torch::cat(rows).mean();
+    return lambda_.value * torch::cat(rows).mean();
   }
-  void begin_epoch(SearchNetworkImpl&, int64_t epoch, int64_t epochs) override {
-    const auto& s = cfg_.method_settings.beta_darts;
-    lambda_ = linear_schedule(s.lambda_start, s.lambda_end, schedule_progress(epoch, epochs));
-  }
-  nlohmann::json state() const override { return {{"beta_lambda", lambda_}}; }
-  void load_state(const nlohmann::json& s) override { lambda_ = s.at("beta_lambda").get<double>(); }
+  void begin_epoch(SearchNetworkImpl&, int64_t epoch, int64_t epochs) override { lambda_.at(epoch, epochs); }
+  nlohmann::json state() const override { return lambda_.state(); }
+  void load_state(const nlohmann::json& s) override { lambda_.load(s); }
 
  private:
-  double lambda_;
+  LinearSchedule lambda_;
 };
 
 }  // namespace

@@ -9,19 +9,19 @@ namespace {
 
 class DartsMinus final : public SearchMethod {
  public:
-  explicit DartsMinus(const SearchConfig& cfg) : SearchMethod(cfg), beta_(cfg.method_settings.darts_minus.beta_start) {}
+  explicit DartsMinus(const SearchConfig& cfg)
+      : SearchMethod(cfg), beta_("dminus_beta", cfg.method_settings.darts_minus.beta_start, cfg.method_settings.darts_minus.beta_end) {}
   std::string name() const override { return "darts-minus"; }
   void shape_network(SearchNetworkOptions& o) const override { o.aux_skip(true); }
   void begin_epoch(SearchNetworkImpl& net, int64_t epoch, int64_t epochs) override {
-    const auto& s = cfg_.method_settings.darts_minus;
-    beta_ = linear_schedule(s.beta_start, s.beta_end, schedule_progress(epoch, epochs));
-    net.noise().aux_skip = beta_;
+    beta_.at(epoch, epochs);
+    net.noise().aux_skip = beta_.value;
   }
-  nlohmann::json state() const override { return {{"dminus_beta", beta_}}; }
-  void load_state(const nlohmann::json& s) override { beta_ = s.at("dminus_beta").get<double>(); }
+  nlohmann::json state() const override { return beta_.state(); }
+  void load_state(const nlohmann::json& s) override { beta_.load(s); }
 
  private:
-  double beta_;
+  LinearSchedule beta_;
 };
 
 }  // namespace

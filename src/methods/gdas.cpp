@@ -10,7 +10,8 @@ namespace {
 
 class Gdas final : public SearchMethod {
  public:
-  explicit Gdas(const SearchConfig& cfg) : SearchMethod(cfg), tau_(cfg.method_settings.gdas.tau_start) {}
+  explicit Gdas(const SearchConfig& cfg)
+      : SearchMethod(cfg), tau_("gdas_tau", cfg.method_settings.gdas.tau_start, cfg.method_settings.gdas.tau_end, /*inclusive=*/true) {}
   std::string name() const override { return "gdas"; }
   bool single_op() const override { return true; }
   torch::Tensor op_weights(size_t, const torch::Tensor& alpha, ForwardKind kind) const override {
@@ -19,14 +20,11 @@ class Gdas final : public SearchMethod {
       torch::NoGradGuard g;
       return torch::zeros_like(alpha).scatter_(-1, alpha.argmax(-1, true), 1.0);
     }
-    return gumbel_hard(alpha, tau_);
+    return gumbel_hard(alpha, tau_.value);
   }
-  void begin_epoch(SearchNetworkImpl&, int64_t epoch, int64_t epochs) override {
-    const auto& s = cfg_.method_settings.gdas;
-    tau_ = linear_schedule(s.tau_start, s.tau_end, schedule_progress_inclusive(epoch, epochs));
-  }
-  nlohmann::json state() const override { return {{"gdas_tau", tau_}}; }
-  void load_state(const nlohmann::json& s) override { tau_ = s.at("gdas_tau").get<double>(); }
+  void begin_epoch(SearchNetworkImpl&, int64_t epoch, int64_t epochs) override { tau_.at(epoch, epochs); }
+  nlohmann::json state() const override { return tau_.state(); }
+  void load_state(const nlohmann::json& s) override { tau_.load(s); }
 
   /// probs = softmax((log_softmax(alpha) + g) / tau), g ~ Gumbel(0, 1) (redrawn while any value
   /// is infinite); returns one_hot(argmax probs) - probs.detach() + probs.
@@ -49,7 +47,7 @@ class Gdas final : public SearchMethod {
   }
 
  private:
-  double tau_;
+  LinearSchedule tau_;
 };
 
 }  // namespace

@@ -30,22 +30,21 @@ torch::Tensor clip_rows(torch::Tensor w, const torch::Tensor& before) {
 class Sdarts : public SearchMethod {
  public:
   Sdarts(const SearchConfig& cfg, bool adversarial)
-      : SearchMethod(cfg), adversarial_(adversarial), epsilon_(cfg.method_settings.sdarts.epsilon_start) {}
+      : SearchMethod(cfg),
+        adversarial_(adversarial),
+        epsilon_("sdarts_epsilon", cfg.method_settings.sdarts.epsilon_start, cfg.method_settings.sdarts.epsilon_end) {}
   std::string name() const override { return adversarial_ ? "sdarts-adv" : "sdarts-rs"; }
   torch::Tensor op_weights(size_t i, const torch::Tensor& alpha, ForwardKind kind) const override {
     if (kind != ForwardKind::kAnalysis && i < perturbed_.size() && perturbed_[i].defined()) return perturbed_[i];
     return torch::softmax(alpha, -1);
   }
-  void begin_epoch(SearchNetworkImpl&, int64_t epoch, int64_t epochs) override {
-    const auto& s = cfg_.method_settings.sdarts;
-    epsilon_ = linear_schedule(s.epsilon_start, s.epsilon_end, schedule_progress(epoch, epochs));
-  }
-  nlohmann::json state() const override { return {{"sdarts_epsilon", epsilon_}}; }
-  void load_state(const nlohmann::json& s) override { epsilon_ = s.at("sdarts_epsilon").get<double>(); }
+  void begin_epoch(SearchNetworkImpl&, int64_t epoch, int64_t epochs) override { epsilon_.at(epoch, epochs); }
+  nlohmann::json state() const override { return epsilon_.state(); }
+  void load_state(const nlohmann::json& s) override { epsilon_.load(s); }
 
   void before_weight_step(SearchNetworkImpl& net, const Batch& batch) override {
     perturbed_.clear();
-    if (epsilon_ == 0) return;  // radius 0: DARTS' weight step exactly
+    if (epsilon_.value == 0) return;  // radius 0: DARTS' weight step exactly
     std::vector<torch::Tensor> w0;  // the unperturbed op weights (mbv2: disallowed skips 0)
     {
       torch::NoGradGuard g;
@@ -68,7 +67,7 @@ class Sdarts : public SearchMethod {
         w.emplace_back();
         continue;
       }
-      auto d = torch::empty_like(x).uniform_(-epsilon_, epsilon_) * x.gt(0);
+      auto d = torch::empty_like(x).uniform_(-epsilon_.value, epsilon_.value) * x.gt(0);
       w.push_back(clip_rows(x + d, x));
     }
     return w;
@@ -92,7 +91,7 @@ class Sdarts : public SearchMethod {
       before = loss_with(w0).item<double>();
     }
     const int64_t steps = cfg_.method_settings.sdarts.attack_steps;
-    const double step = 2.0 * epsilon_ / static_cast<double>(steps);
+    const double step = 2.0 * epsilon_.value / static_cast<double>(steps);
     for (int64_t s = 0; s < steps; ++s) {
       std::vector<torch::Tensor> leaves, used;
       for (auto& x : w) {
@@ -110,7 +109,7 @@ class Sdarts : public SearchMethod {
         auto gr = grads[k++];
         auto x = w[i].detach();
         if (gr.defined()) x = x + step * gr.sign();
-        w[i] = clip_rows(w0[i] + (x - w0[i]).clamp(-epsilon_, epsilon_), w0[i]);
+        w[i] = clip_rows(w0[i] + (x - w0[i]).clamp(-epsilon_.value, epsilon_.value), w0[i]);
       }
     }
     double after = 0;
@@ -124,7 +123,7 @@ class Sdarts : public SearchMethod {
   }
 
   bool adversarial_;
-  double epsilon_;
+  LinearSchedule epsilon_;
   std::vector<torch::Tensor> perturbed_;  // per arch parameter, while a weight step runs
 };
 
