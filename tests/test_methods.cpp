@@ -444,6 +444,13 @@ TEST(Methods, EveryMethodRunsAOneEpochSearchFromTheCli) {
     EXPECT_NE(test::slurp((d / "summary.txt").string()).find("method            " + m), std::string::npos);
     fs::remove_all(d);
   }
+  // The loss terms join the unrolled (second-order) alpha gradient too.
+  for (const std::string m : {"fair-darts", "beta-darts"}) {
+    const auto d = fresh("second_" + m);
+    const auto r = test::run_cli(base + " --method " + m + " --order second --out " + d.string());
+    EXPECT_EQ(r.code, 0) << m << ": " << r.out;
+    fs::remove_all(d);
+  }
 }
 
 TEST(Methods, DartsWithNoiseDiffersFromNoisyDartsOnlyInTheirRecipes) {
