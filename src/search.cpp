@@ -770,6 +770,9 @@ SearchSnapshot open_search_checkpoint(const std::string& path, int threads, cons
   }
   snap.net->to(snap.device);
   snap.net->train();
+  // The method's schedule of the epoch the checkpoint was written in (an epoch-end checkpoint:
+  // the epoch just finished), as the search's own Hessian saw it (darts-minus' auxiliary skip).
+  snap.net->method()->begin_epoch(*snap.net, snap.step == 0 ? std::max<int64_t>(snap.epoch - 1, 0) : snap.epoch, cfg.epochs);
   // The architecture half in fixed order without augmentation; batch 0 is curvature_batch's.
   BatchStream eval_stream(sd.train, sd.a_idx, eval_stream_options(cfg));
   eval_stream.seek({0, 0});

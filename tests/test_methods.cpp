@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <set>
+#include <sstream>
 
 #include "cli_helpers.h"
 #include "noisydarts/config.h"
@@ -561,4 +562,34 @@ TEST(Methods, RobustDartsS1HasThePublishedOpPairsAndDerivesOnlyThem) {
   EXPECT_TRUE(fs::exists(d / "genotype.json"));
   fs::remove_all(d);
   EXPECT_EQ(test::run_cli("search --print-config --space darts-s1 --ops skip_connect,sep_conv_3x3 --out /tmp/x").code, 2);
+}
+
+TEST(Methods, AnalyzeOfADartsMinusCheckpointSeesTheAuxiliarySkipAsTheSearchDid) {
+  const auto d = fresh("dm_analyze");
+  SearchConfig c = SearchConfig::preset_defaults("darts-minus", "small");
+  c.method = "darts-minus";
+  c.dataset = "synthetic";
+  c.subset = 96;
+  c.epochs = 3;  // beta 1, 2/3, 1/3
+  c.max_steps = 2;
+  c.channels = 4;
+  c.layers = 2;
+  c.batch_size = 8;
+  c.threads = 1;
+  c.hessian_every = 1;
+  c.hessian_iters = 3;
+  c.keep_checkpoints = 10;
+  c.out = d.string();
+  c.finish_layering();
+  SearchCallbacks cb;
+  cb.progress = false;
+  run_search(c, false, cb);
+  std::vector<json> m;
+  std::istringstream lines(test::slurp((d / "metrics.jsonl").string()));
+  for (std::string l; std::getline(lines, l);) m.push_back(json::parse(l));
+  ASSERT_EQ(m.size(), 3u);
+  EXPECT_NEAR(m[1]["dminus_beta"].get<double>(), 2.0 / 3.0, 1e-12);
+  const auto a = analyze_checkpoint((d / "checkpoints" / "search-e0002-s000000.pt").string());
+  EXPECT_EQ(a.eigen.eigenvalue, m[1]["hessian_eigenvalue"].get<double>());
+  fs::remove_all(d);
 }
