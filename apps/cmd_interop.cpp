@@ -85,7 +85,7 @@ void add_predict_command(CLI::App& app, Action& run) {
         throw UsageError("--input " + st->input + " must hold a float tensor [N, " + std::to_string(st->in_channels) +
                          ", H, W]");
       x = x.to(torch::kFloat);
-      torch::NoGradGuard no_grad;
+      torch::NoGradGuard no_grad;  // building and loading; the forward itself runs in inference mode
       torch::Tensor logits;
       try {
         if (!st->search_network) {
@@ -95,6 +95,7 @@ void add_predict_command(CLI::App& app, Action& run) {
           EvalNetwork net(o);
           load_module_state(*net, sd, st->weights);
           net->eval();
+          torch::InferenceMode im;
           logits = net->forward(x).logits;
         } else {
           std::vector<std::string> ops;
@@ -114,6 +115,7 @@ void add_predict_command(CLI::App& app, Action& run) {
           SearchNetwork net = make_search_network(o);
           load_module_state(*net, sd, st->weights);
           net->eval();
+          torch::InferenceMode im;
           logits = net->forward(x);
         }
       } catch (const c10::Error& e) {

@@ -2,6 +2,7 @@
 #include "noisydarts/space_networks.h"
 
 #include "noisydarts/error.h"
+#include "noisydarts/fused_ops.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/profile.h"
 
@@ -60,6 +61,7 @@ EvalCellImpl::EvalCellImpl(const Genotype& genotype, int64_t c_pp, int64_t c_p, 
     } else {
       op.module = any.ptr();
       op.run = [any](const torch::Tensor& x) mutable { return any.forward(x); };
+      op.run_scaled = scaled_forward(any);
     }
     list->push_back(op.module);
     ops_.push_back(std::move(op));
@@ -75,13 +77,19 @@ torch::Tensor EvalCellImpl::forward(const torch::Tensor& s0, const torch::Tensor
   }
   std::vector<torch::Tensor> states{preprocess0_.forward(s0), preprocess1_.forward(s1)};
   const bool drop = is_training() && drop_prob > 0.0;
+  const bool fold = drop && fused_ops_enabled();  // off: module by module, as the reference does
   for (size_t i = 0; i < ops_.size() / 2; ++i) {
     torch::Tensor s;
     for (size_t k = 2 * i; k < 2 * i + 2; ++k) {
       const auto& in = states.at(static_cast<size_t>(indices_[k]));
       if (macs) *macs += module_macs(*ops_[k].module, in.size(2), in.size(3));
-      auto h = ops_[k].run(in);
-      if (drop && !ops_[k].identity) h = drop_path(h, drop_prob);
+      torch::Tensor h;
+      if (fold && !ops_[k].identity && ops_[k].run_scaled)  // drop-path folded into the op's last node
+        h = ops_[k].run_scaled(in, drop_path_scale(in.size(0), drop_prob, in.options()));
+      else {
+        h = ops_[k].run(in);
+        if (drop && !ops_[k].identity) h = drop_path(h, drop_prob);
+      }
       s = s.defined() ? s + h : h;
     }
     states.push_back(s);

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <dlfcn.h>
 #include <limits>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -21,6 +22,7 @@ using torch::autograd::variable_list;
 namespace {
 std::atomic<bool> g_fused{true};
 std::atomic<bool> g_avx512{true};
+std::atomic<bool> g_blas{true};
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels (float, NCHW contiguous). Each image plane (n, c) is independent. It is copied into
@@ -555,6 +557,59 @@ ND_CLONES void pw_grad_weight_image(const float* gy, const float* x, float* part
     }
 }
 
+// ---- 1x1 weight gradient through BLAS -------------------------------------------------------
+// The BLAS sgemm LibTorch itself loaded (Fortran interface; OpenBLAS on Debian), found at run
+// time: null when the process has none (the own kernel above then runs). Called from inside the
+// parallel image loops, where OpenBLAS' OpenMP build runs single-threaded: each call computes
+// its outputs in one fixed order, so results do not depend on the thread count.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+SgemmFn blas_sgemm() {
+  static const SgemmFn f = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return g_blas ? f : nullptr;
+}
+
+// part[o * ci + i] (+)= sum_j gy[o, j] relu?(x[i, j]) for one image (`accumulate`: added to
+// part, else written). `scratch`: the thread's buffer for relu(x).
+void pw_grad_weight_acc(const float* gy, const float* x, float* part, int64_t ci, int64_t co, int64_t hw, bool relu,
+                        bool accumulate, std::vector<float>& scratch) {
+  if (const SgemmFn gemm = blas_sgemm()) {
+    const float* xs = x;
+    if (relu) {
+      scratch.resize(static_cast<size_t>(ci * hw));
+      float* r = scratch.data();
+#pragma omp simd
+      for (int64_t j = 0; j < ci * hw; ++j) r[j] = x[j] > 0.f ? x[j] : 0.f;
+      xs = r;
+    }
+    // Row-major part (co x ci) = gy (co x hw) * xs (ci x hw)^T is, column-major, part^T =
+    // xs^T' * gy with xs read transposed.
+    const int m = static_cast<int>(ci), nn = static_cast<int>(co), k = static_cast<int>(hw), ld = static_cast<int>(hw);
+    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+    gemm("T", "N", &m, &nn, &k, &one, xs, &ld, gy, &ld, &beta, part, &m);
+    return;
+  }
+  if (!accumulate) return pw_grad_weight_image(gy, x, part, ci, co, hw, relu);
+  scratch.resize(static_cast<size_t>(co * ci));
+  pw_grad_weight_image(gy, x, scratch.data(), ci, co, hw, relu);
+  for (int64_t j = 0; j < co * ci; ++j) part[j] += scratch[j];
+}
+
+// Images per weight-gradient partial: each group's images are accumulated in order by one
+// thread, then the groups' partials are summed in a fixed order (independent of the threads).
+constexpr int64_t kImageGroup = 4;
+int64_t image_groups(int64_t n) { return (n + kImageGroup - 1) / kImageGroup; }
+
+// f(i, group, first): every image i of every group, groups in parallel, images of a group in
+// order on one thread; `first`: i is its group's first image.
+template <typename F>
+void for_image_groups(int64_t n, const F& f) {
+  at::parallel_for(0, image_groups(n), 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g)
+      for (int64_t i = g * kImageGroup; i < std::min(n, (g + 1) * kImageGroup); ++i) f(i, g, i == g * kImageGroup);
+  });
+}
+
 // 3x3 pooling, padding 1, on the phase layout (`buf` filled with -inf padding for max, 0 for
 // average). Forward: ext = max or sum of the taps (then / count, count_include_pad = false).
 ND_CLONES void pool_forward_plane(const float* buf, float* ext, float* out, const float* count,
@@ -686,12 +741,13 @@ Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w,
   auto gc = gy.contiguous();
   auto xc = x.contiguous();
   const int64_t n = gc.size(0), co = gc.size(1), ci = xc.size(1), hw = gc.size(2) * gc.size(3);
-  std::vector<float> part(static_cast<size_t>(n * co * ci));
+  std::vector<float> part(static_cast<size_t>(image_groups(n) * co * ci));
   const float *gp = gc.data_ptr<float>(), *xp = xc.data_ptr<float>();
-  for_images(n, [&](int64_t i) {
-    pw_grad_weight_image(gp + i * co * hw, xp + i * ci * hw, part.data() + i * co * ci, ci, co, hw, relu);
+  for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
+    thread_local std::vector<float> scratch;
+    pw_grad_weight_acc(gp + i * co * hw, xp + i * ci * hw, part.data() + grp * co * ci, ci, co, hw, relu, !first, scratch);
   });
-  return sum_partials(part, n, co * ci, w.sizes());
+  return sum_partials(part, image_groups(n), co * ci, w.sizes());
 }
 
 // Valid input pixels under each 3x3 window (padding 1), in the `wq`-wide output layout: the
@@ -826,7 +882,6 @@ struct BnParams {
 // What BatchNorm2dImpl::forward would use, with its batch counter advanced as it would.
 BnParams bn_params(torch::nn::BatchNorm2dImpl& bn) {
   const auto& o = bn.options;
-  TORCH_CHECK(!o.affine(), "fused ops need a non-affine BatchNorm");
   BnParams p{bn.is_training() || !o.track_running_stats(), o.momentum().value_or(0.0), o.eps()};
   if (bn.is_training() && o.track_running_stats() && bn.num_batches_tracked.defined()) {
     torch::NoGradGuard ng;
@@ -836,19 +891,87 @@ BnParams bn_params(torch::nn::BatchNorm2dImpl& bn) {
   return p;
 }
 
+// What follows the normalisation in a fused node: z = (gamma * x_hat + beta) * scale[n] (the
+// evaluation network's affine BN, then its drop-path as a per-image scale mask / keep).
+// Undefined members are absent (gamma 1, beta 0, scale 1); with none, z is x_hat itself.
+struct OutAffine {
+  Tensor gamma, beta, scale;
+  bool any() const { return gamma.defined() || beta.defined() || scale.defined(); }
+};
+
+// Autograd functions take no undefined tensors: absent optional inputs travel as empty
+// placeholders, turned back into undefined tensors inside.
+Tensor placeholder(const Tensor& like) { return torch::empty({0}, like.options().requires_grad(false)); }
+Tensor present(const Tensor& t) { return t.numel() > 0 ? t : Tensor(); }
+OutAffine out_affine(const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
+  return OutAffine{present(gamma), present(beta), present(scale)};
+}
+
+// Host pointers of an OutAffine's members (null where absent), contiguous float.
+struct AffinePtrs {
+  Tensor g, b, s;
+  const float *gp = nullptr, *bp = nullptr, *sp = nullptr;
+  explicit AffinePtrs(const OutAffine& a) {
+    if (a.gamma.defined()) g = a.gamma.detach().contiguous(), gp = g.data_ptr<float>();
+    if (a.beta.defined()) b = a.beta.detach().contiguous(), bp = b.data_ptr<float>();
+    if (a.scale.defined()) s = a.scale.detach().contiguous(), sp = s.data_ptr<float>();
+  }
+  float gamma(int64_t ch) const { return gp ? gp[ch] : 1.f; }
+  float beta(int64_t ch) const { return bp ? bp[ch] : 0.f; }
+  float scale(int64_t img) const { return sp ? sp[img] : 1.f; }
+};
+
+bool affine_own(const Tensor& y, const OutAffine& a) {
+  auto ok = [](const Tensor& t) { return !t.defined() || (own_kernel(t) && t.dim() == 1); };
+  return own_kernel(y) && y.is_contiguous() && y.dim() == 4 && ok(a.gamma) && ok(a.beta) && ok(a.scale);
+}
+
+// z from x_hat (ATen ops where the own kernels do not apply).
+Tensor affine_out(const Tensor& y, const OutAffine& a) {
+  if (!a.any()) return y;
+  if (!affine_own(y, a)) {
+    const auto cv = std::vector<int64_t>{1, y.size(1), 1, 1};
+    auto z = a.gamma.defined() ? y * a.gamma.view(cv) : y;
+    if (a.beta.defined()) z = z + a.beta.view(cv);
+    return a.scale.defined() ? z * a.scale.view({-1, 1, 1, 1}) : z;
+  }
+  const int64_t c = y.size(1), hw = y.size(2) * y.size(3);
+  auto z = torch::empty_like(y);
+  const AffinePtrs ap(a);
+  const float* yp = y.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  at::parallel_for(0, y.size(0) * c, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
+      const float* src = yp + i * hw;
+      float* dst = zp + i * hw;
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) dst[j] = (gm * src[j] + bt) * sc;
+    }
+  });
+  return z;
+}
+
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
 // `stats`: the planes' statistics when the caller's kernel computed them; `in_place`: x is a
 // temporary of the caller's and may be overwritten by the output.
 std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm, const Tensor& rv,
                                              const BnParams& p, const PlaneStats* stats = nullptr,
-                                             bool in_place = false) {
+                                             bool in_place = false, const OutAffine* aff = nullptr,
+                                             Tensor* z = nullptr) {
   if (!p.training) {
     auto invstd = (rv + p.eps).rsqrt();
     const auto view = std::vector<int64_t>{1, x.size(1), 1, 1};
-    return {(x - rm.view(view)) * invstd.view(view), rm.clone(), invstd};
+    auto y = (x - rm.view(view)) * invstd.view(view);
+    if (z) *z = affine_out(y, *aff);
+    return {y, rm.clone(), invstd};
   }
-  if (!own_kernel(x) || !x.is_contiguous() || x.dim() != 4)
-    return at::native_batch_norm(x, {}, {}, rm, rv, p.training, p.momentum, p.eps);
+  const bool own_z = z && aff->any() && affine_own(x, *aff);
+  if (!own_kernel(x) || !x.is_contiguous() || x.dim() != 4) {
+    auto r = at::native_batch_norm(x, {}, {}, rm, rv, p.training, p.momentum, p.eps);
+    if (z) *z = affine_out(std::get<0>(r), *aff);
+    return r;
+  }
   // Own kernel. The threads split the batch by images, as the convolution kernels do, so each
   // thread reads the planes it has just written (still in its cache). Per plane: the mean and
   // the sum of squared deviations from it (two passes over the cached plane); per channel they
@@ -883,14 +1006,24 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
     ip[ch] = static_cast<float>(1.0 / std::sqrt(var + p.eps));
     var_unbiased[ch] = count > 1 ? ss / (count - 1) : var;
   }
+  // With an affine output z (own_z), both x_hat and z are written in the same pass.
+  Tensor zt = own_z ? torch::empty_like(x) : Tensor();
+  const AffinePtrs ap(own_z ? *aff : OutAffine{});
+  float* zp = own_z ? zt.data_ptr<float>() : nullptr;
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const float *src = xp + i * hw, mu = mp[i % c], is = ip[i % c];
       float* dst = yp + i * hw;
 #pragma omp simd
       for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - mu) * is;
+      if (!zp) continue;
+      const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
+      float* zr = zp + i * hw;
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) zr[j] = (gm * dst[j] + bt) * sc;
     }
   });
+  if (z) *z = own_z ? zt : affine_out(y, *aff);
   if (rm.defined()) {
     torch::NoGradGuard ng;
     auto vu = torch::from_blob(var_unbiased.data(), {c}, torch::kDouble).to(rv.dtype());
@@ -900,53 +1033,82 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
   return {y, mean, invstd};
 }
 
-// d BN / d x from the output y = x_hat: invstd * (g - mean(g) - y * mean(g * y)) in training
-// mode, invstd * g with running statistics.
-Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd,
-                   bool training, double eps) {
+// Gradients of z = (gamma * BN(x) + beta) * scale[n] (OutAffine; plain BN when it has no
+// members) from y = x_hat and 1/std: with g' = g * scale[n], d beta = sum g', d gamma =
+// sum g' y, and d x = invstd * (gamma g' - mean(gamma g') - y * mean(gamma g' y)) in training
+// mode, invstd * gamma g' with running statistics. `need_affine`: compute d gamma and d beta.
+struct BnGrads {
+  Tensor x, gamma, beta;
+};
+BnGrads bn_backward_affine(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd, bool training,
+                           double eps, const OutAffine& a, bool need_affine) {
   const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
-  if (!training) return g * invstd.view(view);
+  BnGrads r;
   if (own_kernel(g) && own_kernel(y) && y.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
-      invstd.scalar_type() == torch::kFloat) {
+      invstd.scalar_type() == torch::kFloat && affine_own(y, a)) {
     // Split by images like bn_forward: per plane the sums of g and g y, per channel their
     // totals in double in image order, then the gradient plane by plane.
     auto gc = g.contiguous();
     const int64_t n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
     auto gx = torch::empty_like(gc);
+    const AffinePtrs ap(a);
     const float *gp = gc.data_ptr<float>(), *yp = y.data_ptr<float>(), *ip = invstd.data_ptr<float>();
     float* op = gx.data_ptr<float>();
     const double count = static_cast<double>(n * hw);
-    std::vector<float> psg(static_cast<size_t>(n * c)), psgy(static_cast<size_t>(n * c));
-    at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const float *gr = gp + i * hw, *yr = yp + i * hw;
-        float a = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a, a2)
-        for (int64_t j = 0; j < hw; ++j) a += gr[j], a2 += gr[j] * yr[j];
-        psg[i] = a, psgy[i] = a2;
+    const bool sums = training || need_affine;
+    std::vector<float> mg(static_cast<size_t>(c), 0.f), mgy(static_cast<size_t>(c), 0.f);
+    if (sums) {
+      std::vector<float> psg(static_cast<size_t>(n * c)), psgy(static_cast<size_t>(n * c));
+      at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const float *gr = gp + i * hw, *yr = yp + i * hw;
+          float s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * yr[j];
+          const float sc = ap.scale(i / c);
+          psg[i] = s1 * sc, psgy[i] = s2 * sc;
+        }
+      });
+      if (need_affine) r.gamma = torch::empty({c}, gc.options()), r.beta = torch::empty({c}, gc.options());
+      for (int64_t ch = 0; ch < c; ++ch) {
+        double sg = 0, sgy = 0;
+        for (int64_t i = 0; i < n; ++i) sg += psg[i * c + ch], sgy += psgy[i * c + ch];
+        if (need_affine) r.gamma.data_ptr<float>()[ch] = static_cast<float>(sgy), r.beta.data_ptr<float>()[ch] = static_cast<float>(sg);
+        if (training) {
+          const double gm = ap.gamma(ch);
+          mg[ch] = static_cast<float>(gm * sg / count), mgy[ch] = static_cast<float>(gm * sgy / count);
+        }
       }
-    });
-    std::vector<float> mg(static_cast<size_t>(c)), mgy(static_cast<size_t>(c));
-    for (int64_t ch = 0; ch < c; ++ch) {
-      double sg = 0, sgy = 0;
-      for (int64_t i = 0; i < n; ++i) sg += psg[i * c + ch], sgy += psgy[i * c + ch];
-      mg[ch] = static_cast<float>(sg / count), mgy[ch] = static_cast<float>(sgy / count);
     }
     at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const float *gr = gp + i * hw, *yr = yp + i * hw;
-        const float m1 = mg[i % c], m2 = mgy[i % c], is = ip[i % c];
+        const float m1 = mg[i % c], m2 = mgy[i % c], is = ip[i % c], k = ap.gamma(i % c) * ap.scale(i / c);
         float* orow = op + i * hw;
 #pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (gr[j] - m1 - yr[j] * m2);
+        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - m1 - yr[j] * m2);
       }
     });
-    return gx;
+    r.x = gx;
+    return r;
+  }
+  auto gs = a.scale.defined() ? g * a.scale.view({-1, 1, 1, 1}) : g;
+  if (need_affine) r.beta = gs.sum({0, 2, 3}), r.gamma = (gs * y).sum({0, 2, 3});
+  if (a.gamma.defined()) gs = gs * a.gamma.view(view);
+  if (!training) {
+    r.x = gs * invstd.view(view);
+    return r;
   }
   auto zero = torch::zeros_like(invstd), one = torch::ones_like(invstd);
-  auto gx = std::get<0>(at::native_batch_norm_backward(g.contiguous(), y, {}, {}, {}, zero, one, true,
+  auto gx = std::get<0>(at::native_batch_norm_backward(gs.contiguous(), y, {}, {}, {}, zero, one, true,
                                                        eps, {true, false, false}));
-  return gx.mul_(invstd.view(view));
+  r.x = gx.mul_(invstd.view(view));
+  return r;
+}
+
+Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd, bool training,
+                   double eps) {
+  return bn_backward_affine(g, y, mean, invstd, training, eps, OutAffine{}, false).x;
 }
 
 // Differentiable (ATen ops) BN with the given mode, for the double-backward path.
@@ -1007,12 +1169,13 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
   std::array<Tensor, 3> out;
   if (need_x) out[0] = torch::empty_like(xc);
   float* gxp = need_x ? out[0].data_ptr<float>() : nullptr;
-  std::vector<float> part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0), part_pw(need_pw ? static_cast<size_t>(n * co * c) : 0);
+  std::vector<float> part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0),
+      part_pw(need_pw ? static_cast<size_t>(image_groups(n) * co * c) : 0);
   const DwBackward db(g, wdp, c, /*relu_input=*/true, need_x, need_dw);
   const bool keep_x = need_pw && need_dw;
-  for_images(n, [&](int64_t i) {
+  for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
     thread_local DwBackward::Scratch sc;
-    thread_local std::vector<float> xbufs, ext, d, gd;
+    thread_local std::vector<float> xbufs, ext, d, gd, gemm_scratch;
     db.size(sc);
     const float* gi = gpp + i * co * ohw;
     if (need_pw) {
@@ -1023,7 +1186,7 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
         fill_phases(xp + (i * c + ch) * plane, xb, g, true);
         dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
       }
-      pw_grad_weight_image(gi, d.data(), part_pw.data() + i * co * c, c, co, ohw, false);
+      pw_grad_weight_acc(gi, d.data(), part_pw.data() + grp * co * c, c, co, ohw, false, !first, gemm_scratch);
     }
     if (need_x || need_dw) {
       gd.resize(static_cast<size_t>(c * ohw));
@@ -1034,65 +1197,87 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
     }
   });
   if (need_dw) out[1] = sum_partials(part_dw, n, c * kk, w_dw.sizes());
-  if (need_pw) out[2] = sum_partials(part_pw, n, co * c, w_pw.sizes());
+  if (need_pw) out[2] = sum_partials(part_pw, image_groups(n), co * c, w_pw.sizes());
   return out;
 }
 
 // ---- Autograd nodes ------------------------------------------------------------------------
-// The double-backward path of a fused node: d out / d sv[i] (weighted by g) for the first three
-// saved inputs that need it, with a graph (create_graph), into out[i]; `out` otherwise empty.
+// The double-backward path of a fused node: d out / d sv[i] (weighted by g) for the saved inputs
+// i < need.size() that need it, with a graph (create_graph), into out[i]; `out` otherwise empty.
 void grad_of_recomputation(const Tensor& recomputed, const variable_list& sv, const std::vector<int64_t>& need,
                            const Tensor& g, variable_list& out) {
   variable_list ins;
-  std::vector<int> idx;
-  for (int i = 0; i < 3; ++i)
-    if (need[i] && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < need.size(); ++i)
+    if (need[i] && sv[i].defined() && sv[i].requires_grad()) ins.push_back(sv[i]), idx.push_back(i);
   if (ins.empty()) return;
   auto gs = torch::autograd::grad({recomputed}, ins, {g}, /*retain_graph=*/true, /*create_graph=*/true, true);
   for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
 }
 
-// BN(conv1x1(depthwise(relu(x)))) or, with an empty depthwise weight, BN(conv1x1(relu(x))).
+// OutAffine applied with ATen's differentiable ops (the double-backward recomputation).
+Tensor affine_differentiable(const Tensor& y, const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
+  const auto cv = std::vector<int64_t>{1, y.size(1), 1, 1};
+  auto z = gamma.defined() ? y * gamma.view(cv) : y;
+  if (beta.defined()) z = z + beta.view(cv);
+  return scale.defined() ? z * scale.view({-1, 1, 1, 1}) : z;
+}
+
+// (gamma * BN(conv1x1(depthwise(relu(x)))) + beta) * scale[n] or, with an empty depthwise
+// weight, the same of conv1x1(relu(x)). gamma, beta, scale: undefined when absent (the search
+// network's non-affine BN has none; the evaluation network's has gamma and beta, and its last
+// chain of an op the drop-path scale).
 struct ChainFn : torch::autograd::Function<ChainFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
-                        const Tensor& rm, const Tensor& rv, bool training, double momentum,
-                        double eps, int64_t stride, int64_t pad, int64_t dil) {
+                        const Tensor& gamma, const Tensor& beta, const Tensor& scale, const Tensor& rm,
+                        const Tensor& rv, bool training, double momentum, double eps, int64_t stride, int64_t pad,
+                        int64_t dil) {
     const bool has_dw = w_dw.numel() > 0;  // an empty placeholder: no depthwise convolution
-    Tensor y, mean, invstd;
+    const OutAffine aff = out_affine(gamma, beta, scale);
+    Tensor y, mean, invstd, z;
     {
       PlaneStats st;
       auto p = !has_dw             ? pointwise(x, w_pw, /*relu=*/true, &st)
                : dw_pw_own(x, w_dw) ? dw_pw_forward(x, w_dw, w_pw, stride, pad, dil, st)
                                     : pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, &st);
-      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true);
+      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true,
+                                             aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr);
     }
-    ctx->save_for_backward({x, w_dw, w_pw, y, mean, invstd});
+    ctx->save_for_backward({x, w_dw, w_pw, gamma, beta, scale, y, mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["geom"] = std::vector<int64_t>{stride, pad, dil};
-    ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), has_dw && w_dw.requires_grad(), w_pw.requires_grad()};
-    return y;
+    ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), has_dw && w_dw.requires_grad(), w_pw.requires_grad(),
+                                                   aff.gamma.defined() && gamma.requires_grad(),
+                                                   aff.beta.defined() && beta.requires_grad()};
+    return aff.any() ? z : y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto sv = ctx->get_saved_variables();
-    const auto &x = sv[0], &w_dw = sv[1], &w_pw = sv[2], &y = sv[3], &mean = sv[4], &invstd = sv[5];
+    const auto &x = sv[0], &w_dw = sv[1], &w_pw = sv[2], &y = sv[6], &mean = sv[7], &invstd = sv[8];
+    const OutAffine aff = out_affine(sv[3], sv[4], sv[5]);
     const bool has_dw = w_dw.numel() > 0;
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto geom = ctx->saved_data["geom"].toIntVector();
     const auto need = ctx->saved_data["need"].toIntVector();
     const int64_t s = geom[0], pad = geom[1], dil = geom[2];
-    variable_list out(11);
+    variable_list out(14);
     const Tensor& g = grads[0];
     if (torch::GradMode::is_enabled()) {
       // create_graph: differentiate a recomputation built from ATen's differentiable ops.
       auto d = at::relu(x);
       if (has_dw) d = at::conv2d(d, w_dw, {}, {s, s}, {pad, pad}, {dil, dil}, x.size(1));
-      grad_of_recomputation(bn_differentiable(at::conv2d(d, w_pw), mean, invstd, training, eps), sv, need, g, out);
+      auto r = affine_differentiable(bn_differentiable(at::conv2d(d, w_pw), mean, invstd, training, eps), aff.gamma,
+                                     aff.beta, aff.scale);
+      grad_of_recomputation(r, sv, need, g, out);
       return out;
     }
-    auto gp = bn_backward(g, y, mean, invstd, training, eps);
+    auto bg = bn_backward_affine(g, y, mean, invstd, training, eps, aff, need[3] || need[4]);
+    if (need[3]) out[3] = bg.gamma;
+    if (need[4]) out[4] = bg.beta;
+    auto gp = std::move(bg.x);
     if (!has_dw) {
       if (need[2]) out[2] = pointwise_grad_weight(gp, x, w_pw, true);
       if (need[0]) out[0] = pointwise_grad_input(gp, w_pw, x, true);
@@ -1160,38 +1345,49 @@ Tensor fr_subsample(const Tensor& x, int64_t off) {
 
 struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1, const Tensor& w2,
-                        const Tensor& rm, const Tensor& rv, bool training, double momentum, double eps) {
-    Tensor y, mean, invstd;
+                        const Tensor& gamma, const Tensor& beta, const Tensor& rm, const Tensor& rv, bool training,
+                        double momentum, double eps) {
+    const OutAffine aff = out_affine(gamma, beta, Tensor());
+    Tensor y, mean, invstd, z;
     {
       auto p = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
-      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, nullptr, true);
+      std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, nullptr, true,
+                                             aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr);
     }
-    ctx->save_for_backward({x, w1, w2, y, mean, invstd});
+    ctx->save_for_backward({x, w1, w2, gamma, beta, y, mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), w1.requires_grad(), w2.requires_grad()};
-    return y;
+    ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), w1.requires_grad(), w2.requires_grad(),
+                                                   aff.gamma.defined() && gamma.requires_grad(),
+                                                   aff.beta.defined() && beta.requires_grad()};
+    return aff.any() ? z : y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     using torch::indexing::None;
     using torch::indexing::Slice;
     auto sv = ctx->get_saved_variables();
-    const auto &x = sv[0], &w1 = sv[1], &w2 = sv[2], &y = sv[3], &mean = sv[4], &invstd = sv[5];
+    const auto &x = sv[0], &w1 = sv[1], &w2 = sv[2], &y = sv[5], &mean = sv[6], &invstd = sv[7];
+    const OutAffine aff = out_affine(sv[3], sv[4], Tensor());
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto need = ctx->saved_data["need"].toIntVector();
-    variable_list out(8);
+    variable_list out(10);
     if (torch::GradMode::is_enabled()) {
       auto r = at::relu(x);
       auto a = at::conv2d(r, w1, {}, {2, 2});
       auto b = at::conv2d(r.index({Slice(), Slice(), Slice(1, None), Slice(1, None)}), w2, {}, {2, 2});
       if (b.size(2) != a.size(2) || b.size(3) != a.size(3))
         b = at::constant_pad_nd(b, {0, a.size(3) - b.size(3), 0, a.size(2) - b.size(2)});
-      grad_of_recomputation(bn_differentiable(at::cat({a, b}, 1), mean, invstd, training, eps), sv, need, grads[0], out);
+      auto z = affine_differentiable(bn_differentiable(at::cat({a, b}, 1), mean, invstd, training, eps), aff.gamma,
+                                     aff.beta, {});
+      grad_of_recomputation(z, sv, need, grads[0], out);
       return out;
     }
-    auto gp = bn_backward(grads[0], y, mean, invstd, training, eps);
+    auto bg = bn_backward_affine(grads[0], y, mean, invstd, training, eps, aff, need[3] || need[4]);
+    if (need[3]) out[3] = bg.gamma;
+    if (need[4]) out[4] = bg.beta;
+    auto gp = std::move(bg.x);
     const int64_t half = w1.size(0);
     auto gp1 = gp.slice(1, 0, half).contiguous(), gp2 = gp.slice(1, half).contiguous();
     gp.reset();
@@ -1317,6 +1513,8 @@ void set_fused_ops(bool on) { g_fused = on; }
 bool fused_ops_enabled() { return g_fused; }
 
 void set_avx512_kernels(bool on) { g_avx512 = on; }
+void set_blas_gemm(bool on) { g_blas = on; }
+bool blas_gemm_active() { return blas_sgemm() != nullptr; }
 bool avx512_kernels_active() {
 #ifdef ND_AVX512
   return use_avx512();
@@ -1391,10 +1589,16 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
 }
 
 Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
-                           torch::nn::BatchNorm2dImpl& bn, int64_t stride, int64_t pad, int64_t dilation) {
+                           torch::nn::BatchNorm2dImpl& bn, int64_t stride, int64_t pad, int64_t dilation,
+                           const Tensor& scale) {
   const BnParams p = bn_params(bn);
-  return ChainFn::apply(x, w_dw, w_pw, bn.running_mean, bn.running_var, p.training, p.momentum, p.eps,
-                        stride, pad, dilation);
+  const bool affine = bn.options.affine();
+  TORCH_CHECK(!scale.defined() || (scale.dim() == 1 && scale.size(0) == x.size(0)),
+              "fused chain: scale of shape ", scale.sizes(), " for a batch of ", x.size(0));
+  const Tensor none = placeholder(x);
+  return ChainFn::apply(x, w_dw, w_pw, affine ? bn.weight : none, affine ? bn.bias : none,
+                        scale.defined() ? scale : none, bn.running_mean, bn.running_var, p.training, p.momentum,
+                        p.eps, stride, pad, dilation);
 }
 
 Tensor fused_relu_pw_bn(const Tensor& x, const Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn) {
@@ -1403,10 +1607,14 @@ Tensor fused_relu_pw_bn(const Tensor& x, const Tensor& w_pw, torch::nn::BatchNor
 
 Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& w2, torch::nn::BatchNorm2dImpl& bn) {
   const BnParams p = bn_params(bn);
-  return FactorizedReduceFn::apply(x, w1, w2, bn.running_mean, bn.running_var, p.training, p.momentum, p.eps);
+  const bool affine = bn.options.affine();
+  const Tensor none = placeholder(x);
+  return FactorizedReduceFn::apply(x, w1, w2, affine ? bn.weight : none, affine ? bn.bias : none,
+                                   bn.running_mean, bn.running_var, p.training, p.momentum, p.eps);
 }
 
 Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::BatchNorm2dImpl& bn) {
+  TORCH_CHECK(!bn.options.affine(), "fused_pool_bn needs a non-affine BatchNorm (the search network's)");
   const BnParams p = bn_params(bn);
   return PoolBnFn::apply(x, bn.running_mean, bn.running_var, max_pool, stride, p.training, p.momentum, p.eps);
 }

@@ -87,16 +87,16 @@ struct NoiseOpImpl : nn::Module {
 };
 TORCH_MODULE(NoiseOp);
 
-// The search network's separable / dilated convolutions (non-affine BN): same modules and
-// names as SeqOp, but with fused_ops_enabled() the forward runs each `ReLU, depthwise, 1x1, BN`
-// chain as one fused node (fused_ops.h).
-struct SearchConvOpImpl : nn::Module {
+// The separable / dilated convolutions: same modules and names as SeqOp, but with
+// fused_ops_enabled() the forward runs each `ReLU, depthwise, 1x1, BN` chain as one fused node
+// (fused_ops.h), non-affine BN in the search network, affine in the evaluation network.
+struct ConvChainOpImpl : nn::Module {
   struct Chain {
     std::shared_ptr<nn::Conv2dImpl> dw, pw;
     std::shared_ptr<nn::BatchNorm2dImpl> bn;
     int64_t stride, pad, dilation;
   };
-  SearchConvOpImpl(int64_t c, int64_t k, int64_t stride, int64_t dilation, int chains) {
+  ConvChainOpImpl(int64_t c, int64_t k, int64_t stride, int64_t dilation, int chains, bool affine) {
     nn::Sequential s;
     const int64_t pad = (k / 2) * dilation;
     // Weights are drawn in the order SeqOp's Sequential(...) argument list drew them (GCC
@@ -106,7 +106,7 @@ struct SearchConvOpImpl : nn::Module {
     for (int i = chains - 1; i >= 0; --i) {
       auto pw = conv(c, c, 1, 1, 0).ptr();
       auto dw = conv(c, c, k, i == 0 ? stride : 1, pad, dilation, c).ptr();
-      chains_[static_cast<size_t>(i)] = Chain{dw, pw, bn(c, false).ptr(), i == 0 ? stride : 1, pad, dilation};
+      chains_[static_cast<size_t>(i)] = Chain{dw, pw, bn(c, affine).ptr(), i == 0 ? stride : 1, pad, dilation};
     }
     for (const auto& ch : chains_) {
       s->push_back(relu());
@@ -116,17 +116,26 @@ struct SearchConvOpImpl : nn::Module {
     }
     op = register_module("op", s);
   }
-  torch::Tensor forward(const torch::Tensor& x) {
-    if (!fused_ops_enabled()) return op->forward(x);
+  torch::Tensor forward(const torch::Tensor& x) { return forward_scaled(x, {}); }
+  // The op's output times scale[n] per image (drop-path folded into the last chain); `scale`
+  // undefined: none.
+  torch::Tensor forward_scaled(const torch::Tensor& x, const torch::Tensor& scale) {
+    if (!fused_ops_enabled()) {
+      auto y = op->forward(x);
+      return scale.defined() ? y * scale.view({-1, 1, 1, 1}) : y;
+    }
     auto y = x;
-    for (const auto& ch : chains_)
-      y = fused_relu_dw_pw_bn(y, ch.dw->weight, ch.pw->weight, *ch.bn, ch.stride, ch.pad, ch.dilation);
+    for (size_t i = 0; i < chains_.size(); ++i) {
+      const auto& ch = chains_[i];
+      y = fused_relu_dw_pw_bn(y, ch.dw->weight, ch.pw->weight, *ch.bn, ch.stride, ch.pad, ch.dilation,
+                              i + 1 == chains_.size() ? scale : torch::Tensor());
+    }
     return y;
   }
   nn::Sequential op{nullptr};
   std::vector<Chain> chains_;
 };
-TORCH_MODULE(SearchConvOp);
+TORCH_MODULE(ConvChainOp);
 
 struct IdentityOpImpl : nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return x; }
@@ -139,7 +148,7 @@ ReLUConvBNImpl::ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t s
   conv_ = nn::Conv2d(nn::Conv2dOptions(c_in, c_out, k).stride(stride).padding(pad).bias(bias)).ptr();
   bn_ = bn(c_out, affine).ptr();
   op = register_module("op", nn::Sequential(relu(), nn::Conv2d(conv_), nn::BatchNorm2d(bn_)));
-  fusable_ = !affine && !bias && k == 1 && stride == 1 && pad == 0;
+  fusable_ = !bias && k == 1 && stride == 1 && pad == 0;
 }
 
 torch::Tensor ReLUConvBNImpl::forward(const torch::Tensor& x) {
@@ -155,8 +164,7 @@ FactorizedReduceImpl::FactorizedReduceImpl(int64_t c_in, int64_t c_out, bool aff
 }
 
 torch::Tensor FactorizedReduceImpl::forward(const torch::Tensor& x) {
-  if (!bn->options.affine() && fused_ops_enabled())  // the search network: one fused node
-    return fused_factorized_reduce(x, conv_1->weight, conv_2->weight, *bn);
+  if (fused_ops_enabled()) return fused_factorized_reduce(x, conv_1->weight, conv_2->weight, *bn);
   auto r = torch::relu(x);
   using torch::indexing::Slice;
   auto shifted = r.index({Slice(), Slice(), Slice(1, torch::indexing::None), Slice(1, torch::indexing::None)});
@@ -190,13 +198,12 @@ torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride,
     return nn::AnyModule(SeqOp(nn::Sequential(relu(), conv(c, c, k, stride, p, 2, c),
                                               conv(c, c, 1, 1, 0), bn(c, affine))));
   };
-  if (!affine) {  // the search network's chains, fusable (same modules and names)
-    if (name == "sep_conv_3x3") return nn::AnyModule(SearchConvOp(c, 3, stride, 1, 2));
-    if (name == "sep_conv_5x5") return nn::AnyModule(SearchConvOp(c, 5, stride, 1, 2));
-    if (name == "sep_conv_7x7") return nn::AnyModule(SearchConvOp(c, 7, stride, 1, 2));
-    if (name == "dil_conv_3x3") return nn::AnyModule(SearchConvOp(c, 3, stride, 2, 1));
-    if (name == "dil_conv_5x5") return nn::AnyModule(SearchConvOp(c, 5, stride, 2, 1));
-  }
+  // The separable and dilated convolutions: fusable chains (same modules and names as sep/dil).
+  if (name == "sep_conv_3x3") return nn::AnyModule(ConvChainOp(c, 3, stride, 1, 2, affine));
+  if (name == "sep_conv_5x5") return nn::AnyModule(ConvChainOp(c, 5, stride, 1, 2, affine));
+  if (name == "sep_conv_7x7") return nn::AnyModule(ConvChainOp(c, 7, stride, 1, 2, affine));
+  if (name == "dil_conv_3x3") return nn::AnyModule(ConvChainOp(c, 3, stride, 2, 1, affine));
+  if (name == "dil_conv_5x5") return nn::AnyModule(ConvChainOp(c, 5, stride, 2, 1, affine));
   if (name == "none") return nn::AnyModule(Zero(stride));
   if (name == "max_pool_3x3") return nn::AnyModule(MaxPoolOp(stride));
   if (name == "avg_pool_3x3") return nn::AnyModule(AvgPoolOp(stride));
@@ -220,6 +227,21 @@ torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride,
         bn(c, affine))));
   }
   throw ConfigError("unknown op '" + name + "'");
+}
+
+std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> scaled_forward(
+    const torch::nn::AnyModule& op) {
+  auto chain = std::dynamic_pointer_cast<ConvChainOpImpl>(op.ptr());
+  if (!chain) return {};
+  return [chain](const torch::Tensor& x, const torch::Tensor& scale) { return chain->forward_scaled(x, scale); };
+}
+
+torch::Tensor drop_path_scale(int64_t n, double p, const torch::TensorOptions& options) {
+  if (p <= 0.0) return {};
+  TORCH_CHECK_VALUE(p < 1.0, "drop-path probability must be in [0, 1), got ", p);
+  const double keep = 1.0 - p;
+  // The same draws as drop_path's [N, 1, 1, 1] mask.
+  return torch::empty({n}, options).bernoulli_(keep).div_(keep);
 }
 
 torch::Tensor drop_path(const torch::Tensor& x, double p) {

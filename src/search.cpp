@@ -517,7 +517,7 @@ void Searcher::supernet_accuracy(json& m) {
   double valid_loss = -1;
   valid_acc_ = -1;
   if (cfg_.eval_valid) {
-    torch::NoGradGuard ng;
+    torch::InferenceMode inference;
     net_->eval();
     eval_stream_->seek({0, 0});
     double l = 0;

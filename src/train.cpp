@@ -165,7 +165,7 @@ Genotype TrainConfig::finalize() {
 // ------------------------------------------------------------------------------------------
 
 EvalResult evaluate(EvalNetwork& net, BatchStream& stream, torch::Device device) {
-  torch::NoGradGuard no_grad;
+  torch::InferenceMode inference;  // no autograd records, no version counters (docs/bench.md)
   const bool was_training = net->is_training();
   net->eval();
   EvalResult r;

@@ -6,6 +6,8 @@
 #include <torch/torch.h>
 
 #include "noisydarts/architect.h"
+#include "noisydarts/eval_network.h"
+#include "noisydarts/genotype.h"
 #include "noisydarts/fused_ops.h"
 #include "noisydarts/hessian.h"
 #include "noisydarts/mixed_op.h"
@@ -24,10 +26,11 @@ struct FusedSwitch {
   bool was;
 };
 
-// Runs a block with the AVX-512 kernel forms on or off (the portable loops): both are checked.
+// Runs a block with the AVX-512 kernel forms and the BLAS 1x1 weight gradient on, or both off
+// (the portable loops, the own weight-gradient kernel): both are checked.
 struct Avx512Switch {
-  explicit Avx512Switch(bool on) { set_avx512_kernels(on); }
-  ~Avx512Switch() { set_avx512_kernels(true); }
+  explicit Avx512Switch(bool on) { set_avx512_kernels(on), set_blas_gemm(on); }
+  ~Avx512Switch() { set_avx512_kernels(true), set_blas_gemm(true); }
 };
 
 struct ThreadCount {
@@ -99,34 +102,53 @@ TEST(Fused, OneByOneChainWithAnyChannelCountMatchesTheModules) {
       torch::manual_seed(23);
       auto w = torch::randn({shape[1], shape[0], 1, 1}).requires_grad_();
       auto x = torch::randn({3, shape[0], shape[2], shape[3]}).requires_grad_();
-      auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(shape[1]).affine(false));
-      auto bn2 = nn::BatchNorm2d(nn::BatchNorm2dOptions(shape[1]).affine(false));
-      auto y = fused_relu_pw_bn(x, w, *bn);
-      auto xd = x.detach().to(torch::kDouble).requires_grad_(), wd = w.detach().to(torch::kDouble).requires_grad_();
+      for (const bool affine : {false, true}) {
+      auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(shape[1]).affine(affine));
+      auto bn2 = nn::BatchNorm2d(nn::BatchNorm2dOptions(shape[1]).affine(affine));
       bn2->to(torch::kDouble);
+      std::vector<torch::Tensor> ins{x, w}, ins2;
+      auto xd = x.detach().to(torch::kDouble).requires_grad_(), wd = w.detach().to(torch::kDouble).requires_grad_();
+      ins2 = {xd, wd};
+      if (affine) {
+        torch::NoGradGuard ng;
+        bn->weight.uniform_(-1.5, 1.5), bn->bias.uniform_(-1, 1);
+        bn2->weight.copy_(bn->weight), bn2->bias.copy_(bn->bias);
+        ins.insert(ins.end(), {bn->weight, bn->bias});
+        ins2.insert(ins2.end(), {bn2->weight, bn2->bias});
+      }
+      auto y = fused_relu_pw_bn(x, w, *bn);
       auto ref = bn2->forward(torch::conv2d(torch::relu(xd), wd));
-      expect_close(y.to(torch::kDouble), ref.detach(), 1e-5, tag + " forward");
+      const std::string t = tag + (affine ? " affine" : "");
+      expect_close(y.to(torch::kDouble), ref.detach(), 1e-5, t + " forward");
       auto g = torch::randn(y.sizes());
-      auto ga = torch::autograd::grad({y}, {x, w}, {g});
-      auto gb = torch::autograd::grad({ref}, {xd, wd}, {g.to(torch::kDouble)});
-      expect_close(ga[0].to(torch::kDouble), gb[0], 1e-4, tag + " grad input");
-      expect_close(ga[1].to(torch::kDouble), gb[1], 1e-4, tag + " grad weight");
+      auto ga = torch::autograd::grad({y}, ins, {g});
+      auto gb = torch::autograd::grad({ref}, ins2, {g.to(torch::kDouble)});
+      const char* names[] = {" grad input", " grad weight", " grad BN weight", " grad BN bias"};
+      for (size_t i = 0; i < ga.size(); ++i) expect_close(ga[i].to(torch::kDouble), gb[i], 1e-4, t + names[i]);
       expect_close(bn->running_var.to(torch::kDouble), bn2->running_var, 1e-5, tag + " running var");
       expect_close(bn->running_mean.to(torch::kDouble), bn2->running_mean, 1e-5, tag + " running mean");
+      }
     }
 }
 
 TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) {
-  for (const std::string name : {"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"})
+  // Non-affine BN (the search network) and affine BN (the evaluation network, with random
+  // weights and biases so that their gradients are checked too); FactorizedReduce as well.
+  for (const bool affine : {false, true})
+  for (const std::string name : {"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5", "skip_connect"})
     for (int64_t stride : {1, 2}) {
+      if (name == "skip_connect" && stride == 1) continue;  // the identity
       torch::manual_seed(3);
-      auto op = make_op(name, 6, stride, /*affine=*/false);
-      auto twin = make_op(name, 6, stride, false);
+      auto op = make_op(name, 6, stride, affine);
+      auto twin = make_op(name, 6, stride, affine);
       // Same weights in both.
       {
         torch::NoGradGuard ng;
         auto a = op.ptr()->named_parameters(), b = twin.ptr()->named_parameters();
-        for (const auto& kv : a) b[kv.key()].copy_(kv.value());
+        for (const auto& kv : a) {
+          if (kv.value().dim() == 1) kv.value().uniform_(-1.5, 1.5);  // BN weight and bias
+          b[kv.key()].copy_(kv.value());
+        }
       }
       auto x = torch::randn({4, 6, 10, 10}).requires_grad_();
       auto x2 = x.detach().clone().requires_grad_();
@@ -139,7 +161,7 @@ TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) 
         FusedSwitch off(false);
         y2 = twin.forward(x2);
       }
-      const std::string tag = name + " stride " + std::to_string(stride);
+      const std::string tag = name + " stride " + std::to_string(stride) + (affine ? " affine" : "");
       expect_close(y, y2, 1e-5, tag + " forward");
       auto g = torch::randn_like(y);
       auto pa = op.ptr()->parameters(), pb = twin.ptr()->parameters();
@@ -249,6 +271,60 @@ TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
         continue;
       }
       expect_close(a.second[i], b.second[i], 1e-3, tag + " gradient " + std::to_string(i));
+    }
+  }
+}
+
+TEST(Fused, EvaluationNetworkFusedEqualsModuleByModule) {
+  // The training step's math (affine BN, auxiliary head, drop-path folded into the chains) and
+  // the evaluation mode's: logits, every gradient and the running statistics agree with the
+  // module-by-module network. The drop-path masks are drawn in the same order either way.
+  for (const bool avx512 : {true, false})
+  for (const std::string genotype : {"NoisyDARTS_a", "DARTS_V2"}) {
+    Avx512Switch sw(avx512);
+    EvalNetworkOptions o(6, 5, 3, builtin_genotype(genotype));
+    o.in_channels(1).auxiliary(true).drop_path_prob(0.3);
+    torch::manual_seed(5);
+    EvalNetwork net(o);
+    torch::manual_seed(5);
+    EvalNetwork twin(o);
+    {
+      torch::NoGradGuard ng;  // BN weights and biases away from 1 and 0
+      auto a = net->named_parameters(), b = twin->named_parameters();
+      for (const auto& kv : a)
+        if (kv.value().dim() == 1 && kv.key().find("bn") != std::string::npos) {
+          kv.value().uniform_(0.5, 1.5);
+          b[kv.key()].copy_(kv.value());
+        }
+    }
+    auto x = torch::randn({6, 1, 16, 16});
+    auto y = torch::randint(0, 5, {6});
+    auto run = [&](EvalNetwork& n, bool fused) {
+      FusedSwitch f(fused);
+      n->train();
+      torch::manual_seed(42);
+      auto out = n->forward(x);
+      auto loss = torch::nn::functional::cross_entropy(out.logits, y) +
+                  0.4 * torch::nn::functional::cross_entropy(out.aux_logits, y);
+      auto g = torch::autograd::grad({loss}, n->parameters());
+      g.insert(g.begin(), {out.logits.detach(), out.aux_logits.detach()});
+      n->eval();
+      torch::InferenceMode im;
+      g.push_back(n->forward(x).logits);
+      return g;
+    };
+    auto a = run(net, true), b = run(twin, false);
+    const std::string tag = genotype + (avx512 ? " AVX-512" : " portable");
+    ASSERT_EQ(a.size(), b.size());
+    expect_close(a[0], b[0], 1e-4, tag + " logits");
+    expect_close(a[1], b[1], 1e-4, tag + " auxiliary logits");
+    expect_close(a.back(), b.back(), 1e-4, tag + " evaluation-mode logits");
+    auto names = net->named_parameters().keys();
+    for (size_t i = 2; i + 1 < a.size(); ++i) expect_close(a[i], b[i], 1e-3, tag + " gradient of " + names[i - 2]);
+    auto ba = net->named_buffers(), bb = twin->named_buffers();
+    for (const auto& kv : ba) {
+      if (kv.value().scalar_type() == torch::kLong) EXPECT_TRUE(torch::equal(kv.value(), bb[kv.key()])) << kv.key();
+      else expect_close(kv.value(), bb[kv.key()], 1e-5, tag + " buffer " + kv.key());
     }
   }
 }

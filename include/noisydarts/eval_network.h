@@ -57,6 +57,9 @@ class EvalCellImpl : public torch::nn::Module {
  private:
   struct Op {
     std::function<torch::Tensor(const torch::Tensor&)> run;
+    /// op(x) * scale[n] with the drop-path scale folded into its last fused node (ops.h
+    /// scaled_forward); empty for ops that cannot.
+    std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> run_scaled;
     std::shared_ptr<torch::nn::Module> module;
     bool identity = false;
   };

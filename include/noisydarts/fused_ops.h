@@ -34,6 +34,13 @@ bool fused_ops_enabled();
 void set_avx512_kernels(bool on);
 bool avx512_kernels_active();
 
+/// Process-wide switch (default on) for the 1x1 convolutions' weight gradient through the BLAS
+/// sgemm that LibTorch loaded (OpenBLAS on Debian; looked up at run time), per group of 4
+/// images with the groups summed in a fixed order. Off, or no sgemm in the process: the own
+/// kernels. `blas_gemm_active()`: whether the BLAS path runs now.
+void set_blas_gemm(bool on);
+bool blas_gemm_active();
+
 /// Depthwise 2-D convolution of NCHW `x` with weight [C, 1, k, k]; `relu_input` convolves
 /// relu(x) instead of x. CPU float uses the own kernel, anything else ATen.
 torch::Tensor depthwise_conv2d(const torch::Tensor& x, const torch::Tensor& w, int64_t stride,
@@ -44,16 +51,19 @@ std::pair<torch::Tensor, torch::Tensor> depthwise_conv2d_backward(
     const torch::Tensor& grad_out, const torch::Tensor& x, const torch::Tensor& w, int64_t stride,
     int64_t pad, int64_t dilation, bool relu_input, bool need_input, bool need_weight);
 
-/// `BN(conv1x1(depthwise(relu(x))))`, differentiable in x, w_dw and w_pw. `bn` is a non-affine
-/// BatchNorm2d whose running statistics (and batch count) are updated as its forward would.
+/// `BN(conv1x1(depthwise(relu(x))))`, differentiable in x, w_dw and w_pw (and in BN's weight and
+/// bias when it is affine: the evaluation network's chains). `bn`'s running statistics (and
+/// batch count) are updated as its forward would. `scale` (optional, [N]): each image's output
+/// is multiplied by scale[n] (the evaluation network's drop-path, mask / keep, folded in).
 torch::Tensor fused_relu_dw_pw_bn(const torch::Tensor& x, const torch::Tensor& w_dw,
                                   const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn,
-                                  int64_t stride, int64_t pad, int64_t dilation);
+                                  int64_t stride, int64_t pad, int64_t dilation,
+                                  const torch::Tensor& scale = {});
 
-/// `BN(conv1x1(relu(x)))` (the search cell's 1x1 preprocessing), differentiable in x and w_pw.
+/// `BN(conv1x1(relu(x)))` (the cells' 1x1 preprocessing), differentiable in x and w_pw.
 torch::Tensor fused_relu_pw_bn(const torch::Tensor& x, const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn);
 
-/// FactorizedReduce with a non-affine BN: `BN(cat(w1 * relu(x)[::2, ::2], w2 * relu(x)[1::2, 1::2]))`
+/// FactorizedReduce (BN affine or not): `BN(cat(w1 * relu(x)[::2, ::2], w2 * relu(x)[1::2, 1::2]))`
 /// (1x1 convolutions; the second half zero-padded for odd sizes), differentiable in x, w1, w2.
 torch::Tensor fused_factorized_reduce(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
                                       torch::nn::BatchNorm2dImpl& bn);

@@ -2,6 +2,7 @@
 /// Candidate operations of the DARTS cell space (SPEC 2.1). Registered submodule names follow
 /// the reference implementation so state dicts interoperate with PyTorch (SPEC 6).
 #include <torch/torch.h>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -21,8 +22,8 @@ struct ReLUConvBNImpl : torch::nn::Module {
   /// `bias`: the convolution has a bias (NAS-Bench-201's search ops: bias = !affine).
   ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t stride, int64_t pad, bool affine,
                  bool bias = false);
-  /// With fused_ops_enabled() a search-network 1x1 (non-affine BN, no bias, stride 1) runs as one
-  /// fused node (fused_ops.h); otherwise module by module.
+  /// With fused_ops_enabled() a 1x1 (no bias, stride 1; BN affine or not) runs as one fused node
+  /// (fused_ops.h); otherwise module by module.
   torch::Tensor forward(const torch::Tensor& x);
   torch::nn::Sequential op{nullptr};
 
@@ -54,6 +55,16 @@ TORCH_MODULE(Zero);
 /// Builds candidate `name` with `c` channels and `stride` (1 or 2). `affine` selects affine BN
 /// (evaluation network) or non-affine (search network). Throws ConfigError for unknown names.
 torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride, bool affine);
+
+/// For an op made by make_op that can fold a per-image output scale into its last fused node
+/// (the separable and dilated convolutions): a function (x, scale) -> op(x) * scale[n]; for
+/// other ops an empty function. With fused ops off it runs the modules, then multiplies.
+std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> scaled_forward(
+    const torch::nn::AnyModule& op);
+
+/// Drop-path as a per-image scale [N]: mask / (1 - p), mask ~ Bernoulli(1 - p), drawn exactly as
+/// drop_path draws its mask (the same random stream). p == 0: undefined.
+torch::Tensor drop_path_scale(int64_t n, double p, const torch::TensorOptions& options);
 
 /// Per-sample drop-path: zeroes each sample with probability p and scales the rest by
 /// 1/(1-p). Not in place. p == 0 returns x.
