@@ -19,6 +19,7 @@
 #include "noisydarts/fused_ops.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/profile.h"
 #include "noisydarts/runtime.h"
 #include "noisydarts/method.h"
 #include "noisydarts/search.h"
@@ -66,8 +67,10 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
 }
 
 /// Times `iteration` and prints the result; `images` = images through the network per iteration.
+/// `gflop`: floating-point operations per iteration in GFLOP (0: not counted), reported with the
+/// achieved GFLOP/s.
 int report(const BenchOptions& o, const std::string& what, int64_t images, const std::function<void()>& iteration,
-           const std::function<void()>& sync) {
+           const std::function<void()>& sync, double gflop = 0) {
   for (int i = 0; i < o.warmup; ++i) iteration();
   std::vector<double> s;
   for (int i = 0; i < o.iters; ++i) {
@@ -100,6 +103,7 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"image_size", o.image_size},
                      {"device", o.device},
                      {"fused", fused_ops_enabled()}};
+    if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "search-step") {
       j["order"] = o.order;
       j["method"] = o.method.empty() ? o.preset : o.method;
@@ -108,6 +112,7 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
   } else {
     std::printf("%s: median %.3f s/iteration (min %.3f, max %.3f over %d), %.1f images/s, peak RSS %.0f MB, %d threads\n",
                 what.c_str(), med, sorted.front(), sorted.back(), o.iters, images / med, rss, at::get_num_threads());
+    if (gflop > 0) std::printf("  %.1f GFLOP per iteration, %.1f GFLOP/s\n", gflop, gflop / med);
   }
   return nd::kExitOk;
 }
@@ -205,19 +210,56 @@ void add_bench_command(CLI::App& app, Action& run) {
       auto opts = torch::TensorOptions().device(device);
       const auto x = torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, opts);
       const auto y = torch::randint(0, o.classes, {o.batch_size}, opts.dtype(torch::kLong));
+      // FLOPs per step: the convolutions' and linear layers' multiply-adds per image (profile.h,
+      // auxiliary head excluded), 2 FLOPs each, 3 passes (forward, input and weight gradients).
+      const double gflop = 6.0 * static_cast<double>(nd::profile_network(net, o.in_channels, o.image_size, o.image_size).macs) *
+                           static_cast<double>(o.batch_size) / 1e9;
+      net->train();
       if (!o.json)
         std::fprintf(stderr, "bench train-step: %s, C %lld, L %lld, batch %lld, auxiliary head, drop-path 0.2\n",
                      o.genotype.c_str(), static_cast<long long>(o.channels), static_cast<long long>(o.layers),
                      static_cast<long long>(o.batch_size));
       return report(o, "train-step", o.batch_size, [&] {
-        sgd.zero_grad();
+        for (auto& p : params) p.mutable_grad().reset();  // as the training loop does (src/train.cpp)
         auto out = net->forward(x);
         auto loss = torch::nn::functional::cross_entropy(out.logits, y);
         if (out.aux_logits.defined()) loss = loss + 0.4 * torch::nn::functional::cross_entropy(out.aux_logits, y);
         loss.backward();
         torch::nn::utils::clip_grad_norm_(params, 5.0);
         sgd.step();
-      }, sync_for(device));
+      }, sync_for(device), gflop);
+    };
+  });
+
+  // The machine's dense-convolution speed (oneDNN through ATen): the limit docs/bench.md measures
+  // the training step against.
+  auto co = std::make_shared<BenchOptions>();
+  co->channels = 64;
+  auto* cs = bench->add_subcommand("conv", "Dense k x k convolution forward + backward through ATen/oneDNN: this machine's GFLOP/s");
+  add_common(cs, *co);
+  auto kernel = std::make_shared<int64_t>(3);
+  cs->add_option("--kernel", *kernel, "Kernel size (same padding)")->check(CLI::Range(1, 11))->capture_default_str();
+  cs->callback([co, kernel, &run] {
+    run = [co, kernel] {
+      const auto& o = *co;
+      setup(o);
+      const torch::Device device = nd::parse_device(o.device);
+      torch::manual_seed(0);
+      auto opts = torch::TensorOptions().device(device);
+      const int64_t k = *kernel, c = o.channels, hw = o.image_size;
+      auto x = torch::randn({o.batch_size, c, hw, hw}, opts).requires_grad_();
+      auto w = torch::randn({c, c, k, k}, opts).requires_grad_();
+      auto g = torch::randn({o.batch_size, c, hw, hw}, opts);
+      const double gflop = 6.0 * static_cast<double>(c * c * k * k * hw * hw * o.batch_size) / 1e9;
+      if (!o.json)
+        std::fprintf(stderr, "bench conv: %lldx%lld convolution, %lld -> %lld channels, %lldx%lld, batch %lld, forward + backward\n",
+                     static_cast<long long>(k), static_cast<long long>(k), static_cast<long long>(c),
+                     static_cast<long long>(c), static_cast<long long>(hw), static_cast<long long>(hw),
+                     static_cast<long long>(o.batch_size));
+      return report(o, "conv", o.batch_size, [&] {
+        auto y = torch::conv2d(x, w, {}, 1, k / 2);
+        torch::autograd::grad({y}, {x, w}, {g});
+      }, sync_for(device), gflop);
     };
   });
 }

@@ -1332,6 +1332,31 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
   }
 };
 
+// pool3x3(x) alone (the evaluation network's pools): saves only x (max indices recomputed).
+struct PoolFn : torch::autograd::Function<PoolFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, bool max_pool, int64_t stride) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["max"] = max_pool;
+    ctx->saved_data["stride"] = stride;
+    return pool(x, max_pool, stride);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto x = ctx->get_saved_variables()[0];
+    const bool max_pool = ctx->saved_data["max"].toBool();
+    const int64_t s = ctx->saved_data["stride"].toInt();
+    variable_list out(3);
+    if (!x.requires_grad()) return out;
+    if (torch::GradMode::is_enabled()) {
+      auto p = max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
+      out[0] = torch::autograd::grad({p}, {x}, {grads[0]}, true, true)[0];
+      return out;
+    }
+    out[0] = pool_backward(grads[0], x, max_pool, s);
+    return out;
+  }
+};
+
 // FactorizedReduce: BN(cat(conv1x1(relu(x)[::2, ::2]), conv1x1(relu(x)[1::2, 1::2]))), the
 // second half zero-padded to the first's size for odd inputs.
 Tensor fr_subsample(const Tensor& x, int64_t off) {
@@ -1618,6 +1643,8 @@ Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::
   const BnParams p = bn_params(bn);
   return PoolBnFn::apply(x, bn.running_mean, bn.running_var, max_pool, stride, p.training, p.momentum, p.eps);
 }
+
+Tensor fused_pool(const Tensor& x, bool max_pool, int64_t stride) { return PoolFn::apply(x, max_pool, stride); }
 
 Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys) {
   TORCH_CHECK(!ys.empty() && w.dim() == 1 && w.size(0) == static_cast<int64_t>(ys.size()),

@@ -61,7 +61,10 @@ TORCH_MODULE(SeqOp);
 // Pools have no parameters; the reference registers them directly as `_ops.{k}`.
 struct MaxPoolOpImpl : nn::Module {
   explicit MaxPoolOpImpl(int64_t stride) : stride(stride) {}
-  torch::Tensor forward(const torch::Tensor& x) { return torch::max_pool2d(x, {3, 3}, {stride, stride}, {1, 1}); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    if (fused_ops_enabled()) return fused_pool(x, /*max_pool=*/true, stride);
+    return torch::max_pool2d(x, {3, 3}, {stride, stride}, {1, 1});
+  }
   int64_t stride;
 };
 TORCH_MODULE(MaxPoolOp);
@@ -70,6 +73,7 @@ struct AvgPoolOpImpl : nn::Module {
   explicit AvgPoolOpImpl(int64_t stride) : stride(stride) {}
   torch::Tensor forward(const torch::Tensor& x) {
     // count_include_pad = false: border averages divide by the valid pixels only.
+    if (fused_ops_enabled()) return fused_pool(x, /*max_pool=*/false, stride);
     return torch::avg_pool2d(x, {3, 3}, {stride, stride}, {1, 1}, false, false);
   }
   int64_t stride;

@@ -551,7 +551,9 @@ void Trainer::step(int64_t epoch, int64_t step) {
   Batch b = train_stream_->next();
   auto x = b.x.to(device_);
   auto y = b.y.to(device_);
-  sgd_->zero_grad();
+  // Gradients start undefined (not zeroed): the first accumulation then takes the backward's
+  // tensor as it is, with no zero fill and no add (every weight gets a gradient each step).
+  for (auto& p : params_) p.mutable_grad().reset();
   auto outp = net_->forward(x);
   auto loss = torch::nn::functional::cross_entropy(outp.logits, y);
   if (outp.aux_logits.defined())

@@ -76,6 +76,11 @@ torch::Tensor weighted_sum(const torch::Tensor& w, const std::vector<torch::Tens
 torch::Tensor fused_pool_bn(const torch::Tensor& x, bool max_pool, int64_t stride,
                             torch::nn::BatchNorm2dImpl& bn);
 
+/// `pool3x3(x)` for max or average (count_include_pad false) pooling, padding 1, without BN (the
+/// evaluation network's pools), differentiable in x; saves only x. Ties of the max go to the
+/// first tap, as ATen's indices do.
+torch::Tensor fused_pool(const torch::Tensor& x, bool max_pool, int64_t stride);
+
 /// While alive, every parameter in `params` has requires_grad false (restored on destruction):
 /// a forward run under it builds no weight-gradient paths.
 class WeightsFrozen {
