@@ -41,6 +41,7 @@ struct BenchOptions {
   std::string device = "cpu";
   bool json = false;
   bool no_fused = false;
+  bool no_blas = false;
 };
 
 double peak_rss_mb() {
@@ -63,6 +64,8 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
   cmd->add_option("--device", o.device, "cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_flag("--no-fused", o.no_fused,
                 "Run the search ops module by module as the reference does, instead of the fused nodes (docs/bench.md)");
+  cmd->add_flag("--no-blas", o.no_blas,
+                "The own kernels for the 1x1 convolutions' weight gradient instead of the BLAS sgemm (docs/bench.md)");
   cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
 }
 
@@ -102,7 +105,8 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"in_channels", o.in_channels},
                      {"image_size", o.image_size},
                      {"device", o.device},
-                     {"fused", fused_ops_enabled()}};
+                     {"fused", fused_ops_enabled()},
+                     {"blas", blas_gemm_active()}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "search-step") {
       j["order"] = o.order;
@@ -121,6 +125,7 @@ void setup(const BenchOptions& o) {
   at::set_num_threads(o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   nd::keep_freed_memory();
   nd::set_fused_ops(!o.no_fused);
+  nd::set_blas_gemm(!o.no_blas);
 }
 
 std::function<void()> sync_for(torch::Device d) {

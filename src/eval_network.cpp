@@ -67,6 +67,16 @@ EvalCellImpl::EvalCellImpl(const Genotype& genotype, int64_t c_pp, int64_t c_p, 
     ops_.push_back(std::move(op));
     indices_.push_back(index);
   }
+  // The output's nodes can be written straight into it when they are distinct nodes (not inputs).
+  const int states = 2 + static_cast<int>(ops_.size() / 2);
+  std::vector<int> slot(static_cast<size_t>(states), -1);
+  bool placeable = !concat_.empty();
+  for (size_t p = 0; p < concat_.size() && placeable; ++p) {
+    const int i = concat_[p];
+    placeable = i >= 2 && i < states && slot[static_cast<size_t>(i)] < 0;
+    if (placeable) slot[static_cast<size_t>(i)] = static_cast<int>(p);
+  }
+  if (placeable) slot_ = std::move(slot);
 }
 
 torch::Tensor EvalCellImpl::forward(const torch::Tensor& s0, const torch::Tensor& s1,
@@ -78,6 +88,10 @@ torch::Tensor EvalCellImpl::forward(const torch::Tensor& s0, const torch::Tensor
   std::vector<torch::Tensor> states{preprocess0_.forward(s0), preprocess1_.forward(s1)};
   const bool drop = is_training() && drop_prob > 0.0;
   const bool fold = drop && fused_ops_enabled();  // off: module by module, as the reference does
+  // With fused ops the output's nodes are written straight into it (fused_ops.h ChannelConcat):
+  // their later consumers keep slices of the output, not a second copy of each node.
+  std::unique_ptr<ChannelConcat> cat;
+  if (fused_ops_enabled() && !slot_.empty()) cat = std::make_unique<ChannelConcat>(static_cast<int64_t>(concat_.size()));
   for (size_t i = 0; i < ops_.size() / 2; ++i) {
     torch::Tensor s;
     for (size_t k = 2 * i; k < 2 * i + 2; ++k) {
@@ -92,8 +106,10 @@ torch::Tensor EvalCellImpl::forward(const torch::Tensor& s0, const torch::Tensor
       }
       s = s.defined() ? s + h : h;
     }
-    states.push_back(s);
+    const int slot = cat ? slot_[states.size()] : -1;
+    states.push_back(slot >= 0 ? cat->place(slot, s) : s);
   }
+  if (cat) return cat->output();
   std::vector<torch::Tensor> out;
   out.reserve(concat_.size());
   for (int i : concat_) out.push_back(states.at(static_cast<size_t>(i)));

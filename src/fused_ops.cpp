@@ -678,6 +678,20 @@ void for_images(int64_t n, const F& f) {
   });
 }
 
+// x itself when each image [C, H, W] of it is contiguous (a channel slice of a larger batch, such
+// as a node of a cell's output written in place, is), with `img` = its image stride; otherwise a
+// contiguous copy (img = C H W).
+Tensor image_major(const Tensor& x, int64_t& img) {
+  if (x.dim() == 4 && x.stride(3) == 1 && x.stride(2) == x.size(3) && x.stride(1) == x.size(2) * x.size(3) &&
+      x.stride(0) >= x.size(1) * x.stride(1)) {
+    img = x.stride(0);
+    return x;
+  }
+  auto c = x.contiguous();
+  img = c.dim() == 4 ? c.size(1) * c.size(2) * c.size(3) : 0;
+  return c;
+}
+
 // 1x1 convolution of relu?(x).
 // Mean and sum of squared deviations from it of each [N, C] plane of a batch-norm input,
 // computed by the kernel that wrote the plane while it is in cache (empty: not computed).
@@ -699,7 +713,8 @@ void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
 // 1x1 convolution of relu?(x); with `stats`, also each output plane's statistics.
 Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats = nullptr) {
   if (!own_kernel(x)) return at::conv2d(relu ? at::relu(x) : x, w);
-  auto xc = x.contiguous();
+  int64_t xs = 0;
+  auto xc = image_major(x, xs);
   auto wc = w.contiguous();
   const int64_t n = xc.size(0), ci = xc.size(1), co = wc.size(0), hw = xc.size(2) * xc.size(3);
   auto y = torch::empty({n, co, xc.size(2), xc.size(3)}, xc.options());
@@ -707,7 +722,7 @@ Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats 
   float* yp = y.data_ptr<float>();
   if (stats) stats->mean.resize(static_cast<size_t>(n * co)), stats->m2.resize(static_cast<size_t>(n * co));
   for_images(n, [&](int64_t i) {
-    pw_image(xp + i * ci * hw, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr);
+    pw_image(xp + i * xs, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr);
     if (stats)
       for (int64_t o = 0; o < co; ++o) plane_stats(yp + (i * co + o) * hw, hw, stats->mean[i * co + o], stats->m2[i * co + o]);
   });
@@ -723,13 +738,14 @@ Tensor pointwise_grad_input(const Tensor& gy, const Tensor& w, const Tensor& x, 
   }
   auto gc = gy.contiguous();
   auto wc = w.contiguous();
-  auto xc = relu ? x.contiguous() : Tensor();
+  int64_t xs = 0;
+  auto xc = relu ? image_major(x, xs) : Tensor();
   const int64_t n = gc.size(0), co = gc.size(1), ci = wc.size(1), hw = gc.size(2) * gc.size(3);
   auto gx = torch::empty({n, ci, gc.size(2), gc.size(3)}, gc.options());
   const float *gp = gc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *mp = relu ? xc.data_ptr<float>() : nullptr;
   float* xp = gx.data_ptr<float>();
   for_images(n, [&](int64_t i) {
-    pw_image(gp + i * co * hw, wp, xp + i * ci * hw, co, ci, hw, true, false, relu ? mp + i * ci * hw : nullptr);
+    pw_image(gp + i * co * hw, wp, xp + i * ci * hw, co, ci, hw, true, false, relu ? mp + i * xs : nullptr);
   });
   return gx;
 }
@@ -739,13 +755,14 @@ Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w,
     return std::get<1>(at::convolution_backward(gy, relu ? at::relu(x) : x, w, c10::nullopt, {1, 1}, {0, 0},
                                                 {1, 1}, false, {0, 0}, 1, {false, true, false}));
   auto gc = gy.contiguous();
-  auto xc = x.contiguous();
+  int64_t xs = 0;
+  auto xc = image_major(x, xs);
   const int64_t n = gc.size(0), co = gc.size(1), ci = xc.size(1), hw = gc.size(2) * gc.size(3);
   std::vector<float> part(static_cast<size_t>(image_groups(n) * co * ci));
   const float *gp = gc.data_ptr<float>(), *xp = xc.data_ptr<float>();
   for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
     thread_local std::vector<float> scratch;
-    pw_grad_weight_acc(gp + i * co * hw, xp + i * ci * hw, part.data() + grp * co * ci, ci, co, hw, relu, !first, scratch);
+    pw_grad_weight_acc(gp + i * co * hw, xp + i * xs, part.data() + grp * co * ci, ci, co, hw, relu, !first, scratch);
   });
   return sum_partials(part, image_groups(n), co * ci, w.sizes());
 }
@@ -926,6 +943,27 @@ bool affine_own(const Tensor& y, const OutAffine& a) {
   return own_kernel(y) && y.is_contiguous() && y.dim() == 4 && ok(a.gamma) && ok(a.beta) && ok(a.scale);
 }
 
+// dst[n, c] = f(src[n, c], gamma[c], beta[c], scale[n]), plane by plane in parallel (own kernels:
+// affine_own(src, a)).
+template <typename F>
+Tensor affine_planes(const Tensor& src, const OutAffine& a, const F& f) {
+  const int64_t c = src.size(1), hw = src.size(2) * src.size(3);
+  auto dst = torch::empty_like(src);
+  const AffinePtrs ap(a);
+  const float* sp = src.data_ptr<float>();
+  float* dp = dst.data_ptr<float>();
+  at::parallel_for(0, src.size(0) * c, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
+      const float* sr = sp + i * hw;
+      float* dr = dp + i * hw;
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) dr[j] = f(sr[j], gm, bt, sc);
+    }
+  });
+  return dst;
+}
+
 // z from x_hat (ATen ops where the own kernels do not apply).
 Tensor affine_out(const Tensor& y, const OutAffine& a) {
   if (!a.any()) return y;
@@ -935,21 +973,7 @@ Tensor affine_out(const Tensor& y, const OutAffine& a) {
     if (a.beta.defined()) z = z + a.beta.view(cv);
     return a.scale.defined() ? z * a.scale.view({-1, 1, 1, 1}) : z;
   }
-  const int64_t c = y.size(1), hw = y.size(2) * y.size(3);
-  auto z = torch::empty_like(y);
-  const AffinePtrs ap(a);
-  const float* yp = y.data_ptr<float>();
-  float* zp = z.data_ptr<float>();
-  at::parallel_for(0, y.size(0) * c, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
-      const float* src = yp + i * hw;
-      float* dst = zp + i * hw;
-#pragma omp simd
-      for (int64_t j = 0; j < hw; ++j) dst[j] = (gm * src[j] + bt) * sc;
-    }
-  });
-  return z;
+  return affine_planes(y, a, [](float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; });
 }
 
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
@@ -1131,7 +1155,8 @@ bool dw_pw_own(const Tensor& x, const Tensor& w_dw) {
 // pointwise(depthwise(relu(x))), with each output plane's statistics.
 Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, int64_t s, int64_t pad, int64_t dil,
                      PlaneStats& stats) {
-  auto xc = x.contiguous(), wd = w_dw.contiguous(), wp = w_pw.contiguous();
+  int64_t xs = 0;
+  auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
   const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
@@ -1145,7 +1170,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
     thread_local std::vector<float> buf, ext, d;
     buf.resize(static_cast<size_t>(g.buf)), ext.resize(static_cast<size_t>(g.len)), d.resize(static_cast<size_t>(c * ohw));
     for (int64_t ch = 0; ch < c; ++ch) {
-      fill_phases(xp + (i * c + ch) * plane, buf.data(), g, true);
+      fill_phases(xp + i * xs + ch * plane, buf.data(), g, true);
       dw_forward_plane(buf.data(), wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
     }
     float* yi = yp + i * co * ohw;
@@ -1160,14 +1185,15 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
 // gradient only), from phase buffers of x that then also serve the depthwise weight gradient.
 std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
                                      int64_t s, int64_t pad, int64_t dil, bool need_x, bool need_dw, bool need_pw) {
-  auto xc = x.contiguous(), wd = w_dw.contiguous(), wp = w_pw.contiguous(), gc = gp.contiguous();
+  int64_t xs = 0;
+  auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous(), gc = gp.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
   const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "fused chain backward: grad shape ", gc.sizes());
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
   const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>(), *gpp = gc.data_ptr<float>();
   std::array<Tensor, 3> out;
-  if (need_x) out[0] = torch::empty_like(xc);
+  if (need_x) out[0] = torch::empty(xc.sizes(), xc.options());  // contiguous
   float* gxp = need_x ? out[0].data_ptr<float>() : nullptr;
   std::vector<float> part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0),
       part_pw(need_pw ? static_cast<size_t>(image_groups(n) * co * c) : 0);
@@ -1183,7 +1209,7 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
       d.resize(static_cast<size_t>(c * ohw));
       for (int64_t ch = 0; ch < c; ++ch) {
         float* xb = xbufs.data() + (keep_x ? ch * g.buf : 0);
-        fill_phases(xp + (i * c + ch) * plane, xb, g, true);
+        fill_phases(xp + i * xs + ch * plane, xb, g, true);
         dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
       }
       pw_grad_weight_acc(gi, d.data(), part_pw.data() + grp * co * c, c, co, ohw, false, !first, gemm_scratch);
@@ -1192,7 +1218,7 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
       gd.resize(static_cast<size_t>(c * ohw));
       pw_image(gi, wpp, gd.data(), co, c, ohw, true, false, nullptr);
       for (int64_t ch = 0; ch < c; ++ch)
-        db.plane(ch, gd.data() + ch * ohw, xp + (i * c + ch) * plane, keep_x ? xbufs.data() + ch * g.buf : nullptr,
+        db.plane(ch, gd.data() + ch * ohw, xp + i * xs + ch * plane, keep_x ? xbufs.data() + ch * g.buf : nullptr,
                  need_x ? gxp + (i * c + ch) * plane : nullptr, need_dw ? part_dw.data() + (i * c + ch) * kk : nullptr, sc);
     }
   });
@@ -1202,6 +1228,33 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
 }
 
 // ---- Autograd nodes ------------------------------------------------------------------------
+// ---- Saving the output instead of x_hat ------------------------------------------------------
+// With affine BN and no drop-path scale, a node's output z = gamma x_hat + beta is kept for the
+// backward instead of x_hat, and x_hat = (z - beta) / gamma recovered there: z is usually kept
+// anyway by its consumers (the next chain of a separable convolution, a cell's edges), so x_hat
+// then costs no memory of its own. Only when that loses no precision: every channel has
+// |gamma| >= 1e-2 and |beta| <= 8 |gamma| (the recovered x_hat is then within ~20 float
+// roundings of the computed one); otherwise x_hat itself is kept.
+bool x_hat_recoverable(const OutAffine& a) {
+  if (!a.gamma.defined() || a.scale.defined()) return false;
+  auto g = a.gamma.detach(), b = a.beta.defined() ? a.beta.detach() : torch::zeros_like(g);
+  if (own_kernel(g) && own_kernel(b) && g.is_contiguous() && b.is_contiguous()) {
+    const float *gp = g.data_ptr<float>(), *bp = b.data_ptr<float>();
+    for (int64_t c = 0; c < g.numel(); ++c)
+      if (!(std::fabs(gp[c]) >= 1e-2f) || !(std::fabs(bp[c]) <= 8.f * std::fabs(gp[c]))) return false;
+    return true;
+  }
+  return (g.abs() >= 1e-2).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
+}
+
+Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
+  if (!affine_own(z, a)) {
+    const auto cv = std::vector<int64_t>{1, z.size(1), 1, 1};
+    return (a.beta.defined() ? z - a.beta.view(cv) : z) / a.gamma.view(cv);
+  }
+  return affine_planes(z, a, [](float v, float gm, float bt, float) { return (v - bt) / gm; });
+}
+
 // The double-backward path of a fused node: d out / d sv[i] (weighted by g) for the saved inputs
 // i < need.size() that need it, with a graph (create_graph), into out[i]; `out` otherwise empty.
 void grad_of_recomputation(const Tensor& recomputed, const variable_list& sv, const std::vector<int64_t>& need,
@@ -1243,7 +1296,9 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true,
                                              aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr);
     }
-    ctx->save_for_backward({x, w_dw, w_pw, gamma, beta, scale, y, mean, invstd});
+    const bool from_out = aff.any() && x_hat_recoverable(aff);
+    ctx->save_for_backward({x, w_dw, w_pw, gamma, beta, scale, from_out ? z : y, mean, invstd});
+    ctx->saved_data["x_hat_from_out"] = from_out;
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["geom"] = std::vector<int64_t>{stride, pad, dil};
@@ -1255,8 +1310,9 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto sv = ctx->get_saved_variables();
-    const auto &x = sv[0], &w_dw = sv[1], &w_pw = sv[2], &y = sv[6], &mean = sv[7], &invstd = sv[8];
+    const auto &x = sv[0], &w_dw = sv[1], &w_pw = sv[2], &mean = sv[7], &invstd = sv[8];
     const OutAffine aff = out_affine(sv[3], sv[4], sv[5]);
+    const Tensor y = ctx->saved_data["x_hat_from_out"].toBool() ? x_hat_from_output(sv[6], aff) : sv[6];
     const bool has_dw = w_dw.numel() > 0;
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
@@ -1379,7 +1435,9 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, nullptr, true,
                                              aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr);
     }
-    ctx->save_for_backward({x, w1, w2, gamma, beta, y, mean, invstd});
+    const bool from_out = aff.any() && x_hat_recoverable(aff);
+    ctx->save_for_backward({x, w1, w2, gamma, beta, from_out ? z : y, mean, invstd});
+    ctx->saved_data["x_hat_from_out"] = from_out;
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["need"] = std::vector<int64_t>{x.requires_grad(), w1.requires_grad(), w2.requires_grad(),
@@ -1392,8 +1450,9 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
     using torch::indexing::None;
     using torch::indexing::Slice;
     auto sv = ctx->get_saved_variables();
-    const auto &x = sv[0], &w1 = sv[1], &w2 = sv[2], &y = sv[5], &mean = sv[6], &invstd = sv[7];
+    const auto &x = sv[0], &w1 = sv[1], &w2 = sv[2], &mean = sv[6], &invstd = sv[7];
     const OutAffine aff = out_affine(sv[3], sv[4], Tensor());
+    const Tensor y = ctx->saved_data["x_hat_from_out"].toBool() ? x_hat_from_output(sv[5], aff) : sv[5];
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto need = ctx->saved_data["need"].toIntVector();
@@ -1427,6 +1486,37 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
       t1.copy_(g1.index({Slice(), Slice(), Slice(0, t1.size(2)), Slice(0, t1.size(3))}));
       out[0] = gx;
     }
+    return out;
+  }
+};
+
+// ---- Channel concatenation written in place --------------------------------------------------
+// Part p is copied into its channel slice of the output buffer and the slice returned: the part's
+// own tensor is then no longer referenced (its other consumers keep the slice, which shares the
+// output's memory). The copy goes below autograd's in-place tracking, so the buffer's version
+// counter does not move and slices saved for the backward stay valid; nothing else ever writes
+// the buffer.
+struct PlaceFn : torch::autograd::Function<PlaceFn> {
+  static Tensor forward(AutogradContext* /*ctx*/, const Tensor& part, const Tensor& buffer, int64_t offset) {
+    auto slice = buffer.narrow(1, offset, part.size(1));
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      slice.copy_(part);
+    }
+    return slice;
+  }
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) { return {grads[0], Tensor(), Tensor()}; }
+};
+
+// The whole buffer, differentiable in every placed slice: its backward hands each slice its
+// channels of the gradient.
+struct ConcatBackward : torch::autograd::Node {
+  std::vector<int64_t> offsets, widths;
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(offsets.size());
+    if (!grads[0].defined()) return out;
+    for (size_t i = 0; i < offsets.size(); ++i)
+      if (should_compute_output(i)) out[i] = grads[0].narrow(1, offsets[i], widths[i]);
     return out;
   }
 };
@@ -1661,6 +1751,43 @@ Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys) {
   node->set_next_edges(torch::autograd::collect_next_edges(w, ys));
   node->w_ = torch::autograd::SavedVariable(w, false);
   for (const auto& y : ys) node->ys_.emplace_back(y, false);
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
+ChannelConcat::ChannelConcat(int64_t parts) : placed_(static_cast<size_t>(parts)) {
+  TORCH_CHECK(parts > 0, "ChannelConcat needs at least one part");
+}
+
+Tensor ChannelConcat::place(int64_t slot, const Tensor& part) {
+  TORCH_CHECK(slot >= 0 && slot < static_cast<int64_t>(placed_.size()) && !placed_[slot].defined(),
+              "ChannelConcat: slot ", slot, " of ", placed_.size(), " placed twice or out of range");
+  TORCH_CHECK(part.dim() == 4, "ChannelConcat: parts are [N, C, H, W], got ", part.sizes());
+  const int64_t k = static_cast<int64_t>(placed_.size());
+  if (!buffer_.defined()) {
+    width_ = part.size(1);
+    buffer_ = torch::empty({part.size(0), k * width_, part.size(2), part.size(3)}, part.options().requires_grad(false));
+  }
+  TORCH_CHECK(part.size(0) == buffer_.size(0) && part.size(1) == width_ && part.size(2) == buffer_.size(2) &&
+                  part.size(3) == buffer_.size(3),
+              "ChannelConcat: part ", slot, " of shape ", part.sizes(), " does not match ", buffer_.sizes());
+  placed_[slot] = PlaceFn::apply(part, buffer_, slot * width_);
+  return placed_[slot];
+}
+
+Tensor ChannelConcat::output() const {
+  for (size_t i = 0; i < placed_.size(); ++i) TORCH_CHECK(placed_[i].defined(), "ChannelConcat: slot ", i, " not placed");
+  Tensor out;
+  {
+    torch::NoGradGuard ng;
+    out = buffer_.detach();  // a tensor of its own over the buffer's memory, for the history below
+  }
+  bool needs_grad = false;
+  for (const auto& p : placed_) needs_grad = needs_grad || p.requires_grad();
+  if (!torch::GradMode::is_enabled() || !needs_grad) return out;
+  auto node = std::shared_ptr<ConcatBackward>(new ConcatBackward(), torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(placed_));
+  for (size_t i = 0; i < placed_.size(); ++i) node->offsets.push_back(static_cast<int64_t>(i) * width_), node->widths.push_back(width_);
   torch::autograd::set_history(out, node);
   return out;
 }

@@ -65,6 +65,9 @@ class EvalCellImpl : public torch::nn::Module {
   };
   bool reduction_;
   std::vector<int> indices_, concat_;
+  /// Per state: its position in the output (concat_), or -1; empty when the output is not made of
+  /// distinct nodes only (then it is a plain torch::cat).
+  std::vector<int> slot_;
   torch::nn::AnyModule preprocess0_, preprocess1_;
   std::shared_ptr<torch::nn::Module> pre0_module_, pre1_module_;
   std::vector<Op> ops_;

@@ -1,14 +1,18 @@
 #pragma once
-/// Fused, memory-lean forms of the search network's candidate ops (issue 9; docs/bench.md).
+/// Fused, memory-lean forms of the candidate ops (issue 9: the search network; issue 20: the
+/// evaluation network, affine BN and drop-path; docs/bench.md).
 ///
 /// The search supernet runs every candidate of every edge, so its cost is the saved activations
-/// and the backward of the depthwise (separable and dilated) convolutions. The fused forms compute
-/// exactly the same function as the module chains they replace, with:
+/// and the backward of the depthwise (separable and dilated) convolutions; the evaluation network
+/// is made of the same chains. The fused forms compute exactly the same function as the module
+/// chains they replace, with:
 /// - one autograd node per `ReLU -> depthwise conv -> 1x1 conv -> BN` chain that saves only its
 ///   input (the edge's input, shared by every candidate) and its output; the intermediates are
 ///   recomputed in the backward (a depthwise forward, the cheapest part);
-/// - BatchNorm (non-affine) differentiated from its *output* (x_hat) and 1/std, so the
-///   pre-normalisation tensor is never kept;
+/// - BatchNorm differentiated from x_hat and 1/std, so the pre-normalisation tensor is never
+///   kept; affine BN (gamma, beta) and a per-image scale (drop-path) are applied in the same pass,
+///   and where x_hat can be recovered exactly enough from the output the node keeps the output
+///   (shared with its consumers) instead of x_hat;
 /// - own CPU kernels for the depthwise convolution (any kernel size, stride, dilation, with the
 ///   ReLU folded into the input read and its mask into the input-gradient write) and the 1x1
 ///   convolution, deterministic and independent of the thread count;
@@ -80,6 +84,23 @@ torch::Tensor fused_pool_bn(const torch::Tensor& x, bool max_pool, int64_t strid
 /// evaluation network's pools), differentiable in x; saves only x. Ties of the max go to the
 /// first tap, as ATen's indices do.
 torch::Tensor fused_pool(const torch::Tensor& x, bool max_pool, int64_t stride);
+
+/// `cat(parts, 1)` of equal-shaped [N, C, H, W] parts built in place (the evaluation cell's
+/// output): `place(p, t)` copies part p into its channel slice of the output and returns that
+/// slice, to be used instead of t by t's other consumers (the slice shares the output's memory,
+/// so no second copy of the part is kept); `output()`, once every part is placed, is the whole,
+/// differentiable in every placed slice. The own kernels read such slices without copying them.
+class ChannelConcat {
+ public:
+  explicit ChannelConcat(int64_t parts);
+  torch::Tensor place(int64_t slot, const torch::Tensor& part);
+  torch::Tensor output() const;
+
+ private:
+  torch::Tensor buffer_;
+  std::vector<torch::Tensor> placed_;
+  int64_t width_ = 0;
+};
 
 /// While alive, every parameter in `params` has requires_grad false (restored on destruction):
 /// a forward run under it builds no weight-gradient paths.
