@@ -236,6 +236,40 @@ void add_bench_command(CLI::App& app, Action& run) {
     };
   });
 
+  // Evaluation: the evaluation network's forward in inference mode, as eval/train's test pass run it.
+  auto eo2 = std::make_shared<BenchOptions>();
+  eo2->channels = 36;
+  eo2->layers = 20;
+  eo2->batch_size = 96;
+  auto* es = bench->add_subcommand("eval-step", "The evaluation network's forward in inference mode on synthetic data");
+  add_common(es, *eo2);
+  es->add_option("--genotype", eo2->genotype, "Built-in name, genotype.json or run directory")->capture_default_str();
+  es->callback([eo2, &run] {
+    run = [eo2] {
+      const auto& o = *eo2;
+      setup(o);
+      const torch::Device device = nd::parse_device(o.device);
+      torch::manual_seed(0);
+      nd::EvalNetworkOptions eo(o.channels, o.classes, o.layers, nd::resolve_genotype(o.genotype));
+      eo.in_channels(o.in_channels).auxiliary(true);
+      nd::EvalNetwork net(eo);
+      net->to(device);
+      // 2 FLOPs per multiply-add of one forward (auxiliary head excluded: it does not run in eval).
+      const double gflop = 2.0 * static_cast<double>(nd::profile_network(net, o.in_channels, o.image_size, o.image_size).macs) *
+                           static_cast<double>(o.batch_size) / 1e9;
+      net->eval();
+      const auto x = torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, torch::TensorOptions().device(device));
+      if (!o.json)
+        std::fprintf(stderr, "bench eval-step: %s, C %lld, L %lld, batch %lld, inference mode\n", o.genotype.c_str(),
+                     static_cast<long long>(o.channels), static_cast<long long>(o.layers),
+                     static_cast<long long>(o.batch_size));
+      return report(o, "eval-step", o.batch_size, [&] {
+        torch::InferenceMode im;
+        net->forward(x);
+      }, sync_for(device), gflop);
+    };
+  });
+
   // The machine's dense-convolution speed (oneDNN through ATen): the limit docs/bench.md measures
   // the training step against.
   auto co = std::make_shared<BenchOptions>();
@@ -243,9 +277,11 @@ void add_bench_command(CLI::App& app, Action& run) {
   auto* cs = bench->add_subcommand("conv", "Dense k x k convolution forward + backward through ATen/oneDNN: this machine's GFLOP/s");
   add_common(cs, *co);
   auto kernel = std::make_shared<int64_t>(3);
+  auto fwd_only = std::make_shared<bool>(false);
   cs->add_option("--kernel", *kernel, "Kernel size (same padding)")->check(CLI::Range(1, 11))->capture_default_str();
-  cs->callback([co, kernel, &run] {
-    run = [co, kernel] {
+  cs->add_flag("--forward-only", *fwd_only, "Time the forward alone, in inference mode (the limit of eval-step)");
+  cs->callback([co, kernel, fwd_only, &run] {
+    run = [co, kernel, fwd_only] {
       const auto& o = *co;
       setup(o);
       const torch::Device device = nd::parse_device(o.device);
@@ -255,13 +291,18 @@ void add_bench_command(CLI::App& app, Action& run) {
       auto x = torch::randn({o.batch_size, c, hw, hw}, opts).requires_grad_();
       auto w = torch::randn({c, c, k, k}, opts).requires_grad_();
       auto g = torch::randn({o.batch_size, c, hw, hw}, opts);
-      const double gflop = 6.0 * static_cast<double>(c * c * k * k * hw * hw * o.batch_size) / 1e9;
+      const double gflop = (*fwd_only ? 2.0 : 6.0) * static_cast<double>(c * c * k * k * hw * hw * o.batch_size) / 1e9;
       if (!o.json)
-        std::fprintf(stderr, "bench conv: %lldx%lld convolution, %lld -> %lld channels, %lldx%lld, batch %lld, forward + backward\n",
+        std::fprintf(stderr, "bench conv: %lldx%lld convolution, %lld -> %lld channels, %lldx%lld, batch %lld, %s\n",
                      static_cast<long long>(k), static_cast<long long>(k), static_cast<long long>(c),
                      static_cast<long long>(c), static_cast<long long>(hw), static_cast<long long>(hw),
-                     static_cast<long long>(o.batch_size));
+                     static_cast<long long>(o.batch_size), *fwd_only ? "forward" : "forward + backward");
       return report(o, "conv", o.batch_size, [&] {
+        if (*fwd_only) {
+          torch::InferenceMode im;
+          torch::conv2d(x, w, {}, 1, k / 2);
+          return;
+        }
         auto y = torch::conv2d(x, w, {}, 1, k / 2);
         torch::autograd::grad({y}, {x, w}, {g});
       }, sync_for(device), gflop);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <dlfcn.h>
+#include <functional>
 #include <limits>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -976,6 +977,33 @@ Tensor affine_out(const Tensor& y, const OutAffine& a) {
   return affine_planes(y, a, [](float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; });
 }
 
+// ---- Saving the output instead of x_hat ------------------------------------------------------
+// With affine BN and no drop-path scale, a node's output z = gamma x_hat + beta is kept for the
+// backward instead of x_hat, and x_hat = (z - beta) / gamma recovered there: z is usually kept
+// anyway by its consumers (the next chain of a separable convolution, a cell's edges), so x_hat
+// then costs no memory of its own. Only when that loses no precision: every channel has
+// |gamma| >= 1e-2 and |beta| <= 8 |gamma| (the recovered x_hat is then within ~20 float
+// roundings of the computed one); otherwise x_hat itself is kept.
+bool x_hat_recoverable(const OutAffine& a) {
+  if (!a.gamma.defined() || a.scale.defined()) return false;
+  auto g = a.gamma.detach(), b = a.beta.defined() ? a.beta.detach() : torch::zeros_like(g);
+  if (own_kernel(g) && own_kernel(b) && g.is_contiguous() && b.is_contiguous()) {
+    const float *gp = g.data_ptr<float>(), *bp = b.data_ptr<float>();
+    for (int64_t c = 0; c < g.numel(); ++c)
+      if (!(std::fabs(gp[c]) >= 1e-2f) || !(std::fabs(bp[c]) <= 8.f * std::fabs(gp[c]))) return false;
+    return true;
+  }
+  return (g.abs() >= 1e-2).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
+}
+
+Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
+  if (!affine_own(z, a)) {
+    const auto cv = std::vector<int64_t>{1, z.size(1), 1, 1};
+    return (a.beta.defined() ? z - a.beta.view(cv) : z) / a.gamma.view(cv);
+  }
+  return affine_planes(z, a, [](float v, float gm, float bt, float) { return (v - bt) / gm; });
+}
+
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
 // `stats`: the planes' statistics when the caller's kernel computed them; `in_place`: x is a
 // temporary of the caller's and may be overwritten by the output.
@@ -1064,67 +1092,106 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
 struct BnGrads {
   Tensor x, gamma, beta;
 };
-BnGrads bn_backward_affine(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd, bool training,
-                           double eps, const OutAffine& a, bool need_affine) {
-  const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
-  BnGrads r;
-  if (own_kernel(g) && own_kernel(y) && y.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
-      invstd.scalar_type() == torch::kFloat && affine_own(y, a)) {
-    // Split by images like bn_forward: per plane the sums of g and g y, per channel their
-    // totals in double in image order, then the gradient plane by plane.
-    auto gc = g.contiguous();
-    const int64_t n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
-    auto gx = torch::empty_like(gc);
-    const AffinePtrs ap(a);
-    const float *gp = gc.data_ptr<float>(), *yp = y.data_ptr<float>(), *ip = invstd.data_ptr<float>();
-    float* op = gx.data_ptr<float>();
+
+// The own-kernel form in two halves: the constructor reads g and the saved tensor once (per-plane
+// sums of g and g x_hat, per-channel totals in double in image order, d gamma, d beta); image(i, dst)
+// then writes one image's d x, so that a consumer can compute it where it is used, in cache
+// (dw_pw_backward), instead of reading a whole tensor of it back. The saved tensor is x_hat, or
+// the node's output z when `from_out` (x_hat = (z - beta) / gamma on the fly, never a tensor).
+struct BnBackwardPlan {
+  static bool applies(const Tensor& g, const Tensor& saved, const Tensor& invstd, const OutAffine& a) {
+    return own_kernel(g) && own_kernel(saved) && saved.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
+           invstd.scalar_type() == torch::kFloat && affine_own(saved, a);
+  }
+
+  BnBackwardPlan(const Tensor& g, const Tensor& saved, bool from_out, const Tensor& invstd, bool training,
+                 const OutAffine& a, bool need_affine)
+      : gc(g.contiguous()), saved(saved), invstd(invstd), ap(a), from_out(from_out) {
+    n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
+    gp = gc.data_ptr<float>(), yp = saved.data_ptr<float>(), ip = invstd.data_ptr<float>();
+    m1.assign(static_cast<size_t>(c), 0.f), m2.assign(static_cast<size_t>(c), 0.f);
+    if (!training && !need_affine) return;
     const double count = static_cast<double>(n * hw);
-    const bool sums = training || need_affine;
-    std::vector<float> mg(static_cast<size_t>(c), 0.f), mgy(static_cast<size_t>(c), 0.f);
-    if (sums) {
-      std::vector<float> psg(static_cast<size_t>(n * c)), psgy(static_cast<size_t>(n * c));
-      at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const float *gr = gp + i * hw, *yr = yp + i * hw;
-          float s1 = 0.f, s2 = 0.f;
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * yr[j];
-          const float sc = ap.scale(i / c);
-          psg[i] = s1 * sc, psgy[i] = s2 * sc;
-        }
-      });
-      if (need_affine) r.gamma = torch::empty({c}, gc.options()), r.beta = torch::empty({c}, gc.options());
-      for (int64_t ch = 0; ch < c; ++ch) {
-        double sg = 0, sgy = 0;
-        for (int64_t i = 0; i < n; ++i) sg += psg[i * c + ch], sgy += psgy[i * c + ch];
-        if (need_affine) r.gamma.data_ptr<float>()[ch] = static_cast<float>(sgy), r.beta.data_ptr<float>()[ch] = static_cast<float>(sg);
-        if (training) {
-          const double gm = ap.gamma(ch);
-          mg[ch] = static_cast<float>(gm * sg / count), mgy[ch] = static_cast<float>(gm * sgy / count);
-        }
-      }
-    }
+    std::vector<float> psg(static_cast<size_t>(n * c)), psgy(static_cast<size_t>(n * c));
     at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const float *gr = gp + i * hw, *yr = yp + i * hw;
-        const float m1 = mg[i % c], m2 = mgy[i % c], is = ip[i % c], k = ap.gamma(i % c) * ap.scale(i / c);
-        float* orow = op + i * hw;
-#pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - m1 - yr[j] * m2);
+        float s1 = 0.f, s2 = 0.f;
+        if (this->from_out) {
+          const float gm = ap.gamma(i % c), bt = ap.beta(i % c);
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * ((yr[j] - bt) / gm);
+        } else {
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * yr[j];
+        }
+        const float sc = ap.scale(i / c);
+        psg[i] = s1 * sc, psgy[i] = s2 * sc;
       }
     });
-    r.x = gx;
-    return r;
+    if (need_affine) dgamma = torch::empty({c}, gc.options()), dbeta = torch::empty({c}, gc.options());
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double sg = 0, sgy = 0;
+      for (int64_t i = 0; i < n; ++i) sg += psg[i * c + ch], sgy += psgy[i * c + ch];
+      if (need_affine) dgamma.data_ptr<float>()[ch] = static_cast<float>(sgy), dbeta.data_ptr<float>()[ch] = static_cast<float>(sg);
+      if (training) {
+        const double gm = ap.gamma(ch);
+        m1[ch] = static_cast<float>(gm * sg / count), m2[ch] = static_cast<float>(gm * sgy / count);
+      }
+    }
   }
+
+  // dst [c, hw] = d loss / d (BN input) of image i.
+  void image(int64_t i, float* dst) const {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t pl = i * c + ch;
+      const float *gr = gp + pl * hw, *yr = yp + pl * hw;
+      const float a1 = m1[ch], a2 = m2[ch], is = ip[ch], k = ap.gamma(ch) * ap.scale(i);
+      float* orow = dst + ch * hw;
+      if (from_out) {
+        const float gm = ap.gamma(ch), bt = ap.beta(ch);
+#pragma omp simd
+        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - ((yr[j] - bt) / gm) * a2);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - yr[j] * a2);
+      }
+    }
+  }
+
+  Tensor whole() const {
+    auto gx = torch::empty_like(gc);
+    float* op = gx.data_ptr<float>();
+    for_images(n, [&](int64_t i) { image(i, op + i * c * hw); });
+    return gx;
+  }
+
+  Tensor gc, saved, invstd, dgamma, dbeta;
+  AffinePtrs ap;
+  bool from_out;
+  int64_t n = 0, c = 0, hw = 0;
+  const float *gp = nullptr, *yp = nullptr, *ip = nullptr;
+  std::vector<float> m1, m2;
+};
+
+BnGrads bn_backward_affine(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd, bool training,
+                           double eps, const OutAffine& a, bool need_affine, bool from_out = false) {
+  const auto view = std::vector<int64_t>{1, invstd.size(0), 1, 1};
+  BnGrads r;
+  if (BnBackwardPlan::applies(g, y, invstd, a)) {
+    const BnBackwardPlan plan(g, y, from_out, invstd, training, a, need_affine);
+    return {plan.whole(), plan.dgamma, plan.dbeta};
+  }
+  const Tensor xh = from_out ? x_hat_from_output(y, a) : y;
   auto gs = a.scale.defined() ? g * a.scale.view({-1, 1, 1, 1}) : g;
-  if (need_affine) r.beta = gs.sum({0, 2, 3}), r.gamma = (gs * y).sum({0, 2, 3});
+  if (need_affine) r.beta = gs.sum({0, 2, 3}), r.gamma = (gs * xh).sum({0, 2, 3});
   if (a.gamma.defined()) gs = gs * a.gamma.view(view);
   if (!training) {
     r.x = gs * invstd.view(view);
     return r;
   }
   auto zero = torch::zeros_like(invstd), one = torch::ones_like(invstd);
-  auto gx = std::get<0>(at::native_batch_norm_backward(gs.contiguous(), y, {}, {}, {}, zero, one, true,
+  auto gx = std::get<0>(at::native_batch_norm_backward(gs.contiguous(), xh, {}, {}, {}, zero, one, true,
                                                        eps, {true, false, false}));
   r.x = gx.mul_(invstd.view(view));
   return r;
@@ -1183,15 +1250,20 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
 // Gradients of pointwise(depthwise(relu(x))) from gp = d loss / d its output: {x, w_dw, w_pw},
 // undefined where not asked for. The depthwise output is recomputed (for the 1x1 weight
 // gradient only), from phase buffers of x that then also serve the depthwise weight gradient.
-std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
-                                     int64_t s, int64_t pad, int64_t dil, bool need_x, bool need_dw, bool need_pw) {
+// `gp_of(i, scratch)`: image i's gradient [co, oh, ow] (a pointer into a tensor, or computed into
+// the thread's `scratch`: BnBackwardPlan::image).
+using GpOf = std::function<const float*(int64_t, std::vector<float>&)>;
+std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes, const Tensor& x, const Tensor& w_dw,
+                                     const Tensor& w_pw, int64_t s, int64_t pad, int64_t dil, bool need_x, bool need_dw,
+                                     bool need_pw) {
   int64_t xs = 0;
-  auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous(), gc = gp.contiguous();
+  auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
   const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
-  TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "fused chain backward: grad shape ", gc.sizes());
+  TORCH_CHECK(gp_sizes.size() == 4 && gp_sizes[1] == co && gp_sizes[2] == g.oh && gp_sizes[3] == g.ow,
+              "fused chain backward: grad shape ", gp_sizes);
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
-  const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>(), *gpp = gc.data_ptr<float>();
+  const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>();
   std::array<Tensor, 3> out;
   if (need_x) out[0] = torch::empty(xc.sizes(), xc.options());  // contiguous
   float* gxp = need_x ? out[0].data_ptr<float>() : nullptr;
@@ -1201,9 +1273,9 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
   const bool keep_x = need_pw && need_dw;
   for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
     thread_local DwBackward::Scratch sc;
-    thread_local std::vector<float> xbufs, ext, d, gd, gemm_scratch;
+    thread_local std::vector<float> xbufs, ext, d, gd, gemm_scratch, gp_scratch;
     db.size(sc);
-    const float* gi = gpp + i * co * ohw;
+    const float* gi = gp_of(i, gp_scratch);
     if (need_pw) {
       xbufs.resize(static_cast<size_t>((keep_x ? c : 1) * g.buf)), ext.resize(static_cast<size_t>(g.len));
       d.resize(static_cast<size_t>(c * ohw));
@@ -1228,33 +1300,6 @@ std::array<Tensor, 3> dw_pw_backward(const Tensor& gp, const Tensor& x, const Te
 }
 
 // ---- Autograd nodes ------------------------------------------------------------------------
-// ---- Saving the output instead of x_hat ------------------------------------------------------
-// With affine BN and no drop-path scale, a node's output z = gamma x_hat + beta is kept for the
-// backward instead of x_hat, and x_hat = (z - beta) / gamma recovered there: z is usually kept
-// anyway by its consumers (the next chain of a separable convolution, a cell's edges), so x_hat
-// then costs no memory of its own. Only when that loses no precision: every channel has
-// |gamma| >= 1e-2 and |beta| <= 8 |gamma| (the recovered x_hat is then within ~20 float
-// roundings of the computed one); otherwise x_hat itself is kept.
-bool x_hat_recoverable(const OutAffine& a) {
-  if (!a.gamma.defined() || a.scale.defined()) return false;
-  auto g = a.gamma.detach(), b = a.beta.defined() ? a.beta.detach() : torch::zeros_like(g);
-  if (own_kernel(g) && own_kernel(b) && g.is_contiguous() && b.is_contiguous()) {
-    const float *gp = g.data_ptr<float>(), *bp = b.data_ptr<float>();
-    for (int64_t c = 0; c < g.numel(); ++c)
-      if (!(std::fabs(gp[c]) >= 1e-2f) || !(std::fabs(bp[c]) <= 8.f * std::fabs(gp[c]))) return false;
-    return true;
-  }
-  return (g.abs() >= 1e-2).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
-}
-
-Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
-  if (!affine_own(z, a)) {
-    const auto cv = std::vector<int64_t>{1, z.size(1), 1, 1};
-    return (a.beta.defined() ? z - a.beta.view(cv) : z) / a.gamma.view(cv);
-  }
-  return affine_planes(z, a, [](float v, float gm, float bt, float) { return (v - bt) / gm; });
-}
-
 // The double-backward path of a fused node: d out / d sv[i] (weighted by g) for the saved inputs
 // i < need.size() that need it, with a graph (create_graph), into out[i]; `out` otherwise empty.
 void grad_of_recomputation(const Tensor& recomputed, const variable_list& sv, const std::vector<int64_t>& need,
@@ -1312,7 +1357,6 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
     auto sv = ctx->get_saved_variables();
     const auto &x = sv[0], &w_dw = sv[1], &w_pw = sv[2], &mean = sv[7], &invstd = sv[8];
     const OutAffine aff = out_affine(sv[3], sv[4], sv[5]);
-    const Tensor y = ctx->saved_data["x_hat_from_out"].toBool() ? x_hat_from_output(sv[6], aff) : sv[6];
     const bool has_dw = w_dw.numel() > 0;
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
@@ -1330,7 +1374,24 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       grad_of_recomputation(r, sv, need, g, out);
       return out;
     }
-    auto bg = bn_backward_affine(g, y, mean, invstd, training, eps, aff, need[3] || need[4]);
+    const bool from_out = ctx->saved_data["x_hat_from_out"].toBool();
+    if (has_dw && dw_pw_own(x, w_dw) && BnBackwardPlan::applies(g, sv[6], invstd, aff)) {
+      // The BN gradient of each image is computed inside the image loop, where it is consumed.
+      const BnBackwardPlan plan(g, sv[6], from_out, invstd, training, aff, need[3] || need[4]);
+      if (need[3]) out[3] = plan.dgamma;
+      if (need[4]) out[4] = plan.dbeta;
+      const int64_t per_image = plan.c * plan.hw;
+      auto r = dw_pw_backward(
+          [&](int64_t i, std::vector<float>& scratch) {
+            scratch.resize(static_cast<size_t>(per_image));
+            plan.image(i, scratch.data());
+            return static_cast<const float*>(scratch.data());
+          },
+          g.sizes(), x, w_dw, w_pw, s, pad, dil, need[0], need[1], need[2]);
+      out[0] = r[0], out[1] = r[1], out[2] = r[2];
+      return out;
+    }
+    auto bg = bn_backward_affine(g, sv[6], mean, invstd, training, eps, aff, need[3] || need[4], from_out);
     if (need[3]) out[3] = bg.gamma;
     if (need[4]) out[4] = bg.beta;
     auto gp = std::move(bg.x);
@@ -1340,7 +1401,11 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       return out;
     }
     if (dw_pw_own(x, w_dw) && own_kernel(gp)) {
-      auto r = dw_pw_backward(gp, x, w_dw, w_pw, s, pad, dil, need[0], need[1], need[2]);
+      auto gc = gp.contiguous();
+      const float* gpp = gc.data_ptr<float>();
+      const int64_t per_image = gc.numel() / std::max<int64_t>(1, gc.size(0));
+      auto r = dw_pw_backward([&](int64_t i, std::vector<float>&) { return gpp + i * per_image; }, gc.sizes(), x, w_dw,
+                              w_pw, s, pad, dil, need[0], need[1], need[2]);
       out[0] = r[0], out[1] = r[1], out[2] = r[2];
       return out;
     }
@@ -1452,7 +1517,7 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
     auto sv = ctx->get_saved_variables();
     const auto &x = sv[0], &w1 = sv[1], &w2 = sv[2], &mean = sv[6], &invstd = sv[7];
     const OutAffine aff = out_affine(sv[3], sv[4], Tensor());
-    const Tensor y = ctx->saved_data["x_hat_from_out"].toBool() ? x_hat_from_output(sv[5], aff) : sv[5];
+    const bool from_out = ctx->saved_data["x_hat_from_out"].toBool();
     const bool training = ctx->saved_data["training"].toBool();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto need = ctx->saved_data["need"].toIntVector();
@@ -1468,7 +1533,7 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
       grad_of_recomputation(z, sv, need, grads[0], out);
       return out;
     }
-    auto bg = bn_backward_affine(grads[0], y, mean, invstd, training, eps, aff, need[3] || need[4]);
+    auto bg = bn_backward_affine(grads[0], sv[5], mean, invstd, training, eps, aff, need[3] || need[4], from_out);
     if (need[3]) out[3] = bg.gamma;
     if (need[4]) out[4] = bg.beta;
     auto gp = std::move(bg.x);
