@@ -1001,7 +1001,7 @@ Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
     const auto cv = std::vector<int64_t>{1, z.size(1), 1, 1};
     return (a.beta.defined() ? z - a.beta.view(cv) : z) / a.gamma.view(cv);
   }
-  return affine_planes(z, a, [](float v, float gm, float bt, float) { return (v - bt) / gm; });
+  return affine_planes(z, a, [](float v, float gm, float bt, float) { return (v - bt) * (1.f / gm); });
 }
 
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
@@ -1117,10 +1117,10 @@ struct BnBackwardPlan {
       for (int64_t i = b; i < e; ++i) {
         const float *gr = gp + i * hw, *yr = yp + i * hw;
         float s1 = 0.f, s2 = 0.f;
-        if (this->from_out) {
-          const float gm = ap.gamma(i % c), bt = ap.beta(i % c);
+        if (this->from_out) {  // x_hat = (z - beta) * (1 / gamma): a multiply, not a division
+          const float rg = 1.f / ap.gamma(i % c), bt = ap.beta(i % c);
 #pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * ((yr[j] - bt) / gm);
+          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * ((yr[j] - bt) * rg);
         } else {
 #pragma omp simd reduction(+ : s1, s2)
           for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * yr[j];
@@ -1149,9 +1149,9 @@ struct BnBackwardPlan {
       const float a1 = m1[ch], a2 = m2[ch], is = ip[ch], k = ap.gamma(ch) * ap.scale(i);
       float* orow = dst + ch * hw;
       if (from_out) {
-        const float gm = ap.gamma(ch), bt = ap.beta(ch);
+        const float rg = 1.f / ap.gamma(ch), bt = ap.beta(ch);
 #pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - ((yr[j] - bt) / gm) * a2);
+        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - ((yr[j] - bt) * rg) * a2);
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - yr[j] * a2);
