@@ -128,6 +128,30 @@ void setup(const BenchOptions& o) {
   nd::set_blas_gemm(!o.no_blas);
 }
 
+/// A subcommand timing the evaluation network (train-step, eval-step): the common options with
+/// the paper's C 36, L 20, batch 96, and --genotype.
+std::shared_ptr<BenchOptions> add_eval_network_options(CLI::App* cmd) {
+  auto o = std::make_shared<BenchOptions>();
+  o->channels = 36;
+  o->layers = 20;
+  o->batch_size = 96;
+  add_common(cmd, *o);
+  cmd->add_option("--genotype", o->genotype, "Built-in name, genotype.json or run directory")->capture_default_str();
+  return o;
+}
+
+/// The genotype's evaluation network (auxiliary head) on `device`, seeded 0, and its conv +
+/// linear multiply-adds per image (profile.h, auxiliary head excluded).
+std::pair<nd::EvalNetwork, int64_t> bench_eval_network(const BenchOptions& o, torch::Device device, double drop_path) {
+  torch::manual_seed(0);
+  nd::EvalNetworkOptions eo(o.channels, o.classes, o.layers, nd::resolve_genotype(o.genotype));
+  eo.in_channels(o.in_channels).auxiliary(true).drop_path_prob(drop_path);
+  nd::EvalNetwork net(eo);
+  net->to(device);
+  const int64_t macs = nd::profile_network(net, o.in_channels, o.image_size, o.image_size).macs;
+  return {net, macs};
+}
+
 std::function<void()> sync_for(torch::Device d) {
   if (d.is_cuda()) return [] { torch::cuda::synchronize(); };
   return [] {};
@@ -192,34 +216,22 @@ void add_bench_command(CLI::App& app, Action& run) {
     };
   });
 
-  auto to = std::make_shared<BenchOptions>();
-  to->channels = 36;
-  to->layers = 20;
-  to->batch_size = 96;
   auto* ts = bench->add_subcommand("train-step", "One training step of the evaluation network on synthetic data");
-  add_common(ts, *to);
-  ts->add_option("--genotype", to->genotype, "Built-in name, genotype.json or run directory")->capture_default_str();
+  auto to = add_eval_network_options(ts);
   ts->callback([to, &run] {
     run = [to] {
       const auto& o = *to;
       setup(o);
       const torch::Device device = nd::parse_device(o.device);
-      torch::manual_seed(0);
-      nd::EvalNetworkOptions eo(o.channels, o.classes, o.layers, nd::resolve_genotype(o.genotype));
-      eo.in_channels(o.in_channels).auxiliary(true).drop_path_prob(0.2);
-      nd::EvalNetwork net(eo);
-      net->to(device);
+      auto [net, macs] = bench_eval_network(o, device, 0.2);
       net->train();
       auto params = net->parameters();
       torch::optim::SGD sgd(params, torch::optim::SGDOptions(0.025).momentum(0.9).weight_decay(3e-4));
       auto opts = torch::TensorOptions().device(device);
       const auto x = torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, opts);
       const auto y = torch::randint(0, o.classes, {o.batch_size}, opts.dtype(torch::kLong));
-      // FLOPs per step: the convolutions' and linear layers' multiply-adds per image (profile.h,
-      // auxiliary head excluded), 2 FLOPs each, 3 passes (forward, input and weight gradients).
-      const double gflop = 6.0 * static_cast<double>(nd::profile_network(net, o.in_channels, o.image_size, o.image_size).macs) *
-                           static_cast<double>(o.batch_size) / 1e9;
-      net->train();
+      // FLOPs per step: 2 per multiply-add, 3 passes (forward, input and weight gradients).
+      const double gflop = 6.0 * static_cast<double>(macs) * static_cast<double>(o.batch_size) / 1e9;
       if (!o.json)
         std::fprintf(stderr, "bench train-step: %s, C %lld, L %lld, batch %lld, auxiliary head, drop-path 0.2\n",
                      o.genotype.c_str(), static_cast<long long>(o.channels), static_cast<long long>(o.layers),
@@ -237,26 +249,16 @@ void add_bench_command(CLI::App& app, Action& run) {
   });
 
   // Evaluation: the evaluation network's forward in inference mode, as eval/train's test pass run it.
-  auto eo2 = std::make_shared<BenchOptions>();
-  eo2->channels = 36;
-  eo2->layers = 20;
-  eo2->batch_size = 96;
   auto* es = bench->add_subcommand("eval-step", "The evaluation network's forward in inference mode on synthetic data");
-  add_common(es, *eo2);
-  es->add_option("--genotype", eo2->genotype, "Built-in name, genotype.json or run directory")->capture_default_str();
+  auto eo2 = add_eval_network_options(es);
   es->callback([eo2, &run] {
     run = [eo2] {
       const auto& o = *eo2;
       setup(o);
       const torch::Device device = nd::parse_device(o.device);
-      torch::manual_seed(0);
-      nd::EvalNetworkOptions eo(o.channels, o.classes, o.layers, nd::resolve_genotype(o.genotype));
-      eo.in_channels(o.in_channels).auxiliary(true);
-      nd::EvalNetwork net(eo);
-      net->to(device);
-      // 2 FLOPs per multiply-add of one forward (auxiliary head excluded: it does not run in eval).
-      const double gflop = 2.0 * static_cast<double>(nd::profile_network(net, o.in_channels, o.image_size, o.image_size).macs) *
-                           static_cast<double>(o.batch_size) / 1e9;
+      auto [net, macs] = bench_eval_network(o, device, 0.0);
+      // 2 FLOPs per multiply-add of one forward (the auxiliary head does not run in eval).
+      const double gflop = 2.0 * static_cast<double>(macs) * static_cast<double>(o.batch_size) / 1e9;
       net->eval();
       const auto x = torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, torch::TensorOptions().device(device));
       if (!o.json)

@@ -782,9 +782,13 @@ std::vector<float> pool_counts(const Geom& g) {
 }
 
 // 3x3 pooling, padding 1 (average: count_include_pad false).
+// The same pooling with ATen's (differentiable) ops: other devices and the double backward.
+Tensor aten_pool(const Tensor& x, bool max_pool, int64_t s) {
+  return max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
+}
+
 Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
-  if (!own_kernel(x))
-    return max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
+  if (!own_kernel(x)) return aten_pool(x, max_pool, s);
   auto xc = x.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
   const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
@@ -965,16 +969,22 @@ Tensor affine_planes(const Tensor& src, const OutAffine& a, const F& f) {
   return dst;
 }
 
+// OutAffine applied with ATen's (differentiable) ops: other devices and the double backward.
+Tensor affine_differentiable(const Tensor& y, const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
+  const auto cv = std::vector<int64_t>{1, y.size(1), 1, 1};
+  auto z = gamma.defined() ? y * gamma.view(cv) : y;
+  if (beta.defined()) z = z + beta.view(cv);
+  return scale.defined() ? z * scale.view({-1, 1, 1, 1}) : z;
+}
+
+// One element of z from x_hat (the own kernels' formula, also in bn_forward's fused pass).
+inline float affine_value(float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; }
+
 // z from x_hat (ATen ops where the own kernels do not apply).
 Tensor affine_out(const Tensor& y, const OutAffine& a) {
   if (!a.any()) return y;
-  if (!affine_own(y, a)) {
-    const auto cv = std::vector<int64_t>{1, y.size(1), 1, 1};
-    auto z = a.gamma.defined() ? y * a.gamma.view(cv) : y;
-    if (a.beta.defined()) z = z + a.beta.view(cv);
-    return a.scale.defined() ? z * a.scale.view({-1, 1, 1, 1}) : z;
-  }
-  return affine_planes(y, a, [](float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; });
+  if (!affine_own(y, a)) return affine_differentiable(y, a.gamma, a.beta, a.scale);
+  return affine_planes(y, a, affine_value);
 }
 
 // ---- Saving the output instead of x_hat ------------------------------------------------------
@@ -996,12 +1006,16 @@ bool x_hat_recoverable(const OutAffine& a) {
   return (g.abs() >= 1e-2).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
 }
 
+// x_hat from one element of the output, with rg = 1 / gamma: a multiply, not a division (the
+// small-plane backward was compute-bound on the division).
+inline float x_hat_value(float z, float bt, float rg) { return (z - bt) * rg; }
+
 Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
   if (!affine_own(z, a)) {
     const auto cv = std::vector<int64_t>{1, z.size(1), 1, 1};
     return (a.beta.defined() ? z - a.beta.view(cv) : z) / a.gamma.view(cv);
   }
-  return affine_planes(z, a, [](float v, float gm, float bt, float) { return (v - bt) * (1.f / gm); });
+  return affine_planes(z, a, [](float v, float gm, float bt, float) { return x_hat_value(v, bt, 1.f / gm); });
 }
 
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
@@ -1072,7 +1086,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
       const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
       float* zr = zp + i * hw;
 #pragma omp simd
-      for (int64_t j = 0; j < hw; ++j) zr[j] = (gm * dst[j] + bt) * sc;
+      for (int64_t j = 0; j < hw; ++j) zr[j] = affine_value(dst[j], gm, bt, sc);
     }
   });
   if (z) *z = own_z ? zt : affine_out(y, *aff);
@@ -1117,10 +1131,10 @@ struct BnBackwardPlan {
       for (int64_t i = b; i < e; ++i) {
         const float *gr = gp + i * hw, *yr = yp + i * hw;
         float s1 = 0.f, s2 = 0.f;
-        if (this->from_out) {  // x_hat = (z - beta) * (1 / gamma): a multiply, not a division
+        if (this->from_out) {
           const float rg = 1.f / ap.gamma(i % c), bt = ap.beta(i % c);
 #pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * ((yr[j] - bt) * rg);
+          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * x_hat_value(yr[j], bt, rg);
         } else {
 #pragma omp simd reduction(+ : s1, s2)
           for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * yr[j];
@@ -1151,7 +1165,7 @@ struct BnBackwardPlan {
       if (from_out) {
         const float rg = 1.f / ap.gamma(ch), bt = ap.beta(ch);
 #pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - ((yr[j] - bt) * rg) * a2);
+        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - x_hat_value(yr[j], bt, rg) * a2);
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - yr[j] * a2);
@@ -1313,14 +1327,6 @@ void grad_of_recomputation(const Tensor& recomputed, const variable_list& sv, co
   for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = gs[j];
 }
 
-// OutAffine applied with ATen's differentiable ops (the double-backward recomputation).
-Tensor affine_differentiable(const Tensor& y, const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
-  const auto cv = std::vector<int64_t>{1, y.size(1), 1, 1};
-  auto z = gamma.defined() ? y * gamma.view(cv) : y;
-  if (beta.defined()) z = z + beta.view(cv);
-  return scale.defined() ? z * scale.view({-1, 1, 1, 1}) : z;
-}
-
 // (gamma * BN(conv1x1(depthwise(relu(x)))) + beta) * scale[n] or, with an empty depthwise
 // weight, the same of conv1x1(relu(x)). gamma, beta, scale: undefined when absent (the search
 // network's non-affine BN has none; the evaluation network's has gamma and beta, and its last
@@ -1444,8 +1450,8 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
     variable_list out(8);
     if (!x.requires_grad()) return out;
     if (torch::GradMode::is_enabled()) {
-      auto p = max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
-      out[0] = torch::autograd::grad({bn_differentiable(p, mean, invstd, training, eps)}, {x}, {grads[0]}, true, true)[0];
+      out[0] = torch::autograd::grad({bn_differentiable(aten_pool(x, max_pool, s), mean, invstd, training, eps)}, {x},
+                                     {grads[0]}, true, true)[0];
       return out;
     }
     out[0] = pool_backward(bn_backward(grads[0], y, mean, invstd, training, eps), x, max_pool, s);
@@ -1469,8 +1475,7 @@ struct PoolFn : torch::autograd::Function<PoolFn> {
     variable_list out(3);
     if (!x.requires_grad()) return out;
     if (torch::GradMode::is_enabled()) {
-      auto p = max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
-      out[0] = torch::autograd::grad({p}, {x}, {grads[0]}, true, true)[0];
+      out[0] = torch::autograd::grad({aten_pool(x, max_pool, s)}, {x}, {grads[0]}, true, true)[0];
       return out;
     }
     out[0] = pool_backward(grads[0], x, max_pool, s);

@@ -240,18 +240,24 @@ std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> scaled_
   return [chain](const torch::Tensor& x, const torch::Tensor& scale) { return chain->forward_scaled(x, scale); };
 }
 
+namespace {
+// 1 - p for a drop-path probability p in (0, 1).
+double drop_path_keep(double p) {
+  TORCH_CHECK_VALUE(p < 1.0, "drop-path probability must be in [0, 1), got ", p);
+  return 1.0 - p;
+}
+}  // namespace
+
 torch::Tensor drop_path_scale(int64_t n, double p, const torch::TensorOptions& options) {
   if (p <= 0.0) return {};
-  TORCH_CHECK_VALUE(p < 1.0, "drop-path probability must be in [0, 1), got ", p);
-  const double keep = 1.0 - p;
+  const double keep = drop_path_keep(p);
   // The same draws as drop_path's [N, 1, 1, 1] mask.
   return torch::empty({n}, options).bernoulli_(keep).div_(keep);
 }
 
 torch::Tensor drop_path(const torch::Tensor& x, double p) {
   if (p <= 0.0) return x;
-  TORCH_CHECK_VALUE(p < 1.0, "drop-path probability must be in [0, 1), got ", p);
-  const double keep = 1.0 - p;
+  const double keep = drop_path_keep(p);
   auto mask = torch::empty({x.size(0), 1, 1, 1}, x.options()).bernoulli_(keep);
   return x * mask / keep;
 }
