@@ -24,6 +24,7 @@
 #include "noisydarts/method.h"
 #include "noisydarts/search.h"
 #include "noisydarts/search_network.h"
+#include "config_flags.h"
 
 namespace nd = noisydarts;
 
@@ -42,6 +43,7 @@ struct BenchOptions {
   bool json = false;
   bool no_fused = false;
   bool no_blas = false;
+  std::string precision = "fp32";  // eval-step only
 };
 
 double peak_rss_mb() {
@@ -105,7 +107,8 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"in_channels", o.in_channels},
                      {"image_size", o.image_size},
                      {"device", o.device},
-                     {"fused", fused_ops_enabled()},
+                     {"fused", fused_ops_enabled() && o.precision == "fp32"},
+                     {"precision", o.precision},
                      {"blas", blas_gemm_active()}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "search-step") {
@@ -251,6 +254,7 @@ void add_bench_command(CLI::App& app, Action& run) {
   // Evaluation: the evaluation network's forward in inference mode, as eval/train's test pass run it.
   auto* es = bench->add_subcommand("eval-step", "The evaluation network's forward in inference mode on synthetic data");
   auto eo2 = add_eval_network_options(es);
+  add_precision_option(es, eo2->precision);
   es->callback([eo2, &run] {
     run = [eo2] {
       const auto& o = *eo2;
@@ -262,11 +266,13 @@ void add_bench_command(CLI::App& app, Action& run) {
       net->eval();
       const auto x = torch::randn({o.batch_size, o.in_channels, o.image_size, o.image_size}, torch::TensorOptions().device(device));
       if (!o.json)
-        std::fprintf(stderr, "bench eval-step: %s, C %lld, L %lld, batch %lld, inference mode\n", o.genotype.c_str(),
+        std::fprintf(stderr, "bench eval-step: %s, C %lld, L %lld, batch %lld, inference mode, %s\n", o.genotype.c_str(),
                      static_cast<long long>(o.channels), static_cast<long long>(o.layers),
-                     static_cast<long long>(o.batch_size));
+                     static_cast<long long>(o.batch_size), o.precision.c_str());
+      const nd::Precision precision = nd::parse_precision(o.precision);
       return report(o, "eval-step", o.batch_size, [&] {
         torch::InferenceMode im;
+        nd::PrecisionScope scope(precision, device);
         net->forward(x);
       }, sync_for(device), gflop);
     };

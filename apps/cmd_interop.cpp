@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "config_flags.h"
 #include "noisydarts/error.h"
 #include "noisydarts/eval_network.h"
 #include "noisydarts/genotype.h"
@@ -56,6 +57,7 @@ void add_predict_command(CLI::App& app, Action& run) {
     bool search_network = false;
     int64_t channels = 0, layers = 0, in_channels = 3, classes = 10;
     int threads = 0;
+    std::string precision = "fp32";
   };
   auto st = std::make_shared<State>();
   auto* cmd = app.add_subcommand("predict", "Eval-mode logits of a network loaded from a PyTorch state dict, for a tensor saved with torch.save");
@@ -73,10 +75,14 @@ void add_predict_command(CLI::App& app, Action& run) {
       ->check(CLI::IsMember({"cifar", "imagenet"}))->capture_default_str();
   cmd->add_option("--ops", st->ops, "Search network: comma-separated candidate ops (default: from the alphas' width, 7 = noisydarts, 8 = darts)");
   cmd->add_option("--threads", st->threads, "Compute threads (0 = all cores)");
+  add_precision_option(cmd, st->precision);
   cmd->callback([st, &run] {
     run = [st] {
       if (st->genotype.empty() == !st->search_network)
         throw UsageError("predict needs exactly one of --genotype G or --search-network");
+      const Precision precision = parse_precision(st->precision);
+      if (precision != Precision::kFp32 && st->search_network)
+        throw UsageError("--precision bf16 is implemented for evaluation networks (--genotype), not --search-network: use fp32");
       check_threads(st->threads);
       if (st->threads > 0) at::set_num_threads(st->threads);
       StateDict sd = load_state_dict_file(st->weights);
@@ -96,7 +102,8 @@ void add_predict_command(CLI::App& app, Action& run) {
           load_module_state(*net, sd, st->weights);
           net->eval();
           torch::InferenceMode im;
-          logits = net->forward(x).logits;
+          PrecisionScope scope(precision, x.device());
+          logits = net->forward(x).logits.to(torch::kFloat);
         } else {
           std::vector<std::string> ops;
           if (!st->ops.empty()) {

@@ -107,6 +107,7 @@ void add_eval_command(CLI::App& app, Action& run) {
     int64_t batch_size = 64;
     int threads = 0;
     bool json_out = false;
+    std::string precision = "fp32";
   };
   auto st = std::make_shared<State>();
   auto* cmd = app.add_subcommand("eval", "Top-1/top-5 accuracy of a trained checkpoint on its dataset's test set");
@@ -114,10 +115,12 @@ void add_eval_command(CLI::App& app, Action& run) {
   cmd->add_option("--data-dir", st->data_dir, "Dataset directory (default: the one stored in the checkpoint)");
   cmd->add_option("--batch-size", st->batch_size, "Evaluation batch size")->capture_default_str();
   cmd->add_option("--threads", st->threads, "Compute threads (0 = all cores)");
+  add_precision_option(cmd, st->precision);
   cmd->add_flag("--json", st->json_out, "Print {\"top1\": ..., \"top5\": ..., \"loss\": ..., \"images\": ...}");
   cmd->callback([st, &run] {
     run = [st] {
-      const EvalResult r = evaluate_checkpoint(st->checkpoint, st->data_dir, st->batch_size, st->threads);
+      const EvalResult r = evaluate_checkpoint(st->checkpoint, st->data_dir, st->batch_size, st->threads,
+                                               parse_precision(st->precision));
       if (st->json_out) {
         std::printf("%s\n", json({{"top1", r.top1}, {"top5", r.top5}, {"loss", r.loss}, {"images", r.images}}).dump().c_str());
       } else {

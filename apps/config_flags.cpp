@@ -125,6 +125,14 @@ std::string ConfigFlags::differences(const std::string& title, const json& other
   return s.empty() ? "" : "  " + title + ": " + s + "\n";
 }
 
+void add_precision_option(CLI::App* cmd, std::string& precision) {
+  cmd->add_option("--precision", precision,
+                  "fp32 (the own float kernels) or bf16 (bfloat16 through oneDNN, module by module, float "
+                  "logits; CPU only; speed and accuracy in docs/bench.md)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+}
+
 CLI::Validator at_least(int64_t n) {
   return CLI::Validator(
       [n](std::string& v) -> std::string {

@@ -76,6 +76,9 @@ struct RunOptions {
 /// A lower bound for an integer flag, shown as "INT:at least N" in --help.
 CLI::Validator at_least(int64_t n);
 
+/// --precision fp32|bf16 of the evaluation commands (runtime.h Precision), into `precision`.
+void add_precision_option(CLI::App* cmd, std::string& precision);
+
 /// The value at a dotted key ("noise.lambda") of a JSON object, or nullptr.
 const nlohmann::json* find_key(const nlohmann::json& root, const std::string& dotted);
 

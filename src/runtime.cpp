@@ -7,7 +7,10 @@
 #include <thread>
 #include <sstream>
 
+#include <ATen/autocast_mode.h>
+
 #include "noisydarts/error.h"
+#include "noisydarts/fused_ops.h"
 
 namespace noisydarts {
 
@@ -36,6 +39,36 @@ torch::Device parse_device(const std::string& d) {
 void keep_freed_memory() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);  // the largest value glibc accepts on 64-bit
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+Precision parse_precision(const std::string& s) {
+  if (s == "fp32") return Precision::kFp32;
+  if (s == "bf16") return Precision::kBf16;
+  throw UsageError("--precision must be fp32 or bf16, got '" + s + "'");
+}
+
+const char* precision_name(Precision p) { return p == Precision::kBf16 ? "bf16" : "fp32"; }
+
+PrecisionScope::PrecisionScope(Precision p, const torch::Device& device) {
+  if (p == Precision::kFp32) return;
+  if (!device.is_cpu())
+    throw UsageError("--precision bf16 is implemented for --device cpu only (got " + device.str() + "): use fp32");
+  prev_autocast_ = at::autocast::is_cpu_enabled();
+  prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+  prev_fused_ = fused_ops_enabled();
+  at::autocast::set_cpu_enabled(true);
+  at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  at::autocast::increment_nesting();
+  set_fused_ops(false);
+  active_ = true;
+}
+
+PrecisionScope::~PrecisionScope() {
+  if (!active_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();  // the cast weights
+  at::autocast::set_cpu_enabled(prev_autocast_);
+  at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+  set_fused_ops(prev_fused_);
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t) {

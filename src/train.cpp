@@ -164,8 +164,9 @@ Genotype TrainConfig::finalize() {
 // Evaluation
 // ------------------------------------------------------------------------------------------
 
-EvalResult evaluate(EvalNetwork& net, BatchStream& stream, torch::Device device) {
+EvalResult evaluate(EvalNetwork& net, BatchStream& stream, torch::Device device, Precision precision) {
   torch::InferenceMode inference;  // no autograd records, no version counters (docs/bench.md)
+  PrecisionScope scope(precision, device);
   const bool was_training = net->is_training();
   net->eval();
   EvalResult r;
@@ -175,7 +176,7 @@ EvalResult evaluate(EvalNetwork& net, BatchStream& stream, torch::Device device)
     Batch batch = stream.next();
     auto x = batch.x.to(device);
     auto y = batch.y.to(device);
-    auto logits = net->forward(x).logits;
+    auto logits = net->forward(x).logits.to(torch::kFloat);
     loss += torch::nn::functional::cross_entropy(logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).item<double>();
     const int64_t k = std::min<int64_t>(5, logits.size(1));
     auto top = std::get<1>(logits.topk(k, 1));
@@ -248,7 +249,7 @@ EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg
 }
 
 EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string& data_dir,
-                               int64_t batch_size, int threads) {
+                               int64_t batch_size, int threads, Precision precision) {
   if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
   check_threads(threads);
   keep_freed_memory();
@@ -267,7 +268,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string&
   const torch::Device device = parse_device(cfg.device);
   net->to(device);
   BatchStream test(data.test, all_indices(data.test.size()), eval_stream_options(cfg, batch_size));
-  return evaluate(net, test, device);
+  return evaluate(net, test, device, precision);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // The evaluation network, the profile, training from scratch and PyTorch interop.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <ATen/autocast_mode.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -16,6 +17,8 @@
 #include "noisydarts/genotype.h"
 #include "noisydarts/interop.h"
 #include "noisydarts/profile.h"
+#include "noisydarts/runtime.h"
+#include "noisydarts/fused_ops.h"
 #include "noisydarts/search_network.h"
 #include "noisydarts/train.h"
 
@@ -141,6 +144,47 @@ TEST(EvalNetwork, DropPathActsOnlyInTraining) {
   auto c = net->forward(x).logits, d = net->forward(x).logits;
   EXPECT_FALSE(torch::equal(c, d));
   EXPECT_THROW(net->set_drop_path_prob(1.0), c10::Error);
+}
+
+// --precision bf16: the forward really runs in bfloat16 (autocast on, the float kernels off,
+// both restored after the scope) and stays within bfloat16's rounding of the float forward.
+TEST(EvalNetwork, Bf16PrecisionRunsInBfloat16CloseToFp32) {
+  EvalNetworkOptions o(8, 10, 5, builtin_genotype("NoisyDARTS_a"));
+  torch::manual_seed(3);
+  EvalNetwork net(o);
+  const auto x = torch::randn({6, 3, 32, 32});
+  {
+    torch::NoGradGuard g;  // trained-like BN statistics: running means and variances of real batches
+    for (int i = 0; i < 3; ++i) net->forward(torch::randn({6, 3, 32, 32}));
+  }
+  net->eval();
+  torch::InferenceMode im;
+  ASSERT_TRUE(fused_ops_enabled());
+  const auto want = net->forward(x).logits;
+  ASSERT_EQ(want.scalar_type(), torch::kFloat);
+  torch::Tensor got;
+  {
+    PrecisionScope scope(Precision::kBf16, x.device());
+    EXPECT_TRUE(at::autocast::is_cpu_enabled());
+    EXPECT_FALSE(fused_ops_enabled());
+    got = net->forward(x).logits;
+    EXPECT_EQ(got.scalar_type(), torch::kBFloat16);
+  }
+  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  EXPECT_TRUE(fused_ops_enabled());
+  const double scale = want.abs().max().item<double>();
+  const double err = (got.to(torch::kFloat) - want).abs().max().item<double>();
+  EXPECT_GT(err, 0.0) << "bf16 gave the float result bit for bit: autocast did not act";
+  EXPECT_LT(err, 0.015 * scale) << "err " << err << " scale " << scale;  // measured: 0.0036 * scale
+  // fp32 changes nothing; bad values and other devices are refused with the option's name.
+  {
+    PrecisionScope scope(Precision::kFp32, x.device());
+    EXPECT_TRUE(torch::equal(net->forward(x).logits, want));
+  }
+  EXPECT_EQ(parse_precision("bf16"), Precision::kBf16);
+  EXPECT_EQ(parse_precision("fp32"), Precision::kFp32);
+  EXPECT_THROW(parse_precision("fp16"), UsageError);
+  EXPECT_THROW(PrecisionScope(Precision::kBf16, torch::Device(torch::kCUDA, 0)), UsageError);
 }
 
 TEST(EvalNetwork, ImageNetLayoutHasTwoStemsAndItsOwnHead) {
@@ -298,7 +342,25 @@ TEST(Interop, PredictGivesTheNetworksEvalLogits) {
   ASSERT_EQ(r.code, 0) << r.out;
   net->eval();
   torch::NoGradGuard g;
-  EXPECT_TRUE(torch::allclose(load_tensor_file((dir / "y.pt").string()), net->forward(x).logits, 1e-5, 1e-6));
+  const auto want = net->forward(x).logits;
+  EXPECT_TRUE(torch::allclose(load_tensor_file((dir / "y.pt").string()), want, 1e-5, 1e-6));
+  // --precision bf16: float logits within bfloat16's rounding; refused for the search network.
+  const std::string args = " --weights " + (dir / "w.pt").string() + " --input " + (dir / "x.pt").string() +
+                           " --out " + (dir / "yb.pt").string() + " --in-channels 1 --classes 5 --threads 1 --precision bf16";
+  r = run_cli("predict --genotype DARTS_V2 --channels 4 --layers 3" + args);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto bf = load_tensor_file((dir / "yb.pt").string());
+  EXPECT_EQ(bf.scalar_type(), torch::kFloat);
+  const double err = (bf - want).abs().max().item<double>();
+  EXPECT_GT(err, 0.0);
+  EXPECT_LT(err, 0.03 * want.abs().max().item<double>());
+  fs::remove(dir / "yb.pt");
+  r = run_cli("predict --search-network --channels 4 --layers 3" + args);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--precision bf16"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir / "yb.pt"));
+  r = run_cli("predict --genotype DARTS_V2 --channels 4 --layers 3" + args + " --precision fp16");
+  EXPECT_EQ(r.code, 2) << r.out;
   // Wrong shape of network: one clear line, checkpoint exit code.
   r = run_cli("predict --weights " + (dir / "w.pt").string() + " --input " + (dir / "x.pt").string() +
               " --out " + (dir / "y2.pt").string() + " --genotype DARTS_V2 --channels 6 --layers 3 --in-channels 1 --classes 5");
@@ -343,6 +405,11 @@ TEST(Train, BeatsChanceOnSyntheticDataAndKeepsItsFiles) {
   // `eval` of the selected checkpoint reproduces the reported test accuracy.
   const EvalResult e = evaluate_checkpoint((fs::path(cfg.out) / "best.pt").string(), "", 64, 1);
   EXPECT_DOUBLE_EQ(e.top1, r.test.top1);
+  // In bfloat16 the same images, nearly the same loss and accuracy.
+  const EvalResult eb = evaluate_checkpoint((fs::path(cfg.out) / "best.pt").string(), "", 64, 1, Precision::kBf16);
+  EXPECT_EQ(eb.images, e.images);
+  EXPECT_NEAR(eb.top1, e.top1, 2.0);
+  EXPECT_NEAR(eb.loss, e.loss, 0.02 * e.loss);
   // A second run into the same directory is refused; --resume of a finished run only re-tests.
   EXPECT_THROW(run_train(cfg, false, cb), UsageError);
   const TrainResult again = run_train(cfg, /*resume=*/true, cb);

@@ -24,6 +24,31 @@ torch::Device parse_device(const std::string& d);
 /// 5-9x longer, mostly system time). Keeps freed memory in the heap instead. Idempotent.
 void keep_freed_memory();
 
+/// Arithmetic precision of evaluation passes (`--precision` of eval, predict, bench eval-step).
+/// fp32 (default) runs the own fused kernels in float; bf16 runs every convolution, BN and the
+/// classifier in bfloat16 through oneDNN (AVX512-BF16 on CPUs that have it), module by module,
+/// with float logits. docs/bench.md measures its speed and its effect on accuracy.
+enum class Precision { kFp32, kBf16 };
+/// "fp32" | "bf16"; throws UsageError naming --precision otherwise.
+Precision parse_precision(const std::string& s);
+const char* precision_name(Precision p);
+
+/// Inference under a Precision for the scope's lifetime. bf16: LibTorch's CPU autocast to
+/// bfloat16 on (convolutions and linear layers cast their inputs and weights; the ops after them
+/// follow the dtype), the fused float kernels off; both restored on exit. Throws UsageError for
+/// bf16 on a non-CPU device (not implemented there). fp32: changes nothing.
+class PrecisionScope {
+ public:
+  PrecisionScope(Precision p, const torch::Device& device);
+  ~PrecisionScope();
+  PrecisionScope(const PrecisionScope&) = delete;
+  PrecisionScope& operator=(const PrecisionScope&) = delete;
+
+ private:
+  bool active_ = false, prev_autocast_ = false, prev_fused_ = true;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
 /// Seconds elapsed since `t` (steady clock).
 double seconds_since(std::chrono::steady_clock::time_point t);
 /// "1h2m3s" / "4m5s" / "6s"; "?" for negative or non-finite values.

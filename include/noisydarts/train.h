@@ -14,6 +14,7 @@
 #include "noisydarts/eval_network.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/profile.h"
+#include "noisydarts/runtime.h"
 
 namespace noisydarts {
 
@@ -100,8 +101,10 @@ struct TrainResult {
 /// Error family on bad input and DivergedError on NaN/Inf loss (last checkpoint kept).
 TrainResult run_train(TrainConfig cfg, bool resume, const TrainCallbacks& cb = {});
 
-/// One eval-mode pass over `stream` (one full pass from its current position).
-EvalResult evaluate(EvalNetwork& net, BatchStream& stream, torch::Device device);
+/// One eval-mode pass over `stream` (one full pass from its current position), in inference
+/// mode at `precision` (runtime.h).
+EvalResult evaluate(EvalNetwork& net, BatchStream& stream, torch::Device device,
+                    Precision precision = Precision::kFp32);
 
 /// Rebuilds the evaluation network of a "train" checkpoint and loads its weights (eval mode).
 /// `cfg`, when given, receives the stored configuration. Throws CheckpointError.
@@ -110,6 +113,7 @@ EvalNetwork load_trained_network(const std::string& checkpoint, TrainConfig* cfg
 /// `noisydarts eval`: the checkpoint's network on the test set of its dataset (`data_dir`
 /// overrides the stored directory when not empty).
 EvalResult evaluate_checkpoint(const std::string& checkpoint, const std::string& data_dir = "",
-                               int64_t batch_size = 64, int threads = 0);
+                               int64_t batch_size = 64, int threads = 0,
+                               Precision precision = Precision::kFp32);
 
 }  // namespace noisydarts
