@@ -15,6 +15,7 @@
 #include "noisydarts/config.h"
 #include "noisydarts/engine.h"
 #include "noisydarts/error.h"
+#include "noisydarts/runtime.h"
 #include "noisydarts/eval_network.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/interop.h"
@@ -342,14 +343,19 @@ PYBIND11_MODULE(_noisydarts, m) {
   py::class_<nd::EvalNetworkImpl, std::shared_ptr<nd::EvalNetworkImpl>>(m, "_EvalNetwork")
       .def(py::init(&make_eval), py::arg("genotype"), py::arg("C"), py::arg("num_classes"), py::arg("layers"),
            py::arg("in_channels"), py::arg("auxiliary"), py::arg("style"), py::arg("drop_path_prob"))
-      .def("forward", [](nd::EvalNetworkImpl& n, const torch::Tensor& x) {
+      .def("forward", [](nd::EvalNetworkImpl& n, const torch::Tensor& x, const std::string& precision) {
+             const nd::Precision p = nd::parse_precision(precision);
+             if (p != nd::Precision::kFp32 && n.is_training())
+               throw nd::UsageError("precision bf16 is for evaluation passes: call eval() first");
              nd::EvalOutput o;
              {
                py::gil_scoped_release nogil;
+               nd::PrecisionScope scope(p, x.device());
                o = n.forward(x);
+               if (p != nd::Precision::kFp32) o.logits = o.logits.to(torch::kFloat);
              }
              return py::make_tuple(o.logits, o.aux_logits.defined() ? py::cast(o.aux_logits) : py::none());
-           })
+           }, py::arg("x"), py::arg("precision") = "fp32")
       .def("train", [](nd::EvalNetworkImpl& n, bool on) { n.train(on); })
       .def("is_training", [](const nd::EvalNetworkImpl& n) { return n.is_training(); })
       .def("genotype", [](const nd::EvalNetworkImpl& n) { return n.options().genotype(); })

@@ -200,6 +200,7 @@ class EvalNetwork(_CppModule):
 
     forward(x) returns (logits, aux_logits) like the reference: aux_logits only in training mode
     with the auxiliary head, else None. `drop_path_prob` is read by training-mode forwards.
+    forward(x, precision="bf16") (eval mode only) runs in bfloat16 through oneDNN, float logits.
     """
 
     def __init__(self, genotype_spec, C=None, num_classes=10, layers=None, auxiliary=False, in_channels=3, *,
@@ -208,8 +209,8 @@ class EvalNetwork(_CppModule):
         super().__init__(_core._EvalNetwork(g, C or 0, num_classes, layers or 0, in_channels, bool(auxiliary), style,
                                             float(drop_path_prob)))
 
-    def forward(self, x):
-        return self._cpp.forward(x)
+    def forward(self, x, precision="fp32"):
+        return self._cpp.forward(x, precision)
 
     def genotype(self):
         return self._cpp.genotype()

@@ -198,3 +198,25 @@ def test_eval_network_recipe_size_and_profile():
     assert cli == {"params": p["params"], "macs": p["macs"]}
     p_small = noisydarts.profile("DARTS_V2", C=8, layers=5, dataset="fashion-mnist")
     assert p_small["params"] < p["params"] and p_small["macs"] < p["macs"]
+
+
+def test_eval_network_bf16_precision():
+    torch.manual_seed(0)
+    net = noisydarts.EvalNetwork("NoisyDARTS_a", C=8, num_classes=10, layers=5)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            net(torch.randn(4, 3, 32, 32))  # running statistics of real batches
+    with pytest.raises(noisydarts.UsageError, match="eval"):
+        net(x, precision="bf16")  # training mode
+    net.eval()
+    with torch.inference_mode():
+        want, _ = net(x)
+        got, aux = net(x, precision="bf16")
+        again, _ = net(x)
+    assert aux is None and got.dtype == torch.float32 and got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert 0 < err < 0.015 * want.abs().max().item()
+    assert torch.equal(again, want)  # the scope restored float and the fused kernels
+    with pytest.raises(noisydarts.UsageError, match="--precision"):
+        net(x, precision="fp16")
