@@ -116,13 +116,14 @@ void add_eval_command(CLI::App& app, Action& run) {
   cmd->add_option("--batch-size", st->batch_size, "Evaluation batch size")->capture_default_str();
   cmd->add_option("--threads", st->threads, "Compute threads (0 = all cores)");
   add_precision_option(cmd, st->precision);
-  cmd->add_flag("--json", st->json_out, "Print {\"top1\": ..., \"top5\": ..., \"loss\": ..., \"images\": ...}");
+  cmd->add_flag("--json", st->json_out, "Print {\"top1\": ..., \"top5\": ..., \"loss\": ..., \"images\": ..., \"precision\": ...}");
   cmd->callback([st, &run] {
     run = [st] {
       const EvalResult r = evaluate_checkpoint(st->checkpoint, st->data_dir, st->batch_size, st->threads,
                                                parse_precision(st->precision));
       if (st->json_out) {
-        std::printf("%s\n", json({{"top1", r.top1}, {"top5", r.top5}, {"loss", r.loss}, {"images", r.images}}).dump().c_str());
+        std::printf("%s\n", json({{"top1", r.top1}, {"top5", r.top5}, {"loss", r.loss}, {"images", r.images},
+                                  {"precision", st->precision}}).dump().c_str());
       } else {
         std::printf("test top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%lld images)\n", r.top1, r.top5, r.loss,
                     static_cast<long long>(r.images));

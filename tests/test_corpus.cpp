@@ -308,6 +308,8 @@ TEST(Corpus, OutOfRangeOptionsFailWithOneLineNamingTheOption) {
       {"train -q --dataset synthetic --genotype DARTS_V2 --epochs -3", "--epochs"},
       {"train -q --dataset synthetic --genotype DARTS_V2 --batch-size 0", "--batch-size"},
       {"eval --checkpoint /nonexistent.pt --batch-size 0", "--batch-size"},
+      {"eval --checkpoint /nonexistent.pt --precision fp16", "--precision"},
+      {"bench eval-step --precision half", "--precision"},
       {"profile --genotype DARTS_V2 --dataset foo", "--dataset"},
       {"frobnicate", "frobnicate"},
       {"search -q --dataset synthetic --epochs 1", "--out"},  // a search needs --out
