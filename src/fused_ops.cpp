@@ -397,49 +397,55 @@ ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* p
 }
 
 #ifdef ND_AVX512
-// pw_image on AVX-512: w(o, i) = w[o * so + i * si]. Blocks of 8 outputs x 32 pixels: 16
-// accumulators in registers, two input loads and 16 multiply-adds (weights broadcast from
-// memory) per input channel; masked loads and stores at the plane's end.
+// pw_image on AVX-512: w(o, i) = w[o * so + i * si]. The 32-pixel column of every input channel
+// is packed contiguously (ReLU applied) once per column; then blocks of NB outputs x 32 pixels
+// (8, then 4, then 1 for the remainder): 2 NB accumulators in registers, two loads from the
+// packed column and 2 NB multiply-adds (weights broadcast from memory) per input channel; masked
+// stores at the plane's end. Reading the column in place instead maps every channel's row (1-4 KB
+// apart) to the same few L1 sets: the packed form measured 3-10% faster on the chain
+// ReLU-1x1-BN forward + input gradient at the C 36 training step's three plane sizes.
+template <int NB>
+ND_AVX512_FN inline void pw_block_avx512(const float* xb, const float* w, float* y, int64_t o, int64_t ci,
+                                         int64_t hw, int64_t j0, int64_t so, int64_t si, __mmask16 m0,
+                                         __mmask16 m1, const float* mask) {
+  __m512 a[2 * NB];
+  for (int q = 0; q < 2 * NB; ++q) a[q] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < ci; ++i) {
+    const __m512 x0 = _mm512_loadu_ps(xb + i * 32), x1 = _mm512_loadu_ps(xb + i * 32 + 16);
+    const float* wi = w + o * so + i * si;
+#pragma GCC unroll 8
+    for (int q = 0; q < NB; ++q) {
+      const __m512 wv = _mm512_set1_ps(wi[q * so]);
+      a[2 * q] = _mm512_fmadd_ps(wv, x0, a[2 * q]);
+      a[2 * q + 1] = _mm512_fmadd_ps(wv, x1, a[2 * q + 1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < NB; ++q) {
+    const int64_t at = (o + q) * hw + j0;
+    store_kept(y + at, mask ? mask + at : nullptr, m0, a[2 * q]);
+    store_kept(y + at + 16, mask ? mask + at + 16 : nullptr, m1, a[2 * q + 1]);
+  }
+}
+
 ND_AVX512_FN void pw_image_avx512(const float* x, const float* w, float* y, int64_t ci, int64_t co, int64_t hw,
                                   int64_t so, int64_t si, bool relu, const float* mask) {
   const __m512 z = _mm512_setzero_ps();
+  thread_local std::vector<float> packed;
+  if (packed.size() < static_cast<size_t>(ci) * 32) packed.resize(static_cast<size_t>(ci) * 32);
+  float* xb = packed.data();
   for (int64_t j0 = 0; j0 < hw; j0 += 32) {
     const __mmask16 m0 = lanes(hw - j0), m1 = lanes(hw - j0 - 16);
+    for (int64_t i = 0; i < ci; ++i) {
+      __m512 x0 = _mm512_maskz_loadu_ps(m0, x + i * hw + j0), x1 = _mm512_maskz_loadu_ps(m1, x + i * hw + j0 + 16);
+      if (relu) x0 = _mm512_maskz_max_ps(all, x0, z), x1 = _mm512_maskz_max_ps(all, x1, z);
+      _mm512_storeu_ps(xb + i * 32, x0);
+      _mm512_storeu_ps(xb + i * 32 + 16, x1);
+    }
     int64_t o = 0;
-    for (; o + 8 <= co; o += 8) {
-      __m512 a[16];
-      for (int q = 0; q < 16; ++q) a[q] = z;
-      for (int64_t i = 0; i < ci; ++i) {
-        __m512 x0 = _mm512_maskz_loadu_ps(m0, x + i * hw + j0), x1 = _mm512_maskz_loadu_ps(m1, x + i * hw + j0 + 16);
-        if (relu) x0 = _mm512_maskz_max_ps(all, x0, z), x1 = _mm512_maskz_max_ps(all, x1, z);
-        const float* wi = w + o * so + i * si;
-#pragma GCC unroll 8
-        for (int q = 0; q < 8; ++q) {
-          const __m512 wv = _mm512_set1_ps(wi[q * so]);
-          a[2 * q] = _mm512_fmadd_ps(wv, x0, a[2 * q]);
-          a[2 * q + 1] = _mm512_fmadd_ps(wv, x1, a[2 * q + 1]);
-        }
-      }
-#pragma GCC unroll 8
-      for (int q = 0; q < 8; ++q) {
-        const int64_t at = (o + q) * hw + j0;
-        store_kept(y + at, mask ? mask + at : nullptr, m0, a[2 * q]);
-        store_kept(y + at + 16, mask ? mask + at + 16 : nullptr, m1, a[2 * q + 1]);
-      }
-    }
-    for (; o < co; ++o) {
-      __m512 a0 = z, a1 = z;
-      for (int64_t i = 0; i < ci; ++i) {
-        __m512 x0 = _mm512_maskz_loadu_ps(m0, x + i * hw + j0), x1 = _mm512_maskz_loadu_ps(m1, x + i * hw + j0 + 16);
-        if (relu) x0 = _mm512_maskz_max_ps(all, x0, z), x1 = _mm512_maskz_max_ps(all, x1, z);
-        const __m512 wv = _mm512_set1_ps(w[o * so + i * si]);
-        a0 = _mm512_fmadd_ps(wv, x0, a0);
-        a1 = _mm512_fmadd_ps(wv, x1, a1);
-      }
-      const int64_t at = o * hw + j0;
-      store_kept(y + at, mask ? mask + at : nullptr, m0, a0);
-      store_kept(y + at + 16, mask ? mask + at + 16 : nullptr, m1, a1);
-    }
+    for (; o + 8 <= co; o += 8) pw_block_avx512<8>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
+    for (; o + 4 <= co; o += 4) pw_block_avx512<4>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
+    for (; o < co; ++o) pw_block_avx512<1>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
   }
 }
 

@@ -93,9 +93,10 @@ TEST(Fused, DepthwiseKernelMatchesATenForEveryGeometryOfTheSpaces) {
 
 TEST(Fused, OneByOneChainWithAnyChannelCountMatchesTheModules) {
   // ReLU, 1x1 convolution, BN (the cells' preprocess) with output counts that are not multiples
-  // of the kernel's 8-output blocks and planes that end inside a 32-pixel block.
+  // of the kernel's 8-output blocks (so that its 4- and 1-output blocks run too, both ways) and
+  // planes that end inside a 32-pixel block.
   for (const bool avx512 : {true, false})
-    for (const auto& shape : std::vector<std::array<int64_t, 4>>{{5, 11, 7, 7}, {3, 9, 5, 13}, {16, 8, 28, 28}, {6, 20, 14, 14}}) {
+    for (const auto& shape : std::vector<std::array<int64_t, 4>>{{5, 11, 7, 7}, {3, 9, 5, 13}, {16, 8, 28, 28}, {6, 20, 14, 14}, {13, 36, 6, 6}}) {
       const std::string tag = std::string(avx512 ? "AVX-512 " : "portable ") + std::to_string(shape[0]) + "->" +
                               std::to_string(shape[1]) + " " + std::to_string(shape[2]) + "x" + std::to_string(shape[3]);
       Avx512Switch sw(avx512);
