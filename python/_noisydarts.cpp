@@ -352,7 +352,7 @@ PYBIND11_MODULE(_noisydarts, m) {
                py::gil_scoped_release nogil;
                nd::PrecisionScope scope(p, x.device());
                o = n.forward(x);
-               if (p != nd::Precision::kFp32) o.logits = o.logits.to(torch::kFloat);
+               o.logits = o.logits.to(torch::kFloat);  // itself in fp32
              }
              return py::make_tuple(o.logits, o.aux_logits.defined() ? py::cast(o.aux_logits) : py::none());
            }, py::arg("x"), py::arg("precision") = "fp32")

@@ -47,8 +47,6 @@ Precision parse_precision(const std::string& s) {
   throw UsageError("--precision must be fp32 or bf16, got '" + s + "'");
 }
 
-const char* precision_name(Precision p) { return p == Precision::kBf16 ? "bf16" : "fp32"; }
-
 PrecisionScope::PrecisionScope(Precision p, const torch::Device& device) {
   if (p == Precision::kFp32) return;
   if (!device.is_cpu())

@@ -31,7 +31,6 @@ void keep_freed_memory();
 enum class Precision { kFp32, kBf16 };
 /// "fp32" | "bf16"; throws UsageError naming --precision otherwise.
 Precision parse_precision(const std::string& s);
-const char* precision_name(Precision p);
 
 /// Inference under a Precision for the scope's lifetime. bf16: LibTorch's CPU autocast to
 /// bfloat16 on (convolutions and linear layers cast their inputs and weights; the ops after them
