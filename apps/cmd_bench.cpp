@@ -43,6 +43,7 @@ struct BenchOptions {
   bool json = false;
   bool no_fused = false;
   bool no_blas = false;
+  bool no_group = false;
   std::string precision = "fp32";  // eval-step only
 };
 
@@ -68,6 +69,9 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
                 "Run the search ops module by module as the reference does, instead of the fused nodes (docs/bench.md)");
   cmd->add_flag("--no-blas", o.no_blas,
                 "The own kernels for the 1x1 convolutions' weight gradient instead of the BLAS sgemm (docs/bench.md)");
+  cmd->add_flag("--no-group", o.no_group,
+                "Run the cells' 1x1 preprocessings that read the same tensor one by one instead of as one fused node "
+                "(docs/bench.md)");
   cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
 }
 
@@ -109,7 +113,8 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"device", o.device},
                      {"fused", fused_ops_enabled() && o.precision == "fp32"},
                      {"precision", o.precision},
-                     {"blas", blas_gemm_active()}};
+                     {"blas", blas_gemm_active()},
+                     {"grouped_1x1", !o.no_group && fused_ops_enabled() && o.precision == "fp32"}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "search-step") {
       j["order"] = o.order;
@@ -129,6 +134,7 @@ void setup(const BenchOptions& o) {
   nd::keep_freed_memory();
   nd::set_fused_ops(!o.no_fused);
   nd::set_blas_gemm(!o.no_blas);
+  nd::set_grouped_1x1(!o.no_group);
 }
 
 /// A subcommand timing the evaluation network (train-step, eval-step): the common options with

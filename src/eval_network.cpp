@@ -32,10 +32,12 @@ EvalCellImpl::EvalCellImpl(const Genotype& genotype, int64_t c_pp, int64_t c_p, 
     auto m = register_module("preprocess0", ReLUConvBN(c_pp, c, 1, 1, 0, /*affine=*/true));
     preprocess0_ = nn::AnyModule(m);
     pre0_module_ = m;
+    pre0_relu_conv_bn_ = m;
   }
   auto m1 = register_module("preprocess1", ReLUConvBN(c_p, c, 1, 1, 0, /*affine=*/true));
   preprocess1_ = nn::AnyModule(m1);
   pre1_module_ = m1;
+  pre1_relu_conv_bn_ = m1;
 
   const auto& edges = reduction ? genotype.reduce : genotype.normal;
   concat_ = reduction ? genotype.reduce_concat : genotype.normal_concat;
@@ -79,13 +81,28 @@ EvalCellImpl::EvalCellImpl(const Genotype& genotype, int64_t c_pp, int64_t c_p, 
   if (placeable) slot_ = std::move(slot);
 }
 
+torch::Tensor EvalCellImpl::preprocess(int k, const torch::Tensor& s) {
+  return k == 0 ? preprocess0_.forward(s) : preprocess1_.forward(s);
+}
+
+ReLUConvBNImpl* EvalCellImpl::fused_preprocess(int k) const {
+  auto* m = (k == 0 ? pre0_relu_conv_bn_ : pre1_relu_conv_bn_).get();
+  return m && m->runs_fused() ? m : nullptr;
+}
+
 torch::Tensor EvalCellImpl::forward(const torch::Tensor& s0, const torch::Tensor& s1,
                                     double drop_prob, int64_t* macs) {
+  return forward_preprocessed(preprocess(0, s0), preprocess(1, s1), s0, s1, drop_prob, macs);
+}
+
+torch::Tensor EvalCellImpl::forward_preprocessed(const torch::Tensor& p0, const torch::Tensor& p1,
+                                                 const torch::Tensor& s0, const torch::Tensor& s1, double drop_prob,
+                                                 int64_t* macs) {
   if (macs) {
     *macs += module_macs(*pre0_module_, s0.size(2), s0.size(3));
     *macs += module_macs(*pre1_module_, s1.size(2), s1.size(3));
   }
-  std::vector<torch::Tensor> states{preprocess0_.forward(s0), preprocess1_.forward(s1)};
+  std::vector<torch::Tensor> states{p0, p1};
   const bool drop = is_training() && drop_prob > 0.0;
   const bool fold = drop && fused_ops_enabled();  // off: module by module, as the reference does
   // With fused ops the output's nodes are written straight into it (fused_ops.h ChannelConcat):
@@ -249,8 +266,29 @@ EvalOutput EvalNetworkImpl::run(const torch::Tensor& x, int64_t* macs) {
     s1 = stem1_->forward(s0);
   }
   EvalOutput out;
+  // The 1x1 preprocessings that read s1 run as one fused node (fused_relu_pw_bn_group): this
+  // cell's preprocess1, the next cell's preprocess0 (its s0 is this s1; kept in next_p0 until
+  // then) and, on the CIFAR stem (s0 is s1), this cell's preprocess0.
+  torch::Tensor next_p0;
   for (size_t i = 0; i < cell_list_.size(); ++i) {
-    auto s2 = cell_list_[i]->forward(s0, s1, drop_path_prob_, macs);
+    auto& cell = cell_list_[i];
+    torch::Tensor p0 = std::move(next_p0), p1;
+    next_p0 = torch::Tensor();
+    if (ReLUConvBNImpl* pre1 = cell->fused_preprocess(1)) {
+      std::vector<PwBn> group{{pre1->conv_weight(), &pre1->batch_norm()}};
+      ReLUConvBNImpl* own0 = !p0.defined() && s0.is_same(s1) ? cell->fused_preprocess(0) : nullptr;
+      ReLUConvBNImpl* next0 = i + 1 < cell_list_.size() ? cell_list_[i + 1]->fused_preprocess(0) : nullptr;
+      if (own0) group.push_back({own0->conv_weight(), &own0->batch_norm()});
+      if (next0) group.push_back({next0->conv_weight(), &next0->batch_norm()});
+      auto parts = fused_relu_pw_bn_group(s1, group);
+      p1 = parts[0];
+      if (own0) p0 = parts[1];
+      if (next0) next_p0 = parts.back();
+    } else {
+      p1 = cell->preprocess(1, s1);
+    }
+    if (!p0.defined()) p0 = cell->preprocess(0, s0);
+    auto s2 = cell->forward_preprocessed(p0, p1, s0, s1, drop_path_prob_, macs);
     s0 = s1;
     s1 = s2;
     if (static_cast<int64_t>(i) == auxiliary_position() && auxiliary_head_ && is_training())

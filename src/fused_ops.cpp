@@ -24,6 +24,7 @@ namespace {
 std::atomic<bool> g_fused{true};
 std::atomic<bool> g_avx512{true};
 std::atomic<bool> g_blas{true};
+std::atomic<bool> g_group{true};
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels (float, NCHW contiguous). Each image plane (n, c) is independent. It is copied into
@@ -793,9 +794,15 @@ Tensor aten_pool(const Tensor& x, bool max_pool, int64_t s) {
   return max_pool ? at::max_pool2d(x, {3, 3}, {s, s}, {1, 1}) : at::avg_pool2d(x, {3, 3}, {s, s}, {1, 1}, false, false);
 }
 
+// Plane i (= n * C + c) of an image-major tensor (image_major) with image stride xs.
+inline const float* plane_at(const float* p, int64_t i, int64_t c, int64_t xs, int64_t plane) {
+  return p + (i / c) * xs + (i % c) * plane;
+}
+
 Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   if (!own_kernel(x)) return aten_pool(x, max_pool, s);
-  auto xc = x.contiguous();
+  int64_t xs = 0;
+  auto xc = image_major(x, xs);
   const int64_t n = xc.size(0), c = xc.size(1);
   const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
@@ -806,7 +813,7 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
     for (int64_t i = b; i < e; ++i) {
-      fill_phases(xp + i * g.h * g.w, buf.data(), g, false, pad);
+      fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, pad);
       pool_forward_plane(buf.data(), ext.data(), yp + i * g.oh * g.ow, count.data(), g, max_pool);
     }
   });
@@ -819,11 +826,12 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
     auto idx = std::get<1>(at::max_pool2d_with_indices(x, {3, 3}, {s, s}, {1, 1}));
     return at::max_pool2d_with_indices_backward(gy, x, {3, 3}, {s, s}, {1, 1}, {1, 1}, false, idx);
   }
-  auto xc = x.contiguous();
+  int64_t xs = 0;
+  auto xc = image_major(x, xs);
   auto gc = gy.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
   const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
-  auto gx = torch::empty_like(xc);
+  auto gx = torch::empty(xc.sizes(), xc.options());  // contiguous
   const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
   const std::vector<float> count = pool_counts(g);
@@ -834,7 +842,7 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
     for (int64_t i = b; i < e; ++i) {
       extend_grad(gp + i * g.oh * g.ow, gext.data(), g);
       if (max_pool) {
-        fill_phases(xp + i * g.h * g.w, buf.data(), g, false, -std::numeric_limits<float>::infinity());
+        fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, -std::numeric_limits<float>::infinity());
         pool_forward_plane(buf.data(), ext.data(), tmp.data(), count.data(), g, true);
         std::fill(gbuf.begin(), gbuf.end(), 0.f);
         max_pool_grad_plane(buf.data(), ext.data(), gext.data(), tmp.data(), gbuf.data(), g);
@@ -842,7 +850,7 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
         for (int64_t j = 0; j < g.len; ++j) gext[j] /= count[j];
         dw_grad_input_plane(gext.data(), ones, gbuf.data(), g);
       }
-      gather_phases(gbuf.data(), xp + i * g.h * g.w, gxp + i * g.h * g.w, g, false);
+      gather_phases(gbuf.data(), plane_at(xp, i, c, xs, g.h * g.w), gxp + i * g.h * g.w, g, false);
     }
   });
   return gx;
@@ -1597,6 +1605,37 @@ struct ConcatBackward : torch::autograd::Node {
   }
 };
 
+// A tensor's channel slices (widths in order) as the outputs of one node, whose backward
+// concatenates their gradients (zeros for a slice that received none): the slices' gradient is
+// then one tensor, not one full-size zero-filled tensor per slice (narrow's own backward).
+struct SplitFn : torch::autograd::Function<SplitFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& whole, std::vector<int64_t> widths) {
+    variable_list parts;
+    int64_t off = 0;
+    for (int64_t w : widths) parts.push_back(whole.narrow(1, off, w)), off += w;
+    ctx->saved_data["widths"] = widths;
+    return parts;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto widths = ctx->saved_data["widths"].toIntVector();
+    const Tensor* like = nullptr;
+    for (const auto& g : grads)
+      if (g.defined()) like = &g;
+    if (!like) return {Tensor(), Tensor()};
+    variable_list gs;
+    for (size_t k = 0; k < grads.size(); ++k) {
+      if (grads[k].defined()) {
+        gs.push_back(grads[k]);
+      } else {
+        auto sz = like->sizes().vec();
+        sz[1] = widths[k];
+        gs.push_back(torch::zeros(sz, like->options()));
+      }
+    }
+    return {torch::cat(gs, 1), Tensor()};
+  }
+};
+
 // The edge's softmax weights as floats on the host (the own kernels' scalars).
 std::vector<float> host_weights(const Tensor& w) {
   auto wd = w.detach().to(torch::kCPU, torch::kDouble).contiguous();
@@ -1705,6 +1744,7 @@ bool fused_ops_enabled() { return g_fused; }
 
 void set_avx512_kernels(bool on) { g_avx512 = on; }
 void set_blas_gemm(bool on) { g_blas = on; }
+void set_grouped_1x1(bool on) { g_group = on; }
 bool blas_gemm_active() { return blas_sgemm() != nullptr; }
 bool avx512_kernels_active() {
 #ifdef ND_AVX512
@@ -1794,6 +1834,55 @@ Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_
 
 Tensor fused_relu_pw_bn(const Tensor& x, const Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn) {
   return fused_relu_dw_pw_bn(x, torch::empty({0}, w_pw.options().requires_grad(false)), w_pw, bn, 1, 0, 1);
+}
+
+std::vector<Tensor> fused_relu_pw_bn_group(const Tensor& x, const std::vector<PwBn>& members) {
+  TORCH_CHECK(!members.empty(), "fused_relu_pw_bn_group: no members");
+  // One node when every BN would normalise with the same parameters (options, mode, momentum).
+  const auto& o0 = members[0].bn->options;
+  bool same = members.size() > 1 && g_group;
+  for (const auto& m : members) {
+    const auto& o = m.bn->options;
+    same = same && o.affine() == o0.affine() && o.eps() == o0.eps() && o.momentum() == o0.momentum() &&
+           o.track_running_stats() && o0.track_running_stats() && m.bn->is_training() == members[0].bn->is_training() &&
+           m.bn->running_mean.defined() && m.bn->running_var.defined() && m.weight.dim() == 4 &&
+           m.weight.size(1) == x.size(1);
+    if (same && !o.momentum())  // cumulative averaging: the batch counts must agree too
+      same = m.bn->num_batches_tracked.item<int64_t>() == members[0].bn->num_batches_tracked.item<int64_t>();
+  }
+  std::vector<Tensor> out;
+  if (!same) {
+    for (const auto& m : members) out.push_back(fused_relu_pw_bn(x, m.weight, *m.bn));
+    return out;
+  }
+  BnParams p{};
+  std::vector<Tensor> ws, gammas, betas, rms, rvs;
+  std::vector<int64_t> widths;
+  for (const auto& m : members) {
+    p = bn_params(*m.bn);  // advances each BN's batch count; equal parameters by the checks above
+    ws.push_back(m.weight), rms.push_back(m.bn->running_mean), rvs.push_back(m.bn->running_var);
+    if (o0.affine()) gammas.push_back(m.bn->weight), betas.push_back(m.bn->bias);
+    widths.push_back(m.weight.size(0));
+  }
+  Tensor rm, rv;
+  {
+    torch::NoGradGuard ng;
+    rm = torch::cat(rms), rv = torch::cat(rvs);
+  }
+  const Tensor none = placeholder(x);
+  auto whole = ChainFn::apply(x, torch::empty({0}, x.options().requires_grad(false)), torch::cat(ws),
+                              o0.affine() ? torch::cat(gammas) : none, o0.affine() ? torch::cat(betas) : none, none,
+                              rm, rv, p.training, p.momentum, p.eps, 1, 0, 1);
+  if (p.training) {  // the updated running statistics back into each BN
+    torch::NoGradGuard ng;
+    int64_t off = 0;
+    for (size_t k = 0; k < members.size(); ++k) {
+      members[k].bn->running_mean.copy_(rm.narrow(0, off, widths[k]));
+      members[k].bn->running_var.copy_(rv.narrow(0, off, widths[k]));
+      off += widths[k];
+    }
+  }
+  return SplitFn::apply(whole, widths);
 }
 
 Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& w2, torch::nn::BatchNorm2dImpl& bn) {

@@ -155,8 +155,10 @@ ReLUConvBNImpl::ReLUConvBNImpl(int64_t c_in, int64_t c_out, int64_t k, int64_t s
   fusable_ = !bias && k == 1 && stride == 1 && pad == 0;
 }
 
+bool ReLUConvBNImpl::runs_fused() const { return fusable_ && fused_ops_enabled(); }
+
 torch::Tensor ReLUConvBNImpl::forward(const torch::Tensor& x) {
-  if (fusable_ && fused_ops_enabled()) return fused_relu_pw_bn(x, conv_->weight, *bn_);
+  if (runs_fused()) return fused_relu_pw_bn(x, conv_->weight, *bn_);
   return op->forward(x);
 }
 

@@ -132,6 +132,67 @@ TEST(Fused, OneByOneChainWithAnyChannelCountMatchesTheModules) {
     }
 }
 
+TEST(Fused, GroupedOneByOnesOnOneInputEqualTheirSeparateNodes) {
+  // The cells' 1x1 preprocessings that read the same tensor, as one node: each output, the
+  // gradients of x, of every weight and BN parameter, and every BN's running statistics and
+  // batch count equal the members run one by one (fused_relu_pw_bn); widths that are not
+  // multiples of the kernel's 8-output blocks; training and evaluation mode; members whose BNs
+  // differ (momentum) run one by one and still give the same.
+  for (const bool affine : {true, false})
+    for (const bool training : {true, false})
+      for (const bool same_momentum : {true, false}) {
+        const std::string tag = std::string(affine ? "affine" : "plain") + (training ? " training" : " eval") +
+                                (same_momentum ? "" : " mixed momentum");
+        const std::vector<int64_t> widths{6, 11, 8};
+        torch::manual_seed(31);
+        auto x = torch::randn({4, 20, 9, 9}).requires_grad_();
+        std::vector<nn::BatchNorm2d> bns, twins;
+        std::vector<torch::Tensor> ws;
+        std::vector<PwBn> members;
+        for (size_t k = 0; k < widths.size(); ++k) {
+          auto o = nn::BatchNorm2dOptions(widths[k]).affine(affine);
+          if (!same_momentum && k == 1) o.momentum(0.3);
+          bns.emplace_back(o), twins.emplace_back(o);
+          ws.push_back(torch::randn({widths[k], 20, 1, 1}).requires_grad_());
+          torch::NoGradGuard ng;
+          for (auto* b : {&bns[k], &twins[k]}) {
+            (*b)->running_mean.uniform_(-0.5, 0.5), (*b)->running_var.uniform_(0.5, 2);
+            if (affine) (*b)->weight.fill_(0.5 + 0.25 * k), (*b)->bias.fill_(0.1 * k);
+            training ? (*b)->train() : (*b)->eval();
+          }
+          twins[k]->running_mean.copy_(bns[k]->running_mean), twins[k]->running_var.copy_(bns[k]->running_var);
+          members.push_back({ws[k], bns[k].get()});
+        }
+        auto parts = fused_relu_pw_bn_group(x, members);
+        ASSERT_EQ(parts.size(), widths.size()) << tag;
+        std::vector<torch::Tensor> ones;
+        for (size_t k = 0; k < widths.size(); ++k) ones.push_back(fused_relu_pw_bn(x, ws[k], *twins[k]));
+        std::vector<torch::Tensor> ins{x}, ins_twin{x};
+        for (size_t k = 0; k < widths.size(); ++k) {
+          ins.push_back(ws[k]), ins_twin.push_back(ws[k]);
+          if (affine) ins.insert(ins.end(), {bns[k]->weight, bns[k]->bias}), ins_twin.insert(ins_twin.end(), {twins[k]->weight, twins[k]->bias});
+        }
+        torch::Tensor loss = torch::zeros({}), loss_twin = torch::zeros({});
+        for (size_t k = 0; k < widths.size(); ++k) {
+          EXPECT_EQ(parts[k].sizes(), ones[k].sizes()) << tag;
+          expect_close(parts[k], ones[k], 1e-6, tag + " output " + std::to_string(k));
+          auto g = torch::randn(ones[k].sizes());
+          loss = loss + (parts[k] * g).sum(), loss_twin = loss_twin + (ones[k] * g).sum();
+          expect_close(bns[k]->running_mean, twins[k]->running_mean, 1e-6, tag + " running mean");
+          expect_close(bns[k]->running_var, twins[k]->running_var, 1e-6, tag + " running var");
+          EXPECT_EQ(bns[k]->num_batches_tracked.item<int64_t>(), training ? 1 : 0) << tag;
+          EXPECT_EQ(twins[k]->num_batches_tracked.item<int64_t>(), training ? 1 : 0) << tag;
+        }
+        auto ga = torch::autograd::grad({loss}, ins), gb = torch::autograd::grad({loss_twin}, ins_twin);
+        for (size_t i = 0; i < ga.size(); ++i) expect_close(ga[i], gb[i], 1e-4, tag + " gradient " + std::to_string(i));
+        // A member without a gradient (its output unused) still gives the others theirs.
+        auto again = fused_relu_pw_bn_group(x, members);
+        auto gx = torch::autograd::grad({again[0].sum()}, {x})[0];
+        auto gx_one = torch::autograd::grad({fused_relu_pw_bn(x, ws[0], *twins[0]).sum()}, {x})[0];
+        expect_close(gx, gx_one, 1e-4, tag + " gradient through one member");
+      }
+}
+
 TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) {
   // Non-affine BN (the search network) and affine BN (the evaluation network, with random
   // weights and biases so that their gradients are checked too); FactorizedReduce as well.
@@ -287,7 +348,7 @@ TEST(Fused, EvaluationNetworkFusedEqualsModuleByModule) {
   for (const bool avx512 : {true, false})
   for (const std::string genotype : {"NoisyDARTS_a", "DARTS_V2"}) {
     Avx512Switch sw(avx512);
-    EvalNetworkOptions o(6, 5, 3, builtin_genotype(genotype));
+    EvalNetworkOptions o(6, 5, 5, builtin_genotype(genotype));  // 5 layers: grouped 1x1s before a reduction too
     o.in_channels(1).auxiliary(true).drop_path_prob(0.3);
     torch::manual_seed(5);
     EvalNetwork net(o);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "noisydarts/genotype.h"
+#include "noisydarts/ops.h"
 
 namespace noisydarts {
 
@@ -50,6 +51,15 @@ class EvalCellImpl : public torch::nn::Module {
   /// `macs`, when given, accumulates the conv/linear multiply-adds of this call per image.
   torch::Tensor forward(const torch::Tensor& s0, const torch::Tensor& s1, double drop_prob,
                         int64_t* macs = nullptr);
+  /// forward() from the preprocessed inputs p0 = preprocess(0, s0), p1 = preprocess(1, s1)
+  /// (`s0`, `s1` for `macs` only): the network computes the preprocessings that read the same
+  /// tensor together (fused_relu_pw_bn_group).
+  torch::Tensor forward_preprocessed(const torch::Tensor& p0, const torch::Tensor& p1, const torch::Tensor& s0,
+                                     const torch::Tensor& s1, double drop_prob, int64_t* macs = nullptr);
+  /// Input k's (0 or 1) preprocessing applied to s.
+  torch::Tensor preprocess(int k, const torch::Tensor& s);
+  /// Input k's preprocessing when it is a 1x1 ReLUConvBN running as a fused node now, else null.
+  ReLUConvBNImpl* fused_preprocess(int k) const;
   bool reduction() const { return reduction_; }
   /// Number of nodes concatenated into the output.
   int64_t multiplier() const { return static_cast<int64_t>(concat_.size()); }
@@ -70,6 +80,7 @@ class EvalCellImpl : public torch::nn::Module {
   std::vector<int> slot_;
   torch::nn::AnyModule preprocess0_, preprocess1_;
   std::shared_ptr<torch::nn::Module> pre0_module_, pre1_module_;
+  std::shared_ptr<ReLUConvBNImpl> pre0_relu_conv_bn_, pre1_relu_conv_bn_;  // null: not a ReLUConvBN
   std::vector<Op> ops_;
 };
 TORCH_MODULE(EvalCell);

@@ -67,6 +67,25 @@ torch::Tensor fused_relu_dw_pw_bn(const torch::Tensor& x, const torch::Tensor& w
 /// `BN(conv1x1(relu(x)))` (the cells' 1x1 preprocessing), differentiable in x and w_pw.
 torch::Tensor fused_relu_pw_bn(const torch::Tensor& x, const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn);
 
+/// Process-wide switch (default on) for fused_relu_pw_bn_group's single node. Off: its members
+/// run one by one (`bench --no-group` measures the difference).
+void set_grouped_1x1(bool on);
+
+/// One member of fused_relu_pw_bn_group: a 1x1 weight [C_k, C_in, 1, 1] and its BN.
+struct PwBn {
+  torch::Tensor weight;
+  torch::nn::BatchNorm2dImpl* bn = nullptr;
+};
+
+/// `BN_k(conv1x1_k(relu(x)))` for every member k, as one node: the 1x1s that read the same
+/// tensor (a cell's output feeds the next cell's preprocess1 and the one after's preprocess0)
+/// run as one 1x1 convolution of the stacked weights, so x is read once in the forward, and the
+/// backward writes one input gradient instead of one per member plus their sum. The same
+/// function as fused_relu_pw_bn per member (each BN's statistics are its own channels'); the
+/// outputs are channel slices of one tensor. Members whose BNs differ in options or mode run
+/// one by one instead.
+std::vector<torch::Tensor> fused_relu_pw_bn_group(const torch::Tensor& x, const std::vector<PwBn>& members);
+
 /// FactorizedReduce (BN affine or not): `BN(cat(w1 * relu(x)[::2, ::2], w2 * relu(x)[1::2, 1::2]))`
 /// (1x1 convolutions; the second half zero-padded for odd sizes), differentiable in x, w1, w2.
 torch::Tensor fused_factorized_reduce(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,

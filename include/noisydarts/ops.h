@@ -25,6 +25,12 @@ struct ReLUConvBNImpl : torch::nn::Module {
   /// With fused_ops_enabled() a 1x1 (no bias, stride 1; BN affine or not) runs as one fused node
   /// (fused_ops.h); otherwise module by module.
   torch::Tensor forward(const torch::Tensor& x);
+  /// Whether forward() runs as the fused node now (fused_relu_pw_bn), so that it can join others
+  /// on the same input in one fused_relu_pw_bn_group; its weight and BN are then conv_weight()
+  /// and batch_norm().
+  bool runs_fused() const;
+  const torch::Tensor& conv_weight() const { return conv_->weight; }
+  torch::nn::BatchNorm2dImpl& batch_norm() const { return *bn_; }
   torch::nn::Sequential op{nullptr};
 
  private:
