@@ -110,7 +110,7 @@ torch::Tensor EvalCellImpl::forward_preprocessed(const torch::Tensor& p0, const 
   std::unique_ptr<ChannelConcat> cat;
   if (fused_ops_enabled() && !slot_.empty()) cat = std::make_unique<ChannelConcat>(static_cast<int64_t>(concat_.size()));
   for (size_t i = 0; i < ops_.size() / 2; ++i) {
-    torch::Tensor s;
+    torch::Tensor h2[2];
     for (size_t k = 2 * i; k < 2 * i + 2; ++k) {
       const auto& in = states.at(static_cast<size_t>(indices_[k]));
       if (macs) *macs += module_macs(*ops_[k].module, in.size(2), in.size(3));
@@ -121,10 +121,11 @@ torch::Tensor EvalCellImpl::forward_preprocessed(const torch::Tensor& p0, const 
         h = ops_[k].run(in);
         if (drop && !ops_[k].identity) h = drop_path(h, drop_prob);
       }
-      s = s.defined() ? s + h : h;
+      h2[k - 2 * i] = std::move(h);
     }
+    // The node's sum, written straight into its slice of the output when it has one.
     const int slot = cat ? slot_[states.size()] : -1;
-    states.push_back(slot >= 0 ? cat->place(slot, s) : s);
+    states.push_back(slot >= 0 ? cat->place_sum(slot, h2[0], h2[1]) : h2[0] + h2[1]);
   }
   if (cat) return cat->output();
   std::vector<torch::Tensor> out;

@@ -1592,6 +1592,22 @@ struct PlaceFn : torch::autograd::Function<PlaceFn> {
   static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) { return {grads[0], Tensor(), Tensor()}; }
 };
 
+// The same for a sum a + b written into the slice (a cell's node: the sum of its two ops).
+struct PlaceSumFn : torch::autograd::Function<PlaceSumFn> {
+  static Tensor forward(AutogradContext* /*ctx*/, const Tensor& a, const Tensor& b, const Tensor& buffer,
+                        int64_t offset) {
+    auto slice = buffer.narrow(1, offset, a.size(1));
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      at::add_out(slice, a, b);
+    }
+    return slice;
+  }
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) {
+    return {grads[0], grads[0], Tensor(), Tensor()};
+  }
+};
+
 // The whole buffer, differentiable in every placed slice: its backward hands each slice its
 // channels of the gradient.
 struct ConcatBackward : torch::autograd::Node {
@@ -1924,7 +1940,12 @@ ChannelConcat::ChannelConcat(int64_t parts) : placed_(static_cast<size_t>(parts)
   TORCH_CHECK(parts > 0, "ChannelConcat needs at least one part");
 }
 
-Tensor ChannelConcat::place(int64_t slot, const Tensor& part) {
+Tensor ChannelConcat::place_sum(int64_t slot, const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "ChannelConcat: summands of shapes ", a.sizes(), " and ", b.sizes());
+  return place(slot, a, &b);
+}
+
+Tensor ChannelConcat::place(int64_t slot, const Tensor& part, const Tensor* addend) {
   TORCH_CHECK(slot >= 0 && slot < static_cast<int64_t>(placed_.size()) && !placed_[slot].defined(),
               "ChannelConcat: slot ", slot, " of ", placed_.size(), " placed twice or out of range");
   TORCH_CHECK(part.dim() == 4, "ChannelConcat: parts are [N, C, H, W], got ", part.sizes());
@@ -1936,7 +1957,8 @@ Tensor ChannelConcat::place(int64_t slot, const Tensor& part) {
   TORCH_CHECK(part.size(0) == buffer_.size(0) && part.size(1) == width_ && part.size(2) == buffer_.size(2) &&
                   part.size(3) == buffer_.size(3),
               "ChannelConcat: part ", slot, " of shape ", part.sizes(), " does not match ", buffer_.sizes());
-  placed_[slot] = PlaceFn::apply(part, buffer_, slot * width_);
+  placed_[slot] = addend ? PlaceSumFn::apply(part, *addend, buffer_, slot * width_)
+                         : PlaceFn::apply(part, buffer_, slot * width_);
   return placed_[slot];
 }
 
