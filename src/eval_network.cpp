@@ -125,7 +125,7 @@ torch::Tensor EvalCellImpl::forward_preprocessed(const torch::Tensor& p0, const 
     }
     // The node's sum, written straight into its slice of the output when it has one.
     const int slot = cat ? slot_[states.size()] : -1;
-    states.push_back(slot >= 0 ? cat->place_sum(slot, h2[0], h2[1]) : h2[0] + h2[1]);
+    states.push_back(slot >= 0 ? cat->place(slot, {h2[0], h2[1]}) : h2[0] + h2[1]);
   }
   if (cat) return cat->output();
   std::vector<torch::Tensor> out;

@@ -1581,30 +1581,27 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
 // counter does not move and slices saved for the backward stay valid; nothing else ever writes
 // the buffer.
 struct PlaceFn : torch::autograd::Function<PlaceFn> {
-  static Tensor forward(AutogradContext* /*ctx*/, const Tensor& part, const Tensor& buffer, int64_t offset) {
-    auto slice = buffer.narrow(1, offset, part.size(1));
+  // `parts`: one part, copied; or summands, added in order ((a + b) + c ...) straight into the slice.
+  static Tensor forward(AutogradContext* ctx, at::TensorList parts, const Tensor& buffer, int64_t offset) {
+    ctx->saved_data["parts"] = static_cast<int64_t>(parts.size());
+    auto slice = buffer.narrow(1, offset, parts[0].size(1));
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      slice.copy_(part);
+      if (parts.size() == 1) {
+        slice.copy_(parts[0]);
+      } else {
+        at::add_out(slice, parts[0], parts[1]);
+        for (size_t j = 2; j < parts.size(); ++j) slice.add_(parts[j]);
+      }
     }
     return slice;
   }
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) { return {grads[0], Tensor(), Tensor()}; }
-};
-
-// The same for a sum a + b written into the slice (a cell's node: the sum of its two ops).
-struct PlaceSumFn : torch::autograd::Function<PlaceSumFn> {
-  static Tensor forward(AutogradContext* /*ctx*/, const Tensor& a, const Tensor& b, const Tensor& buffer,
-                        int64_t offset) {
-    auto slice = buffer.narrow(1, offset, a.size(1));
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      at::add_out(slice, a, b);
-    }
-    return slice;
-  }
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) {
-    return {grads[0], grads[0], Tensor(), Tensor()};
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // One gradient per summand (every one is the slice's), none for the buffer and the offset.
+    const size_t k = ctx->saved_data["parts"].toInt();
+    variable_list out(k, grads[0]);
+    out.resize(k + 2);
+    return out;
   }
 };
 
@@ -1661,17 +1658,20 @@ std::vector<float> host_weights(const Tensor& w) {
 // sum_k w[k] * y_k over the listed ops: a hand-made autograd node (any number of inputs).
 Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   bool own = true;
-  for (const auto& y : ys) own = own && own_kernel(y) && y.is_contiguous() && y.sizes() == ys[0].sizes();
+  for (const auto& y : ys) own = own && own_kernel(y) && y.sizes() == ys[0].sizes();
   if (!own) {
     auto out = ys[0] * w[0];
     for (size_t j = 1; j < ys.size(); ++j) out = out + ys[j] * w[static_cast<int64_t>(j)];
     return out;
   }
-  auto out = torch::empty_like(ys[0]);
+  // An op may return its input itself (the skip), a channel slice of a cell's output: copied.
+  std::vector<Tensor> yc;
+  for (const auto& y : ys) yc.push_back(y.contiguous());
+  auto out = torch::empty(yc[0].sizes(), yc[0].options());
   const int64_t n = out.numel(), k = static_cast<int64_t>(ys.size());
   std::vector<const float*> src(k);
   const std::vector<float> wv = host_weights(w);
-  for (int64_t j = 0; j < k; ++j) src[j] = ys[j].data_ptr<float>();
+  for (int64_t j = 0; j < k; ++j) src[j] = yc[j].data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     const float* s0 = src[0];
@@ -1940,12 +1940,11 @@ ChannelConcat::ChannelConcat(int64_t parts) : placed_(static_cast<size_t>(parts)
   TORCH_CHECK(parts > 0, "ChannelConcat needs at least one part");
 }
 
-Tensor ChannelConcat::place_sum(int64_t slot, const Tensor& a, const Tensor& b) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "ChannelConcat: summands of shapes ", a.sizes(), " and ", b.sizes());
-  return place(slot, a, &b);
-}
-
-Tensor ChannelConcat::place(int64_t slot, const Tensor& part, const Tensor* addend) {
+Tensor ChannelConcat::place(int64_t slot, const std::vector<Tensor>& summands) {
+  TORCH_CHECK(!summands.empty(), "ChannelConcat: nothing to place in slot ", slot);
+  for (const auto& t : summands)
+    TORCH_CHECK(t.sizes() == summands[0].sizes(), "ChannelConcat: summands of shapes ", summands[0].sizes(), " and ", t.sizes());
+  const Tensor& part = summands[0];
   TORCH_CHECK(slot >= 0 && slot < static_cast<int64_t>(placed_.size()) && !placed_[slot].defined(),
               "ChannelConcat: slot ", slot, " of ", placed_.size(), " placed twice or out of range");
   TORCH_CHECK(part.dim() == 4, "ChannelConcat: parts are [N, C, H, W], got ", part.sizes());
@@ -1957,8 +1956,7 @@ Tensor ChannelConcat::place(int64_t slot, const Tensor& part, const Tensor* adde
   TORCH_CHECK(part.size(0) == buffer_.size(0) && part.size(1) == width_ && part.size(2) == buffer_.size(2) &&
                   part.size(3) == buffer_.size(3),
               "ChannelConcat: part ", slot, " of shape ", part.sizes(), " does not match ", buffer_.sizes());
-  placed_[slot] = addend ? PlaceSumFn::apply(part, *addend, buffer_, slot * width_)
-                         : PlaceFn::apply(part, buffer_, slot * width_);
+  placed_[slot] = PlaceFn::apply(at::TensorList(summands), buffer_, slot * width_);  // TensorList: each one an input
   return placed_[slot];
 }
 

@@ -1,6 +1,7 @@
 #include "noisydarts/search_network.h"
 
 #include "noisydarts/error.h"
+#include "noisydarts/fused_ops.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/space_networks.h"
 
@@ -52,18 +53,31 @@ torch::Tensor SearchCellImpl::forward(const torch::Tensor& s0, const torch::Tens
   std::vector<torch::Tensor> states{preprocess0_.forward(s0), preprocess1_.forward(s1)};
   size_t offset = 0;
   const double aux = aux_.empty() ? 0.0 : noise_->aux_skip;
+  // With fused ops the output's nodes (the last `multiplier` ones) are summed straight into it
+  // (fused_ops.h ChannelConcat): later edges read slices of the output, and there is no
+  // second copy of the nodes and no concatenation.
+  std::unique_ptr<ChannelConcat> cat;
+  if (fused_ops_enabled()) cat = std::make_unique<ChannelConcat>(multiplier_);
   for (int64_t i = 0; i < steps_; ++i) {
-    torch::Tensor s;
+    std::vector<torch::Tensor> ys;
     for (size_t j = 0; j < states.size(); ++j) {
       const size_t e = offset + j;
       auto y = edges_[e]->forward(states[j], cols_.empty() ? weights[e] : weights[e].index_select(0, cols_[e].to(weights.device())));
       if (edge_weights.defined()) y = edge_weights[e] * y;
       if (aux != 0) y = y + aux * (aux_[e] ? aux_[e]->forward(states[j]) : states[j]);
-      s = s.defined() ? s + y : y;
+      ys.push_back(std::move(y));
     }
     offset += states.size();
-    states.push_back(s);
+    const int64_t slot = i - (steps_ - multiplier_);
+    if (cat && slot >= 0) {
+      states.push_back(cat->place(slot, ys));
+    } else {
+      torch::Tensor s = ys[0];
+      for (size_t k = 1; k < ys.size(); ++k) s = s + ys[k];
+      states.push_back(s);
+    }
   }
+  if (cat) return cat->output();
   return torch::cat(std::vector<torch::Tensor>(states.end() - multiplier_, states.end()), 1);
 }
 

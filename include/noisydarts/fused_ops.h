@@ -112,13 +112,13 @@ torch::Tensor fused_pool(const torch::Tensor& x, bool max_pool, int64_t stride);
 class ChannelConcat {
  public:
   explicit ChannelConcat(int64_t parts);
-  torch::Tensor place(int64_t slot, const torch::Tensor& part) { return place(slot, part, nullptr); }
-  /// place(slot, a + b) with the sum written straight into the slice (no tensor of its own).
-  torch::Tensor place_sum(int64_t slot, const torch::Tensor& a, const torch::Tensor& b);
+  torch::Tensor place(int64_t slot, const torch::Tensor& part) { return place(slot, std::vector<torch::Tensor>{part}); }
+  /// place(slot, summands[0] + summands[1] + ...) with the sum (added in that order) written
+  /// straight into the slice: no tensor of its own (a cell's node, the sum of its edges).
+  torch::Tensor place(int64_t slot, const std::vector<torch::Tensor>& summands);
   torch::Tensor output() const;
 
  private:
-  torch::Tensor place(int64_t slot, const torch::Tensor& part, const torch::Tensor* addend);
   torch::Tensor buffer_;
   std::vector<torch::Tensor> placed_;
   int64_t width_ = 0;
