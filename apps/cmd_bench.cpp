@@ -68,7 +68,8 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
   cmd->add_flag("--no-fused", o.no_fused,
                 "Run the search ops module by module as the reference does, instead of the fused nodes (docs/bench.md)");
   cmd->add_flag("--no-blas", o.no_blas,
-                "The own kernels for the 1x1 convolutions' weight gradient instead of the BLAS sgemm (docs/bench.md)");
+                "On CPUs without AVX-512: the own portable kernel for the 1x1 convolutions' weight gradient instead of the BLAS "
+                "sgemm (AVX-512 CPUs run their own AVX-512 kernel either way; docs/bench.md)");
   cmd->add_flag("--no-group", o.no_group,
                 "Run the cells' 1x1 preprocessings that read the same tensor one by one instead of as one fused node "
                 "(docs/bench.md)");

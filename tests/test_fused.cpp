@@ -33,6 +33,16 @@ struct Avx512Switch {
   ~Avx512Switch() { set_avx512_kernels(true), set_blas_gemm(true); }
 };
 
+// The three ways the kernels run: the AVX-512 forms (with the own AVX-512 1x1 weight gradient),
+// the portable loops with the BLAS 1x1 weight gradient (what CPUs without AVX-512 run), the
+// portable loops throughout.
+const std::vector<int> kKernelModes{0, 1, 2};
+const char* kernel_mode_name(int m) { return m == 0 ? "AVX-512" : m == 1 ? "portable+BLAS" : "portable"; }
+struct KernelMode {
+  explicit KernelMode(int m) { set_avx512_kernels(m == 0), set_blas_gemm(m == 1); }
+  ~KernelMode() { set_avx512_kernels(true), set_blas_gemm(true); }
+};
+
 struct ThreadCount {
   explicit ThreadCount(int n) : was(at::get_num_threads()) { at::set_num_threads(n); }
   ~ThreadCount() { at::set_num_threads(was); }
@@ -95,11 +105,13 @@ TEST(Fused, OneByOneChainWithAnyChannelCountMatchesTheModules) {
   // ReLU, 1x1 convolution, BN (the cells' preprocess) with output counts that are not multiples
   // of the kernel's 8-output blocks (so that its 4- and 1-output blocks run too, both ways) and
   // planes that end inside a 32-pixel block.
-  for (const bool avx512 : {true, false})
-    for (const auto& shape : std::vector<std::array<int64_t, 4>>{{5, 11, 7, 7}, {3, 9, 5, 13}, {16, 8, 28, 28}, {6, 20, 14, 14}, {13, 36, 6, 6}}) {
-      const std::string tag = std::string(avx512 ? "AVX-512 " : "portable ") + std::to_string(shape[0]) + "->" +
+  // The weight gradient's AVX-512 kernel: input counts around its 16-lane vectors and 48-input
+  // tiles (5, 3, 16, 6, 13, 50), output counts around its 8- and 4-output blocks.
+  for (const int mode : kKernelModes)
+    for (const auto& shape : std::vector<std::array<int64_t, 4>>{{5, 11, 7, 7}, {3, 9, 5, 13}, {16, 8, 28, 28}, {6, 20, 14, 14}, {13, 36, 6, 6}, {50, 13, 5, 7}}) {
+      const std::string tag = std::string(kernel_mode_name(mode)) + " " + std::to_string(shape[0]) + "->" +
                               std::to_string(shape[1]) + " " + std::to_string(shape[2]) + "x" + std::to_string(shape[3]);
-      Avx512Switch sw(avx512);
+      KernelMode sw(mode);
       torch::manual_seed(23);
       auto w = torch::randn({shape[1], shape[0], 1, 1}).requires_grad_();
       auto x = torch::randn({3, shape[0], shape[2], shape[3]}).requires_grad_();
@@ -298,9 +310,9 @@ TEST(Fused, WeightedSumValuesAndGradients) {
 TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
   // DARTS' 8 ops (with `none`) and NoisyDARTS' 7 with noise and skip drop-path: the noise draws
   // happen in the same order either way, so the same seed gives the same network outputs.
-  for (const bool avx512 : {true, false})
+  for (const int mode : kKernelModes)
   for (const bool darts : {true, false}) {
-    Avx512Switch sw(avx512);
+    KernelMode sw(mode);
     SearchNetworkOptions o(4, 5, 3);
     o.in_channels(1);
     if (darts) o.primitives(darts_primitives());
@@ -328,7 +340,7 @@ TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
       return std::make_pair(logits.detach(), g);
     };
     auto a = run(net, true), b = run(twin, false);
-    const std::string tag = std::string(darts ? "darts" : "noisydarts") + (avx512 ? " AVX-512" : " portable");
+    const std::string tag = std::string(darts ? "darts " : "noisydarts ") + kernel_mode_name(mode);
     expect_close(a.first, b.first, 1e-4, tag + " logits");
     ASSERT_EQ(a.second.size(), b.second.size());
     for (size_t i = 0; i < a.second.size(); ++i) {
@@ -345,9 +357,9 @@ TEST(Fused, EvaluationNetworkFusedEqualsModuleByModule) {
   // The training step's math (affine BN, auxiliary head, drop-path folded into the chains) and
   // the evaluation mode's: logits, every gradient and the running statistics agree with the
   // module-by-module network. The drop-path masks are drawn in the same order either way.
-  for (const bool avx512 : {true, false})
+  for (const int mode : kKernelModes)
   for (const std::string genotype : {"NoisyDARTS_a", "DARTS_V2"}) {
-    Avx512Switch sw(avx512);
+    KernelMode sw(mode);
     EvalNetworkOptions o(6, 5, 5, builtin_genotype(genotype));  // 5 layers: grouped 1x1s before a reduction too
     o.in_channels(1).auxiliary(true).drop_path_prob(0.3);
     torch::manual_seed(5);
@@ -380,7 +392,7 @@ TEST(Fused, EvaluationNetworkFusedEqualsModuleByModule) {
       return g;
     };
     auto a = run(net, true), b = run(twin, false);
-    const std::string tag = genotype + (avx512 ? " AVX-512" : " portable");
+    const std::string tag = genotype + " " + kernel_mode_name(mode);
     ASSERT_EQ(a.size(), b.size());
     expect_close(a[0], b[0], 1e-4, tag + " logits");
     expect_close(a[1], b[1], 1e-4, tag + " auxiliary logits");

@@ -40,8 +40,9 @@ bool avx512_kernels_active();
 
 /// Process-wide switch (default on) for the 1x1 convolutions' weight gradient through the BLAS
 /// sgemm that LibTorch loaded (OpenBLAS on Debian; looked up at run time), per group of 4
-/// images with the groups summed in a fixed order. Off, or no sgemm in the process: the own
-/// kernels. `blas_gemm_active()`: whether the BLAS path runs now.
+/// images with the groups summed in a fixed order, where the own AVX-512 kernel does not run
+/// (no AVX-512, or set_avx512_kernels(false)). Off, or no sgemm in the process: the own portable
+/// kernel. `blas_gemm_active()`: whether the BLAS path runs now.
 void set_blas_gemm(bool on);
 bool blas_gemm_active();
 
