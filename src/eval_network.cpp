@@ -289,6 +289,13 @@ EvalOutput EvalNetworkImpl::run(const torch::Tensor& x, int64_t* macs) {
       p1 = cell->preprocess(1, s1);
     }
     if (!p0.defined()) p0 = cell->preprocess(0, s0);
+    // Once preprocessed, the inputs are not needed while the cell runs (without macs, which reads
+    // their sizes): released, so that inference frees them; s1 is kept only when the next
+    // cell's preprocess0 has still to read it. (Training keeps what its nodes saved anyway.)
+    if (!macs) {
+      s0 = torch::Tensor();
+      if (next_p0.defined()) s1 = torch::Tensor();
+    }
     auto s2 = cell->forward_preprocessed(p0, p1, s0, s1, drop_path_prob_, macs);
     s0 = s1;
     s1 = s2;

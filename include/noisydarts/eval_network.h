@@ -52,8 +52,8 @@ class EvalCellImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& s0, const torch::Tensor& s1, double drop_prob,
                         int64_t* macs = nullptr);
   /// forward() from the preprocessed inputs p0 = preprocess(0, s0), p1 = preprocess(1, s1)
-  /// (`s0`, `s1` for `macs` only): the network computes the preprocessings that read the same
-  /// tensor together (fused_relu_pw_bn_group).
+  /// (`s0`, `s1` are read for `macs` only, and may be undefined without it): the network computes
+  /// the preprocessings that read the same tensor together (fused_relu_pw_bn_group).
   torch::Tensor forward_preprocessed(const torch::Tensor& p0, const torch::Tensor& p1, const torch::Tensor& s0,
                                      const torch::Tensor& s1, double drop_prob, int64_t* macs = nullptr);
   /// Input k's (0 or 1) preprocessing applied to s.
