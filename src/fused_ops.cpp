@@ -1769,7 +1769,8 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
 
 struct WeightedSumBackward : torch::autograd::Node {
   torch::autograd::SavedVariable w_;
-  std::vector<torch::autograd::SavedVariable> ys_;
+  std::vector<torch::autograd::SavedVariable> ys_;  // only when w needs a gradient (its only use)
+  int64_t k_ = 0;                                    // the number of summands
   std::string name() const override { return "noisydarts::WeightedSumBackward"; }
   void release_variables() override {
     w_.reset_data();
@@ -1780,12 +1781,12 @@ struct WeightedSumBackward : torch::autograd::Node {
     const Tensor w = w_.unpack();
     std::vector<Tensor> ys;
     for (auto& y : ys_) ys.push_back(y.unpack());
-    const int64_t k = static_cast<int64_t>(ys.size());
+    const int64_t k = k_;
     variable_list out(1 + k);
     const Tensor& g = grads[0];
     if (!g.defined()) return out;
     if (torch::GradMode::is_enabled() || !own_kernel(g)) {  // differentiable ATen form
-      if (should_compute_output(0)) {
+      if (should_compute_output(0) && !ys.empty()) {
         std::vector<Tensor> gw;
         for (int64_t j = 0; j < k; ++j) gw.push_back((g * ys[j]).sum());
         out[0] = torch::stack(gw);
@@ -1799,7 +1800,7 @@ struct WeightedSumBackward : torch::autograd::Node {
     auto gc = g.contiguous();
     const float* gp = gc.data_ptr<float>();
     const int64_t n = gc.numel();
-    const bool need_w = should_compute_output(0);
+    const bool need_w = should_compute_output(0) && !ys.empty();
     const std::vector<float> wv = host_weights(w);
     std::vector<const float*> ysrc(static_cast<size_t>(k), nullptr);
     std::vector<float*> gdst(static_cast<size_t>(k), nullptr);
@@ -2010,7 +2011,11 @@ Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys) {
   auto node = std::shared_ptr<WeightedSumBackward>(new WeightedSumBackward(), torch::autograd::deleteNode);
   node->set_next_edges(torch::autograd::collect_next_edges(w, ys));
   node->w_ = torch::autograd::SavedVariable(w, false);
-  for (const auto& y : ys) node->ys_.emplace_back(y, false);
+  node->k_ = static_cast<int64_t>(ys.size());
+  // The op outputs serve only the weights' gradient: not kept when w needs none (the search's
+  // weight step freezes the architecture), which frees e.g. the noisy skip's output.
+  if (torch::GradMode::is_enabled() && w.requires_grad())
+    for (const auto& y : ys) node->ys_.emplace_back(y, false);
   torch::autograd::set_history(out, node);
   return out;
 }

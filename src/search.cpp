@@ -1,4 +1,5 @@
 #include "noisydarts/search.h"
+#include "noisydarts/fused_ops.h"
 
 #include <signal.h>
 #include <unistd.h>
@@ -131,6 +132,9 @@ WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
   // gdas did not sample) is then skipped by SGD in every step alike, whether or not it had a
   // gradient before, so a resumed run (gradients are not checkpointed) steps the same weights.
   for (const auto& w : weights) w.mutable_grad().reset();
+  // The step differentiates into the weights only: with the architecture frozen its forward
+  // records no paths into the alphas (and keeps nothing for their gradient, fused_ops.h).
+  WeightsFrozen frozen_arch(net->arch_parameters());
   auto logits = net->forward(batch.x);
   auto loss = torch::nn::functional::cross_entropy(logits, batch.y);
   WeightStepResult r;

@@ -302,6 +302,21 @@ TEST(Fused, WeightedSumValuesAndGradients) {
   auto ga = torch::autograd::grad({out}, {w, ys[0], ys[2]}, {g});
   auto gb = torch::autograd::grad({ref}, {w, ys[0], ys[2]}, {g});
   for (size_t i = 0; i < ga.size(); ++i) expect_close(ga[i], gb[i], 1e-5, "grad " + std::to_string(i));
+  // The node keeps the op outputs (one reference each) only for the weights' gradient: with the
+  // weights frozen (the search's weight step) it keeps none, and the inputs' gradients are the same.
+  {
+    const auto base = ys[0].use_count();  // the references `out` and `ref` above keep
+    auto kept = weighted_sum(w, ys);
+    EXPECT_EQ(ys[0].use_count(), base + 1);
+    auto wf = w.detach();
+    auto frozen = weighted_sum(wf, ys);
+    EXPECT_EQ(ys[0].use_count(), base + 1);  // the first node's reference only
+    kept.reset();
+    EXPECT_EQ(ys[0].use_count(), base);
+    auto gf = torch::autograd::grad({frozen}, {ys[0], ys[2]}, {g});
+    expect_close(gf[0], gb[1], 1e-6, "grad of an op output, weights frozen");
+    expect_close(gf[1], gb[2], 1e-6, "grad of another op output, weights frozen");
+  }
   // No graph when nothing needs a gradient.
   torch::NoGradGuard ng;
   EXPECT_FALSE(weighted_sum(w, ys).requires_grad());
