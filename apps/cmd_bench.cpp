@@ -71,8 +71,8 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
                 "On CPUs without AVX-512: the own portable kernel for the 1x1 convolutions' weight gradient instead of the BLAS "
                 "sgemm (AVX-512 CPUs run their own AVX-512 kernel either way; docs/bench.md)");
   cmd->add_flag("--no-group", o.no_group,
-                "Run the cells' 1x1 preprocessings that read the same tensor one by one instead of as one fused node "
-                "(docs/bench.md)");
+                "train-step, eval-step: run the evaluation cells' 1x1 preprocessings that read the same tensor one by one "
+                "instead of as one fused node (docs/bench.md)");
   cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
 }
 
@@ -114,9 +114,10 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"device", o.device},
                      {"fused", fused_ops_enabled() && o.precision == "fp32"},
                      {"precision", o.precision},
-                     {"blas", blas_gemm_active()},
-                     {"grouped_1x1", !o.no_group && fused_ops_enabled() && o.precision == "fp32"}};
+                     {"blas", blas_gemm_active()}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
+    if (what == "train-step" || what == "eval-step")  // the evaluation network's grouped 1x1s
+      j["grouped_1x1"] = !o.no_group && fused_ops_enabled() && o.precision == "fp32";
     if (what == "search-step") {
       j["order"] = o.order;
       j["method"] = o.method.empty() ? o.preset : o.method;

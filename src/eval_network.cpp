@@ -32,12 +32,10 @@ EvalCellImpl::EvalCellImpl(const Genotype& genotype, int64_t c_pp, int64_t c_p, 
     auto m = register_module("preprocess0", ReLUConvBN(c_pp, c, 1, 1, 0, /*affine=*/true));
     preprocess0_ = nn::AnyModule(m);
     pre0_module_ = m;
-    pre0_relu_conv_bn_ = m;
   }
   auto m1 = register_module("preprocess1", ReLUConvBN(c_p, c, 1, 1, 0, /*affine=*/true));
   preprocess1_ = nn::AnyModule(m1);
   pre1_module_ = m1;
-  pre1_relu_conv_bn_ = m1;
 
   const auto& edges = reduction ? genotype.reduce : genotype.normal;
   concat_ = reduction ? genotype.reduce_concat : genotype.normal_concat;
@@ -86,7 +84,7 @@ torch::Tensor EvalCellImpl::preprocess(int k, const torch::Tensor& s) {
 }
 
 ReLUConvBNImpl* EvalCellImpl::fused_preprocess(int k) const {
-  auto* m = (k == 0 ? pre0_relu_conv_bn_ : pre1_relu_conv_bn_).get();
+  auto* m = (k == 0 ? pre0_module_ : pre1_module_)->as<ReLUConvBNImpl>();  // null: FactorizedReduce
   return m && m->runs_fused() ? m : nullptr;
 }
 

@@ -652,7 +652,7 @@ SgemmFn blas_sgemm() {
 }
 
 // part[o * ci + i] (+)= sum_j gy[o, j] relu?(x[i, j]) for one image (`accumulate`: added to
-// part, else written). `scratch`: the thread's buffer for relu(x).
+// part, else written). `scratch`: the thread's buffer for relu(x) (BLAS) or its transpose (AVX-512).
 void pw_grad_weight_acc(const float* gy, const float* x, float* part, int64_t ci, int64_t co, int64_t hw, bool relu,
                         bool accumulate, std::vector<float>& scratch) {
 #ifdef ND_AVX512
@@ -1929,7 +1929,7 @@ Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_
 }
 
 Tensor fused_relu_pw_bn(const Tensor& x, const Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn) {
-  return fused_relu_dw_pw_bn(x, torch::empty({0}, w_pw.options().requires_grad(false)), w_pw, bn, 1, 0, 1);
+  return fused_relu_dw_pw_bn(x, placeholder(w_pw), w_pw, bn, 1, 0, 1);  // no depthwise
 }
 
 std::vector<Tensor> fused_relu_pw_bn_group(const Tensor& x, const std::vector<PwBn>& members) {
@@ -1966,7 +1966,7 @@ std::vector<Tensor> fused_relu_pw_bn_group(const Tensor& x, const std::vector<Pw
     rm = torch::cat(rms), rv = torch::cat(rvs);
   }
   const Tensor none = placeholder(x);
-  auto whole = ChainFn::apply(x, torch::empty({0}, x.options().requires_grad(false)), torch::cat(ws),
+  auto whole = ChainFn::apply(x, /*no depthwise*/ none, torch::cat(ws),
                               o0.affine() ? torch::cat(gammas) : none, o0.affine() ? torch::cat(betas) : none, none,
                               rm, rv, p.training, p.momentum, p.eps, 1, 0, 1);
   if (p.training) {  // the updated running statistics back into each BN

@@ -80,7 +80,6 @@ class EvalCellImpl : public torch::nn::Module {
   std::vector<int> slot_;
   torch::nn::AnyModule preprocess0_, preprocess1_;
   std::shared_ptr<torch::nn::Module> pre0_module_, pre1_module_;
-  std::shared_ptr<ReLUConvBNImpl> pre0_relu_conv_bn_, pre1_relu_conv_bn_;  // null: not a ReLUConvBN
   std::vector<Op> ops_;
 };
 TORCH_MODULE(EvalCell);
