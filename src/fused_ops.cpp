@@ -699,8 +699,67 @@ void for_image_groups(int64_t n, const F& f) {
 
 // 3x3 pooling, padding 1, on the phase layout (`buf` filled with -inf padding for max, 0 for
 // average). Forward: ext = max or sum of the taps (then / count, count_include_pad = false).
+#ifdef ND_AVX512
+// max(a, v) as the portable loop takes it: v where v > a or v is NaN (NaN propagates).
+ND_AVX512_FN inline __m512 nan_max(__m512 a, __m512 v) {
+  return _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(v, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+// pool_forward_plane's taps on AVX-512: 64 outputs (four registers) per pass over the 9 taps,
+// in the portable loop's order (the same values, bitwise).
+ND_AVX512_FN void pool_taps_avx512(const float* buf, const int64_t* offs, const float* count, float* ext, int64_t len,
+                                   bool max_pool) {
+  const __m512 init = _mm512_set1_ps(max_pool ? -std::numeric_limits<float>::infinity() : 0.f);
+  for (int64_t i0 = 0; i0 < len; i0 += 64) {
+    const __mmask16 m[4] = {lanes(len - i0), lanes(len - i0 - 16), lanes(len - i0 - 32), lanes(len - i0 - 48)};
+    __m512 a[4] = {init, init, init, init};
+    for (int64_t t = 0; t < 9; ++t) {
+      const float* src = buf + offs[t] + i0;
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const __m512 v = _mm512_maskz_loadu_ps(m[q], src + 16 * q);
+        a[q] = max_pool ? nan_max(a[q], v) : _mm512_add_ps(a[q], v);
+      }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      if (!max_pool) a[q] = _mm512_div_ps(a[q], _mm512_mask_loadu_ps(_mm512_set1_ps(1.f), m[q], count + i0 + 16 * q));
+      _mm512_mask_storeu_ps(ext + i0 + 16 * q, m[q], a[q]);
+    }
+  }
+}
+
+// max_pool_grad_plane on AVX-512, 16 outputs at a time: their maxima in a register (recomputed
+// from the phase buffer: no forward output needed), then each output's gradient added to its
+// first maximal tap. The additions into one input come in another order than the portable loop's
+// (outputs before taps), so the sums may differ from it in the last bit.
+ND_AVX512_FN void max_pool_grad_avx512(const float* buf, const float* gext, float* gbuf, const Geom& g) {
+  const int64_t* offs = g.tap.data();
+  for (int64_t i0 = 0; i0 < g.len; i0 += 16) {
+    const __mmask16 m = lanes(g.len - i0);
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < 9; ++t) mx = nan_max(mx, _mm512_maskz_loadu_ps(m, buf + offs[t] + i0));
+    const __m512 gv = _mm512_maskz_loadu_ps(m, gext + i0);
+    __mmask16 open = m;  // lanes whose gradient has not been placed yet
+    for (int64_t t = 0; t < 9 && open; ++t) {
+      const __m512 v = _mm512_maskz_loadu_ps(open, buf + offs[t] + i0);
+      const __mmask16 hit = _mm512_mask_cmp_ps_mask(open, v, mx, _CMP_EQ_OQ) | _mm512_mask_cmp_ps_mask(open, v, v, _CMP_UNORD_Q);
+      float* dst = gbuf + offs[t] + i0;
+      _mm512_mask_storeu_ps(dst, hit, _mm512_add_ps(_mm512_maskz_loadu_ps(hit, dst), gv));
+      open &= static_cast<__mmask16>(~hit);
+    }
+  }
+}
+#endif
+
 ND_CLONES void pool_forward_plane(const float* buf, float* ext, float* out, const float* count,
                                   const Geom& g, bool max_pool) {
+#ifdef ND_AVX512
+  if (use_avx512()) {
+    pool_taps_avx512(buf, g.tap.data(), count, ext, g.len, max_pool);
+    return compact_rows(ext, out, g);
+  }
+#endif
   const float init = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
   for (int64_t i = 0; i < g.len; ++i) ext[i] = init;
   for (int64_t kh = 0; kh < 3; ++kh)
@@ -922,9 +981,16 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
       extend_grad(gp + i * g.oh * g.ow, gext.data(), g);
       if (max_pool) {
         fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, -std::numeric_limits<float>::infinity());
-        pool_forward_plane(buf.data(), ext.data(), tmp.data(), count.data(), g, true);
         std::fill(gbuf.begin(), gbuf.end(), 0.f);
-        max_pool_grad_plane(buf.data(), ext.data(), gext.data(), tmp.data(), gbuf.data(), g);
+#ifdef ND_AVX512
+        if (use_avx512()) {
+          max_pool_grad_avx512(buf.data(), gext.data(), gbuf.data(), g);
+        } else
+#endif
+        {
+          pool_forward_plane(buf.data(), ext.data(), tmp.data(), count.data(), g, true);
+          max_pool_grad_plane(buf.data(), ext.data(), gext.data(), tmp.data(), gbuf.data(), g);
+        }
       } else {
         for (int64_t j = 0; j < g.len; ++j) gext[j] /= count[j];
         dw_grad_input_plane(gext.data(), ones, gbuf.data(), g);

@@ -269,19 +269,24 @@ TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) 
 }
 
 TEST(Fused, PoolsWithBatchNormMatchTheModulesAndMaxPoolTiesGoToTheFirstTap) {
+  // 9 x 7 planes: one partial register; 23 x 21: several 64-output passes and a partial one.
+  for (const int mode : kKernelModes)
+  for (const std::vector<int64_t> hw : {std::vector<int64_t>{9, 7}, std::vector<int64_t>{23, 21}})
   for (bool max_pool : {true, false})
     for (int64_t stride : {1, 2}) {
+      KernelMode km(mode);
       torch::manual_seed(5);
       auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(3).affine(false));
       auto bn2 = nn::BatchNorm2d(nn::BatchNorm2dOptions(3).affine(false));
       // Rounded values: many ties inside the 3x3 windows.
-      auto x = torch::randn({2, 3, 9, 7}).mul(2).round().requires_grad_();
+      auto x = torch::randn({2, 3, hw[0], hw[1]}).mul(2).round().requires_grad_();
       auto x2 = x.detach().clone().requires_grad_();
       auto y = fused_pool_bn(x, max_pool, stride, *bn);
       auto p = max_pool ? torch::max_pool2d(x2, {3, 3}, {stride, stride}, {1, 1})
                         : torch::avg_pool2d(x2, {3, 3}, {stride, stride}, {1, 1}, false, false);
       auto y2 = bn2->forward(p);
-      const std::string tag = std::string(max_pool ? "max" : "avg") + " stride " + std::to_string(stride);
+      const std::string tag = std::string(max_pool ? "max" : "avg") + " stride " + std::to_string(stride) +
+                              " mode " + std::to_string(mode) + " " + std::to_string(hw[0]) + "x" + std::to_string(hw[1]);
       expect_close(y, y2, 1e-5, tag + " forward");
       auto g = torch::randn_like(y);
       expect_close(torch::autograd::grad({y}, {x}, {g})[0], torch::autograd::grad({y2}, {x2}, {g})[0], 1e-5,
