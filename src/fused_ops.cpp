@@ -1644,13 +1644,59 @@ struct PoolFn : torch::autograd::Function<PoolFn> {
 
 // FactorizedReduce: BN(cat(conv1x1(relu(x)[::2, ::2]), conv1x1(relu(x)[1::2, 1::2]))), the
 // second half zero-padded to the first's size for odd inputs.
+// x[:, :, off::2, off::2], zero-padded to ceil(h / 2) x ceil(w / 2), contiguous: a plane loop on
+// the CPU (ATen's strided copy measured ~1.5% of the C 16 training step), ATen's indexing elsewhere.
 Tensor fr_subsample(const Tensor& x, int64_t off) {
   using torch::indexing::None;
   using torch::indexing::Slice;
+  if (own_kernel(x) && x.dim() == 4) {
+    int64_t xs = 0;
+    auto xc = image_major(x, xs);
+    const int64_t n = xc.size(0), c = xc.size(1), h = xc.size(2), w = xc.size(3);
+    const int64_t h2 = (h + 1) / 2, w2 = (w + 1) / 2;
+    auto y = torch::empty({n, c, h2, w2}, xc.options());
+    const float* xp = xc.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float* src = plane_at(xp, i, c, xs, h * w);
+        float* dst = yp + i * h2 * w2;
+        for (int64_t r = 0; r < h2; ++r) {
+          const int64_t ih = 2 * r + off;
+          for (int64_t q = 0; q < w2; ++q) {
+            const int64_t iw = 2 * q + off;
+            dst[r * w2 + q] = (ih < h && iw < w) ? src[ih * w + iw] : 0.f;
+          }
+        }
+      }
+    });
+    return y;
+  }
   auto s = x.index({Slice(), Slice(), Slice(off, None, 2), Slice(off, None, 2)});
   const int64_t h = (x.size(2) + 1) / 2, w = (x.size(3) + 1) / 2;
   if (s.size(2) != h || s.size(3) != w) s = at::constant_pad_nd(s, {0, w - s.size(3), 0, h - s.size(2)});
   return s.contiguous();
+}
+
+// The input gradient of the factorized reduction from its two halves' (each [n, c, ceil(h / 2),
+// ceil(w / 2)]): g0 at the even rows and columns, g1 at the odd ones, zero elsewhere.
+Tensor fr_scatter(const Tensor& g0, const Tensor& g1, int64_t h, int64_t w) {
+  const int64_t n = g0.size(0), c = g0.size(1), h2 = g0.size(2), w2 = g0.size(3);
+  auto gx = torch::empty({n, c, h, w}, g0.options());
+  const float *p0 = g0.data_ptr<float>(), *p1 = g1.data_ptr<float>();
+  float* gp = gx.data_ptr<float>();
+  at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float *a = p0 + i * h2 * w2, *o = p1 + i * h2 * w2;
+      float* dst = gp + i * h * w;
+      for (int64_t ih = 0; ih < h; ++ih) {
+        const float* src = (ih % 2 ? o : a) + (ih / 2) * w2;
+        const int64_t par = ih % 2;
+        for (int64_t iw = 0; iw < w; ++iw) dst[ih * w + iw] = (iw % 2 == par) ? src[iw / 2] : 0.f;
+      }
+    }
+  });
+  return gx;
 }
 
 struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
@@ -1708,8 +1754,12 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
     if (need[1]) out[1] = pointwise_grad_weight(gp1, s0, w1, true);
     if (need[2]) out[2] = pointwise_grad_weight(gp2, s1, w2, true);
     if (need[0]) {
-      auto gx = torch::zeros_like(x);
       auto g0 = pointwise_grad_input(gp1, w1, s0, true), g1 = pointwise_grad_input(gp2, w2, s1, true);
+      if (own_kernel(g0) && x.dim() == 4) {  // one pass writing every input pixel's gradient
+        out[0] = fr_scatter(g0.contiguous(), g1.contiguous(), x.size(2), x.size(3));
+        return out;
+      }
+      auto gx = torch::zeros_like(x);
       gx.index({Slice(), Slice(), Slice(0, None, 2), Slice(0, None, 2)}).copy_(g0);
       auto t1 = gx.index({Slice(), Slice(), Slice(1, None, 2), Slice(1, None, 2)});
       t1.copy_(g1.index({Slice(), Slice(), Slice(0, t1.size(2)), Slice(0, t1.size(3))}));

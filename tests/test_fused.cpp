@@ -208,6 +208,8 @@ TEST(Fused, GroupedOneByOnesOnOneInputEqualTheirSeparateNodes) {
 TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) {
   // Non-affine BN (the search network) and affine BN (the evaluation network, with random
   // weights and biases so that their gradients are checked too); FactorizedReduce as well.
+  // 9 x 11 planes too: odd sides (the factorized reduction's zero-padded odd half).
+  for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, std::vector<int64_t>{9, 11}})
   for (const bool affine : {false, true})
   for (const std::string name : {"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5", "skip_connect"})
     for (int64_t stride : {1, 2}) {
@@ -228,7 +230,7 @@ TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) 
           b[kv.key()].copy_(kv.value());
         }
       }
-      auto x = torch::randn({4, 6, 10, 10}).requires_grad_();
+      auto x = torch::randn({4, 6, hw[0], hw[1]}).requires_grad_();
       auto x2 = x.detach().clone().requires_grad_();
       torch::Tensor y, y2;
       {
@@ -239,7 +241,8 @@ TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) 
         FusedSwitch off(false);
         y2 = twin.forward(x2);
       }
-      const std::string tag = name + " stride " + std::to_string(stride) + (affine ? " affine" : "");
+      const std::string tag = name + " stride " + std::to_string(stride) + (affine ? " affine" : "") + " " +
+                              std::to_string(hw[0]) + "x" + std::to_string(hw[1]);
       expect_close(y, y2, 1e-5, tag + " forward");
       auto g = torch::randn_like(y);
       auto pa = op.ptr()->parameters(), pb = twin.ptr()->parameters();
