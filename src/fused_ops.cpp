@@ -729,24 +729,38 @@ ND_AVX512_FN void pool_taps_avx512(const float* buf, const int64_t* offs, const 
   }
 }
 
-// max_pool_grad_plane on AVX-512, 16 outputs at a time: their maxima in a register (recomputed
-// from the phase buffer: no forward output needed), then each output's gradient added to its
-// first maximal tap. The additions into one input come in another order than the portable loop's
+// max_pool_grad_plane on AVX-512, 128 outputs (8 registers) at a time: their maxima in registers
+// (recomputed from the phase buffer: no forward output needed), then tap by tap each output's
+// gradient added to its first maximal tap. A tap's eight read-add-stores are disjoint, so a load
+// never waits on the store just before it (16 outputs at a time measured 4.1% of row 4's CPU
+// samples). The additions into one input come in another order than the portable loop's
 // (outputs before taps), so the sums may differ from it in the last bit.
 ND_AVX512_FN void max_pool_grad_avx512(const float* buf, const float* gext, float* gbuf, const Geom& g) {
+  constexpr int kB = 8;
   const int64_t* offs = g.tap.data();
-  for (int64_t i0 = 0; i0 < g.len; i0 += 16) {
-    const __mmask16 m = lanes(g.len - i0);
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; t < 9; ++t) mx = nan_max(mx, _mm512_maskz_loadu_ps(m, buf + offs[t] + i0));
-    const __m512 gv = _mm512_maskz_loadu_ps(m, gext + i0);
-    __mmask16 open = m;  // lanes whose gradient has not been placed yet
-    for (int64_t t = 0; t < 9 && open; ++t) {
-      const __m512 v = _mm512_maskz_loadu_ps(open, buf + offs[t] + i0);
-      const __mmask16 hit = _mm512_mask_cmp_ps_mask(open, v, mx, _CMP_EQ_OQ) | _mm512_mask_cmp_ps_mask(open, v, v, _CMP_UNORD_Q);
+  for (int64_t i0 = 0; i0 < g.len; i0 += 16 * kB) {
+    __mmask16 open[kB];  // lanes whose gradient has not been placed yet
+    __m512 mx[kB], gv[kB];
+#pragma GCC unroll 8
+    for (int b = 0; b < kB; ++b) {
+      open[b] = lanes(g.len - i0 - 16 * b);
+      mx[b] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      gv[b] = _mm512_maskz_loadu_ps(open[b], gext + i0 + 16 * b);
+    }
+    for (int64_t t = 0; t < 9; ++t)
+#pragma GCC unroll 8
+      for (int b = 0; b < kB; ++b) mx[b] = nan_max(mx[b], _mm512_maskz_loadu_ps(open[b], buf + offs[t] + i0 + 16 * b));
+    for (int64_t t = 0; t < 9; ++t) {
+      const float* src = buf + offs[t] + i0;
       float* dst = gbuf + offs[t] + i0;
-      _mm512_mask_storeu_ps(dst, hit, _mm512_add_ps(_mm512_maskz_loadu_ps(hit, dst), gv));
-      open &= static_cast<__mmask16>(~hit);
+#pragma GCC unroll 8
+      for (int b = 0; b < kB; ++b) {
+        const __m512 v = _mm512_maskz_loadu_ps(open[b], src + 16 * b);
+        const __mmask16 hit =
+            _mm512_mask_cmp_ps_mask(open[b], v, mx[b], _CMP_EQ_OQ) | _mm512_mask_cmp_ps_mask(open[b], v, v, _CMP_UNORD_Q);
+        _mm512_mask_storeu_ps(dst + 16 * b, hit, _mm512_add_ps(_mm512_maskz_loadu_ps(hit, dst + 16 * b), gv[b]));
+        open[b] &= static_cast<__mmask16>(~hit);
+      }
     }
   }
 }
