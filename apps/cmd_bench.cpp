@@ -44,6 +44,7 @@ struct BenchOptions {
   bool no_fused = false;
   bool no_blas = false;
   bool no_group = false;
+  bool no_direct = false;
   std::string precision = "fp32";  // eval-step only
 };
 
@@ -73,6 +74,9 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
   cmd->add_flag("--no-group", o.no_group,
                 "train-step, eval-step: run the evaluation cells' 1x1 preprocessings that read the same tensor one by one "
                 "instead of as one fused node (docs/bench.md)");
+  cmd->add_flag("--no-direct", o.no_direct,
+                "On AVX-512 CPUs: run the same-padded stride-1 depthwise planes through the padded phase copy instead of "
+                "the direct masked-load form (docs/bench.md)");
   cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
 }
 
@@ -114,7 +118,8 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"device", o.device},
                      {"fused", fused_ops_enabled() && o.precision == "fp32"},
                      {"precision", o.precision},
-                     {"blas", blas_gemm_active()}};
+                     {"blas", blas_gemm_active()},
+                     {"direct_depthwise", !o.no_direct && avx512_kernels_active()}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "train-step" || what == "eval-step")  // the evaluation network's grouped 1x1s
       j["grouped_1x1"] = !o.no_group && fused_ops_enabled() && o.precision == "fp32";
@@ -137,6 +142,7 @@ void setup(const BenchOptions& o) {
   nd::set_fused_ops(!o.no_fused);
   nd::set_blas_gemm(!o.no_blas);
   nd::set_grouped_1x1(!o.no_group);
+  nd::set_direct_depthwise(!o.no_direct);
 }
 
 /// A subcommand timing the evaluation network (train-step, eval-step): the common options with

@@ -2,6 +2,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <dlfcn.h>
@@ -25,6 +26,7 @@ std::atomic<bool> g_fused{true};
 std::atomic<bool> g_avx512{true};
 std::atomic<bool> g_blas{true};
 std::atomic<bool> g_group{true};
+std::atomic<bool> g_direct{true};
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels (float, NCHW contiguous). Each image plane (n, c) is independent. It is copied into
@@ -49,10 +51,16 @@ struct Geom {
   // Buffer offsets of input row ih / column iw (padding added), tabulated: no divisions in
   // the per-pixel loops of strided planes; and of each kernel tap (kh * k + kw).
   std::vector<int64_t> row_at, col_at, tap;
+  // The direct form of a same-padded stride-1 plane (add_direct): per tap, the input's offset
+  // from the output's flat index, and per tap and 16-output block the lanes whose input lies
+  // inside the plane (blocks rounded up to a multiple of 4, the extra ones all zero).
+  int64_t nb = 0;
+  std::vector<int64_t> dtap;
+  std::vector<uint16_t> dmask;
 };
 
 Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
-  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}, {}};
+  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}, {}, 0, {}, {}};
   g.oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
   g.ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
   g.hq = (h + 2 * p + s - 1) / s;
@@ -66,6 +74,29 @@ Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d)
   for (int64_t kh = 0; kh < k; ++kh)
     for (int64_t kw = 0; kw < k; ++kw) g.tap.push_back(g.offset(kh, kw));
   return g;
+}
+
+// Tabulates the direct form where it applies (stride 1, output of the input's size): each
+// output reads the unpadded input at its own flat index plus a tap offset, the lanes whose tap
+// falls outside the plane masked off, so the plane needs no padded copy and no row compaction.
+void add_direct(Geom& g) {
+  if (g.s != 1 || g.oh != g.h || g.ow != g.w) return;
+  const int64_t hw = g.h * g.w, kk = g.k * g.k;
+  g.nb = ((hw + 15) / 16 + 3) / 4 * 4;
+  g.dmask.assign(static_cast<size_t>(kk * g.nb), 0);
+  for (int64_t kh = 0; kh < g.k; ++kh)
+    for (int64_t kw = 0; kw < g.k; ++kw) {
+      const int64_t t = kh * g.k + kw, dh = kh * g.d - g.p, dw = kw * g.d - g.p;
+      g.dtap.push_back(dh * g.w + dw);
+      for (int64_t oh = 0; oh < g.h; ++oh) {
+        if (oh + dh < 0 || oh + dh >= g.h) continue;
+        for (int64_t ow = 0; ow < g.w; ++ow) {
+          if (ow + dw < 0 || ow + dw >= g.w) continue;
+          const int64_t i = oh * g.w + ow;
+          g.dmask[static_cast<size_t>(t * g.nb + i / 16)] |= static_cast<uint16_t>(1u << (i % 16));
+        }
+      }
+    }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -282,6 +313,99 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
     ext[i] = a;
   }
   compact_rows(ext, out, g, mask);
+}
+
+#ifdef ND_AVX512
+// The direct form of dw_forward_plane (add_direct): 64 outputs (four registers) per pass over
+// the taps, each tap a masked load of the unpadded plane (relu'd in the register when asked)
+// and a multiply-add, in tap order from zero as in the phase layout, whose padding zeros the
+// masked-off lanes reproduce: the same values bit for bit.
+template <bool kRelu>
+ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
+  const int64_t hw = g.h * g.w, kk = g.k * g.k;
+  const __m512 z = _mm512_setzero_ps();
+  const uint16_t* mt = g.dmask.data();
+  const int64_t* offs = g.dtap.data();
+  for (int64_t b0 = 0; b0 * 16 < hw; b0 += 4) {
+    const int64_t i0 = b0 * 16;
+    __m512 a0 = z, a1 = z, a2 = z, a3 = z;
+    for (int64_t t = 0; t < kk; ++t) {
+      const uint16_t* mk = mt + t * g.nb + b0;
+      // Lanes outside the plane are masked: their addresses are never read.
+      const float* src = reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(x) +
+                                                        static_cast<intptr_t>((i0 + offs[t]) * 4));
+      const __m512 wv = _mm512_set1_ps(wt[t]);
+      __m512 v0 = _mm512_maskz_loadu_ps(mk[0], src), v1 = _mm512_maskz_loadu_ps(mk[1], src + 16);
+      __m512 v2 = _mm512_maskz_loadu_ps(mk[2], src + 32), v3 = _mm512_maskz_loadu_ps(mk[3], src + 48);
+      if (kRelu) v0 = _mm512_maskz_max_ps(all, v0, z), v1 = _mm512_maskz_max_ps(all, v1, z), v2 = _mm512_maskz_max_ps(all, v2, z), v3 = _mm512_maskz_max_ps(all, v3, z);
+      a0 = _mm512_fmadd_ps(wv, v0, a0);
+      a1 = _mm512_fmadd_ps(wv, v1, a1);
+      a2 = _mm512_fmadd_ps(wv, v2, a2);
+      a3 = _mm512_fmadd_ps(wv, v3, a3);
+    }
+    const float* mp = mask ? mask + i0 : nullptr;
+    store_kept(out + i0, mp, lanes(hw - i0), a0);
+    store_kept(out + i0 + 16, mp ? mp + 16 : nullptr, lanes(hw - i0 - 16), a1);
+    store_kept(out + i0 + 32, mp ? mp + 32 : nullptr, lanes(hw - i0 - 32), a2);
+    store_kept(out + i0 + 48, mp ? mp + 48 : nullptr, lanes(hw - i0 - 48), a3);
+  }
+}
+#endif
+
+#ifdef ND_AVX512
+// The depthwise weight gradient in the direct form: part[t] = sum_i go[i] relu?(x[i + dtap[t]])
+// over the lanes inside the plane, four taps per pass over the plane (16-lane partial sums,
+// summed in a fixed order at the end).
+template <bool kRelu>
+ND_AVX512_FN void dw_grad_weight_direct_avx512(const float* x, const float* go, float* part, const Geom& g) {
+  const int64_t hw = g.h * g.w, kk = g.k * g.k;
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t t0 = 0; t0 < kk; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, kk - t0);
+    const uint16_t* mk[4];
+    intptr_t src[4];
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t t = t0 + std::min(q, nt - 1);
+      mk[q] = g.dmask.data() + t * g.nb;
+      src[q] = reinterpret_cast<intptr_t>(x) + static_cast<intptr_t>(g.dtap[t] * 4);
+    }
+    __m512 a[4] = {z, z, z, z};
+    for (int64_t b = 0; b * 16 < hw; ++b) {
+      const int64_t i = b * 16;
+      const __m512 gv = _mm512_maskz_loadu_ps(lanes(hw - i), go + i);
+      for (int q = 0; q < 4; ++q) {
+        // Lanes outside the plane are masked: their addresses are never read.
+        __m512 v = _mm512_maskz_loadu_ps(mk[q][b], reinterpret_cast<const float*>(src[q] + i * 4));
+        if (kRelu) v = _mm512_maskz_max_ps(all, v, z);
+        a[q] = _mm512_fmadd_ps(gv, v, a[q]);
+      }
+    }
+    for (int64_t q = 0; q < nt; ++q) part[t0 + q] = hsum(a[q]);
+  }
+}
+#endif
+
+// Whether the depthwise planes of `g` run in the direct form (add_direct).
+bool direct_form(const Geom& g) {
+#ifdef ND_AVX512
+  return !g.dmask.empty() && g_direct && use_avx512();
+#else
+  (void)g;
+  return false;
+#endif
+}
+
+// One depthwise output plane: out = dw(relu?(x)), times (mask > 0) where a mask plane is given.
+// The direct form where `g` has it (add_direct) and the AVX-512 kernels run, else the phase
+// layout in `buf` / `ext` (g.buf and g.len floats).
+void dw_plane(const float* x, const float* wt, float* out, const Geom& g, bool relu, float* buf, float* ext,
+              const float* mask = nullptr) {
+#ifdef ND_AVX512
+  if (direct_form(g))
+    return relu ? dw_direct_avx512<true>(x, wt, out, g, mask) : dw_direct_avx512<false>(x, wt, out, g, mask);
+#endif
+  fill_phases(x, buf, g, relu);
+  dw_forward_plane(buf, wt, ext, out, g, mask);
 }
 
 // grad_out plane -> `wq`-wide copy with zeros in the discarded columns.
@@ -1037,6 +1161,7 @@ struct DwBackward {
     if (!gather_form) return;
     gg = make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d);
     TORCH_CHECK(gg.oh == g.h && gg.ow == g.w, "depthwise backward: bad geometry");
+    add_direct(gg);
     flipped.resize(static_cast<size_t>(c * kk));
     for (int64_t ch = 0; ch < c; ++ch)
       for (int64_t t = 0; t < kk; ++t) flipped[ch * kk + t] = w[ch * kk + kk - 1 - t];
@@ -1050,16 +1175,21 @@ struct DwBackward {
   }
 
   // Channel ch: go its grad_out plane, x its input plane, xbuf x already in the phase layout
-  // (relu'd; null: filled here), gx / part (kk floats) the outputs asked for.
+  // (relu'd; null: filled here; unused in the direct form), gx / part (kk floats) the outputs
+  // asked for.
   void plane(int64_t ch, const float* go, const float* x, const float* xbuf, float* gx, float* part, Scratch& sc) const {
-    if (need_weight || !gather_form) extend_grad(go, sc.ext.data(), g);
-    if (need_weight) {
+    const bool direct = direct_form(g);
+    if ((need_weight && !direct) || !gather_form) extend_grad(go, sc.ext.data(), g);
+    if (need_weight && direct) {
+#ifdef ND_AVX512
+      relu ? dw_grad_weight_direct_avx512<true>(x, go, part, g) : dw_grad_weight_direct_avx512<false>(x, go, part, g);
+#endif
+    } else if (need_weight) {
       if (!xbuf) fill_phases(x, sc.buf.data(), g, relu), xbuf = sc.buf.data();
       dw_grad_weight_plane(xbuf, sc.ext.data(), part, g);
     }
     if (need_input && gather_form) {
-      fill_phases(go, sc.gbuf.data(), gg, false);
-      dw_forward_plane(sc.gbuf.data(), flipped.data() + ch * kk, sc.gext.data(), gx, gg, relu ? x : nullptr);
+      dw_plane(go, flipped.data() + ch * kk, gx, gg, false, sc.gbuf.data(), sc.gext.data(), relu ? x : nullptr);
     } else if (need_input) {
       dw_grad_input_plane(sc.ext.data(), w + ch * kk, sc.buf.data(), g);
       gather_phases(sc.buf.data(), x, gx, g, relu);
@@ -1412,7 +1542,8 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  add_direct(g);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
   auto y = torch::empty({n, co, g.oh, g.ow}, xc.options());
@@ -1424,8 +1555,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
     thread_local std::vector<float> buf, ext, d;
     buf.resize(static_cast<size_t>(g.buf)), ext.resize(static_cast<size_t>(g.len)), d.resize(static_cast<size_t>(c * ohw));
     for (int64_t ch = 0; ch < c; ++ch) {
-      fill_phases(xp + i * xs + ch * plane, buf.data(), g, true);
-      dw_forward_plane(buf.data(), wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
+      dw_plane(xp + i * xs + ch * plane, wdp + ch * kk, d.data() + ch * ohw, g, true, buf.data(), ext.data());
     }
     float* yi = yp + i * co * ohw;
     pw_image(d.data(), wpp, yi, c, co, ohw, false, false, nullptr);
@@ -1436,7 +1566,8 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
 
 // Gradients of pointwise(depthwise(relu(x))) from gp = d loss / d its output: {x, w_dw, w_pw},
 // undefined where not asked for. The depthwise output is recomputed (for the 1x1 weight
-// gradient only), from phase buffers of x that then also serve the depthwise weight gradient.
+// gradient only): in the direct form straight from x, else from phase buffers of x that then
+// also serve the depthwise weight gradient.
 // `gp_of(i, scratch)`: image i's gradient [co, oh, ow] (a pointer into a tensor, or computed into
 // the thread's `scratch`: BnBackwardPlan::image).
 using GpOf = std::function<const float*(int64_t, std::vector<float>&)>;
@@ -1446,7 +1577,11 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  add_direct(g);
+  // Both depthwise gradients asked outside the direct form: x's phase buffers serve the
+  // recomputation and the weight gradient.
+  const bool keep_x = need_pw && need_dw && !direct_form(g);
   TORCH_CHECK(gp_sizes.size() == 4 && gp_sizes[1] == co && gp_sizes[2] == g.oh && gp_sizes[3] == g.ow,
               "fused chain backward: grad shape ", gp_sizes);
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
@@ -1457,7 +1592,6 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   std::vector<float> part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0),
       part_pw(need_pw ? static_cast<size_t>(image_groups(n) * co * c) : 0);
   const DwBackward db(g, wdp, c, /*relu_input=*/true, need_x, need_dw);
-  const bool keep_x = need_pw && need_dw;
   for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
     thread_local DwBackward::Scratch sc;
     thread_local std::vector<float> xbufs, ext, d, gd, gemm_scratch, gp_scratch;
@@ -1468,8 +1602,12 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
       d.resize(static_cast<size_t>(c * ohw));
       for (int64_t ch = 0; ch < c; ++ch) {
         float* xb = xbufs.data() + (keep_x ? ch * g.buf : 0);
-        fill_phases(xp + i * xs + ch * plane, xb, g, true);
-        dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
+        if (keep_x) {
+          fill_phases(xp + i * xs + ch * plane, xb, g, true);
+          dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
+        } else {
+          dw_plane(xp + i * xs + ch * plane, wdp + ch * kk, d.data() + ch * ohw, g, true, xb, ext.data());
+        }
       }
       pw_grad_weight_acc(gi, d.data(), part_pw.data() + grp * co * c, c, co, ohw, false, !first, gemm_scratch);
     }
@@ -1971,6 +2109,7 @@ bool fused_ops_enabled() { return g_fused; }
 void set_avx512_kernels(bool on) { g_avx512 = on; }
 void set_blas_gemm(bool on) { g_blas = on; }
 void set_grouped_1x1(bool on) { g_group = on; }
+void set_direct_depthwise(bool on) { g_direct = on; }
 bool blas_gemm_active() { return blas_sgemm() != nullptr && !avx512_kernels_active(); }
 bool avx512_kernels_active() {
 #ifdef ND_AVX512
@@ -1991,8 +2130,9 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& w, int64_t stride, int64_
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
+  add_direct(g);
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -2000,8 +2140,7 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& w, int64_t stride, int64_
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
     for (int64_t i = b; i < e; ++i) {
-      fill_phases(xp + i * plane, buf.data(), g, relu_input);
-      dw_forward_plane(buf.data(), wp + (i % c) * kk, ext.data(), yp + i * g.oh * g.ow, g);
+      dw_plane(xp + i * plane, wp + (i % c) * kk, yp + i * g.oh * g.ow, g, relu_input, buf.data(), ext.data());
     }
   });
   return y;
@@ -2024,7 +2163,8 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   auto wc = w.contiguous();
   auto gc = grad_out.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  add_direct(g);
   TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "depthwise_conv2d_backward: grad shape ", gc.sizes());
   Tensor gx;
   if (need_input) gx = torch::empty_like(xc);

@@ -271,6 +271,64 @@ TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) 
     }
 }
 
+TEST(Fused, DirectDepthwiseFormEqualsThePhaseLayoutBitForBit) {
+  // The same-padded stride-1 planes read the unpadded input through masked loads (the direct
+  // form) instead of a padded phase copy: forward, input gradient (the gather form) and the
+  // chains' recomputation must give the same bits, the weight gradient the same values to
+  // float rounding. Planes: square, odd non-square, smaller
+  // than the dilated 5x5's reach (3x3, 1x1), longer than 64 outputs (28x28).
+  if (!avx512_kernels_active()) GTEST_SKIP() << "the direct form runs only with the AVX-512 kernels";
+  struct DirectOff {
+    DirectOff() { set_direct_depthwise(false); }
+    ~DirectOff() { set_direct_depthwise(true); }
+  };
+  for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, {9, 11}, {3, 3}, {1, 1}, {28, 28}})
+    for (const std::array<int64_t, 2> kd : {std::array<int64_t, 2>{3, 1}, {5, 1}, {3, 2}, {5, 2}}) {
+      const int64_t k = kd[0], d = kd[1], pad = (k / 2) * d;
+      const std::string tag = "k" + std::to_string(k) + " d" + std::to_string(d) + " " + std::to_string(hw[0]) + "x" +
+                              std::to_string(hw[1]);
+      torch::manual_seed(k + 10 * d + hw[0]);
+      auto x = torch::randn({3, 5, hw[0], hw[1]});
+      auto w = torch::randn({5, 1, k, k});
+      auto g = torch::randn({3, 5, hw[0], hw[1]});
+      for (const bool relu : {false, true}) {
+        auto y = depthwise_conv2d(x, w, 1, pad, d, relu);
+        auto gr = depthwise_conv2d_backward(g, x, w, 1, pad, d, relu, true, true);
+        DirectOff off;
+        EXPECT_TRUE(torch::equal(y, depthwise_conv2d(x, w, 1, pad, d, relu))) << tag << " forward";
+        const auto gr2 = depthwise_conv2d_backward(g, x, w, 1, pad, d, relu, true, true);
+        EXPECT_TRUE(torch::equal(gr.first, gr2.first)) << tag << " input gradient";
+        // The weight gradient's sums run over the plane's lanes in another grouping: equal to
+        // float rounding, not bit for bit.
+        expect_close(gr.second, gr2.second, 1e-5, tag + " weight gradient");
+      }
+      // The fused chain (ReLU, depthwise, 1x1, BN): output and every gradient, and the 1x1
+      // weight gradient alone (its recomputation takes the direct form when the depthwise
+      // weight gradient is not asked for).
+      auto xr = x.clone().requires_grad_();
+      auto wd = w.clone().requires_grad_();
+      auto wp = torch::randn({7, 5, 1, 1}).requires_grad_();
+      auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(7).affine(false));
+      auto run = [&](std::vector<torch::Tensor> wrt) {
+        auto out = fused_relu_dw_pw_bn(xr, wd, wp, *bn, 1, pad, d, torch::Tensor());
+        auto go = torch::ones_like(out).mul_(0.5).add_(out.detach());
+        auto grads = torch::autograd::grad({out}, wrt, {go});
+        grads.insert(grads.begin(), out.detach());
+        return grads;
+      };
+      const auto all = run({xr, wd, wp}), pw_only = run({wp});
+      DirectOff off;
+      const auto all2 = run({xr, wd, wp}), pw_only2 = run({wp});
+      // {output, x, depthwise weight, 1x1 weight}: the depthwise weight gradient to float rounding
+      // (its sums' grouping differs), the rest bit for bit.
+      for (size_t i = 0; i < all.size(); ++i)
+        if (i == 2) expect_close(all[i], all2[i], 1e-5, tag + " chain depthwise weight gradient");
+        else EXPECT_TRUE(torch::equal(all[i], all2[i])) << tag << " chain " << i;
+      for (size_t i = 0; i < pw_only.size(); ++i)
+        EXPECT_TRUE(torch::equal(pw_only[i], pw_only2[i])) << tag << " chain, 1x1 weight gradient alone " << i;
+    }
+}
+
 TEST(Fused, PoolsWithBatchNormMatchTheModulesAndMaxPoolTiesGoToTheFirstTap) {
   // 9 x 7 planes: one partial register; 23 x 21: several 64-output passes and a partial one.
   for (const int mode : kKernelModes)

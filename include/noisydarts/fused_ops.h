@@ -46,6 +46,11 @@ bool avx512_kernels_active();
 void set_blas_gemm(bool on);
 bool blas_gemm_active();
 
+/// Process-wide switch (default on) for the direct form of the same-padded stride-1 depthwise
+/// planes on AVX-512 (masked loads of the unpadded plane instead of a padded phase copy; the same
+/// values bit for bit). Off: the phase layout everywhere (for tests and benchmarks).
+void set_direct_depthwise(bool on);
+
 /// Depthwise 2-D convolution of NCHW `x` with weight [C, 1, k, k]; `relu_input` convolves
 /// relu(x) instead of x. CPU float uses the own kernel, anything else ATen.
 torch::Tensor depthwise_conv2d(const torch::Tensor& x, const torch::Tensor& w, int64_t stride,
