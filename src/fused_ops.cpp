@@ -317,10 +317,9 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
 
 #ifdef ND_AVX512
 // The direct form of dw_forward_plane (add_direct): 64 outputs (four registers) per pass over
-// the taps, each tap a masked load of the unpadded plane (relu'd in the register when asked)
-// and a multiply-add, in tap order from zero as in the phase layout, whose padding zeros the
-// masked-off lanes reproduce: the same values bit for bit.
-template <bool kRelu>
+// the taps, each tap a masked load of the unpadded plane and a multiply-add, in tap order from
+// zero as in the phase layout, whose padding zeros the masked-off lanes reproduce: the same
+// values bit for bit.
 ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
   const __m512 z = _mm512_setzero_ps();
@@ -335,13 +334,10 @@ ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, 
       const float* src = reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(x) +
                                                         static_cast<intptr_t>((i0 + offs[t]) * 4));
       const __m512 wv = _mm512_set1_ps(wt[t]);
-      __m512 v0 = _mm512_maskz_loadu_ps(mk[0], src), v1 = _mm512_maskz_loadu_ps(mk[1], src + 16);
-      __m512 v2 = _mm512_maskz_loadu_ps(mk[2], src + 32), v3 = _mm512_maskz_loadu_ps(mk[3], src + 48);
-      if (kRelu) v0 = _mm512_maskz_max_ps(all, v0, z), v1 = _mm512_maskz_max_ps(all, v1, z), v2 = _mm512_maskz_max_ps(all, v2, z), v3 = _mm512_maskz_max_ps(all, v3, z);
-      a0 = _mm512_fmadd_ps(wv, v0, a0);
-      a1 = _mm512_fmadd_ps(wv, v1, a1);
-      a2 = _mm512_fmadd_ps(wv, v2, a2);
-      a3 = _mm512_fmadd_ps(wv, v3, a3);
+      a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk[0], src), a0);
+      a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk[1], src + 16), a1);
+      a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk[2], src + 32), a2);
+      a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk[3], src + 48), a3);
     }
     const float* mp = mask ? mask + i0 : nullptr;
     store_kept(out + i0, mp, lanes(hw - i0), a0);
@@ -353,10 +349,9 @@ ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, 
 #endif
 
 #ifdef ND_AVX512
-// The depthwise weight gradient in the direct form: part[t] = sum_i go[i] relu?(x[i + dtap[t]])
-// over the lanes inside the plane, four taps per pass over the plane (16-lane partial sums,
-// summed in a fixed order at the end).
-template <bool kRelu>
+// The depthwise weight gradient in the direct form: part[t] = sum_i go[i] x[i + dtap[t]] over
+// the lanes inside the plane, four taps per pass over the plane (16-lane partial sums, summed
+// in a fixed order at the end).
 ND_AVX512_FN void dw_grad_weight_direct_avx512(const float* x, const float* go, float* part, const Geom& g) {
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
   const __m512 z = _mm512_setzero_ps();
@@ -375,9 +370,7 @@ ND_AVX512_FN void dw_grad_weight_direct_avx512(const float* x, const float* go, 
       const __m512 gv = _mm512_maskz_loadu_ps(lanes(hw - i), go + i);
       for (int q = 0; q < 4; ++q) {
         // Lanes outside the plane are masked: their addresses are never read.
-        __m512 v = _mm512_maskz_loadu_ps(mk[q][b], reinterpret_cast<const float*>(src[q] + i * 4));
-        if (kRelu) v = _mm512_maskz_max_ps(all, v, z);
-        a[q] = _mm512_fmadd_ps(gv, v, a[q]);
+        a[q] = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(mk[q][b], reinterpret_cast<const float*>(src[q] + i * 4)), a[q]);
       }
     }
     for (int64_t q = 0; q < nt; ++q) part[t0 + q] = hsum(a[q]);
@@ -395,14 +388,25 @@ bool direct_form(const Geom& g) {
 #endif
 }
 
+// dst[0, n) = relu(x[0, n)).
+void relu_plane(const float* x, float* dst, int64_t n) {
+#ifdef ND_AVX512
+  if (use_avx512()) return row_copy(dst, x, n, true);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = x[i] > 0.f ? x[i] : 0.f;
+}
+
 // One depthwise output plane: out = dw(relu?(x)), times (mask > 0) where a mask plane is given.
-// The direct form where `g` has it (add_direct) and the AVX-512 kernels run, else the phase
-// layout in `buf` / `ext` (g.buf and g.len floats).
+// The direct form where `g` has it (add_direct) and the AVX-512 kernels run (relu(x) copied into
+// `buf` first: one pass instead of one per tap), else the phase layout in `buf` / `ext` (g.buf
+// and g.len floats).
 void dw_plane(const float* x, const float* wt, float* out, const Geom& g, bool relu, float* buf, float* ext,
               const float* mask = nullptr) {
 #ifdef ND_AVX512
-  if (direct_form(g))
-    return relu ? dw_direct_avx512<true>(x, wt, out, g, mask) : dw_direct_avx512<false>(x, wt, out, g, mask);
+  if (direct_form(g)) {
+    if (relu) relu_plane(x, buf, g.h * g.w), x = buf;
+    return dw_direct_avx512(x, wt, out, g, mask);
+  }
 #endif
   fill_phases(x, buf, g, relu);
   dw_forward_plane(buf, wt, ext, out, g, mask);
@@ -1174,15 +1178,16 @@ struct DwBackward {
     sc.gext.resize(static_cast<size_t>(gather_form ? gg.len : 0));
   }
 
-  // Channel ch: go its grad_out plane, x its input plane, xbuf x already in the phase layout
-  // (relu'd; null: filled here; unused in the direct form), gx / part (kk floats) the outputs
-  // asked for.
+  // Channel ch: go its grad_out plane, x its input plane, xbuf x already relu'd in the phase
+  // layout, or in the direct form as a plain plane (null: made here when needed), gx / part
+  // (kk floats) the outputs asked for.
   void plane(int64_t ch, const float* go, const float* x, const float* xbuf, float* gx, float* part, Scratch& sc) const {
     const bool direct = direct_form(g);
     if ((need_weight && !direct) || !gather_form) extend_grad(go, sc.ext.data(), g);
     if (need_weight && direct) {
 #ifdef ND_AVX512
-      relu ? dw_grad_weight_direct_avx512<true>(x, go, part, g) : dw_grad_weight_direct_avx512<false>(x, go, part, g);
+      if (!xbuf && relu) relu_plane(x, sc.buf.data(), g.h * g.w), xbuf = sc.buf.data();
+      dw_grad_weight_direct_avx512(xbuf ? xbuf : x, go, part, g);
 #endif
     } else if (need_weight) {
       if (!xbuf) fill_phases(x, sc.buf.data(), g, relu), xbuf = sc.buf.data();
@@ -1579,9 +1584,10 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
   Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   add_direct(g);
-  // Both depthwise gradients asked outside the direct form: x's phase buffers serve the
-  // recomputation and the weight gradient.
-  const bool keep_x = need_pw && need_dw && !direct_form(g);
+  // Both depthwise gradients asked: x's relu'd copies (phase buffers, or in the direct form
+  // plain planes) serve the recomputation and the weight gradient.
+  const bool keep_x = need_pw && need_dw, direct = direct_form(g);
+  const int64_t xb_size = direct ? g.h * g.w : g.buf;
   TORCH_CHECK(gp_sizes.size() == 4 && gp_sizes[1] == co && gp_sizes[2] == g.oh && gp_sizes[3] == g.ow,
               "fused chain backward: grad shape ", gp_sizes);
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
@@ -1598,15 +1604,16 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
     db.size(sc);
     const float* gi = gp_of(i, gp_scratch);
     if (need_pw) {
-      xbufs.resize(static_cast<size_t>((keep_x ? c : 1) * g.buf)), ext.resize(static_cast<size_t>(g.len));
+      xbufs.resize(static_cast<size_t>((keep_x ? c : 1) * xb_size)), ext.resize(static_cast<size_t>(g.len));
       d.resize(static_cast<size_t>(c * ohw));
       for (int64_t ch = 0; ch < c; ++ch) {
-        float* xb = xbufs.data() + (keep_x ? ch * g.buf : 0);
-        if (keep_x) {
+        float* xb = xbufs.data() + (keep_x ? ch * xb_size : 0);
+        if (direct) {
+          relu_plane(xp + i * xs + ch * plane, xb, plane);
+          dw_plane(xb, wdp + ch * kk, d.data() + ch * ohw, g, false, nullptr, nullptr);
+        } else {
           fill_phases(xp + i * xs + ch * plane, xb, g, true);
           dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
-        } else {
-          dw_plane(xp + i * xs + ch * plane, wdp + ch * kk, d.data() + ch * ohw, g, true, xb, ext.data());
         }
       }
       pw_grad_weight_acc(gi, d.data(), part_pw.data() + grp * co * c, c, co, ohw, false, !first, gemm_scratch);
@@ -1615,7 +1622,7 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
       gd.resize(static_cast<size_t>(c * ohw));
       pw_image(gi, wpp, gd.data(), co, c, ohw, true, false, nullptr);
       for (int64_t ch = 0; ch < c; ++ch)
-        db.plane(ch, gd.data() + ch * ohw, xp + i * xs + ch * plane, keep_x ? xbufs.data() + ch * g.buf : nullptr,
+        db.plane(ch, gd.data() + ch * ohw, xp + i * xs + ch * plane, keep_x ? xbufs.data() + ch * xb_size : nullptr,
                  need_x ? gxp + (i * c + ch) * plane : nullptr, need_dw ? part_dw.data() + (i * c + ch) * kk : nullptr, sc);
     }
   });
