@@ -53,7 +53,7 @@ struct Geom {
   std::vector<int64_t> row_at, col_at, tap;
   // The direct form of a same-padded stride-1 plane (add_direct): per tap, the input's offset
   // from the output's flat index, and per tap and 16-output block the lanes whose input lies
-  // inside the plane (blocks rounded up to a multiple of 4, the extra ones all zero).
+  // inside the plane (blocks rounded up to a multiple of 8, the extra ones all zero).
   int64_t nb = 0;
   std::vector<int64_t> dtap;
   std::vector<uint16_t> dmask;
@@ -82,7 +82,7 @@ Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d)
 void add_direct(Geom& g) {
   if (g.s != 1 || g.oh != g.h || g.ow != g.w) return;
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
-  g.nb = ((hw + 15) / 16 + 3) / 4 * 4;
+  g.nb = ((hw + 15) / 16 + 7) / 8 * 8;
   g.dmask.assign(static_cast<size_t>(kk * g.nb), 0);
   for (int64_t kh = 0; kh < g.k; ++kh)
     for (int64_t kw = 0; kw < g.k; ++kw) {
@@ -892,6 +892,74 @@ ND_AVX512_FN void max_pool_grad_avx512(const float* buf, const float* gext, floa
     }
   }
 }
+// The direct forms of the stride-1 pools (add_direct): the taps read the unpadded plane through
+// the masks, masked-off lanes reading -inf (max) or 0 (average) as the phase layout's padding
+// does: the same values bit for bit. `count`: per output in the plane's layout.
+ND_AVX512_FN void pool_direct_avx512(const float* x, float* out, const float* count, const Geom& g, bool max_pool) {
+  const int64_t hw = g.h * g.w;
+  const __m512 init = _mm512_set1_ps(max_pool ? -std::numeric_limits<float>::infinity() : 0.f);
+  for (int64_t b0 = 0; b0 * 16 < hw; b0 += 4) {
+    const int64_t i0 = b0 * 16;
+    __m512 a[4] = {init, init, init, init};
+    for (int64_t t = 0; t < 9; ++t) {
+      const uint16_t* mk = g.dmask.data() + t * g.nb + b0;
+      // Lanes outside the plane are masked: their addresses are never read.
+      const intptr_t src = reinterpret_cast<intptr_t>(x) + static_cast<intptr_t>((i0 + g.dtap[t]) * 4);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        const __m512 v = _mm512_mask_loadu_ps(init, mk[q], reinterpret_cast<const float*>(src + 64 * q));
+        a[q] = max_pool ? nan_max(a[q], v) : _mm512_add_ps(a[q], v);
+      }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 m = lanes(hw - i0 - 16 * q);
+      if (!max_pool) a[q] = _mm512_div_ps(a[q], _mm512_mask_loadu_ps(_mm512_set1_ps(1.f), m, count + i0 + 16 * q));
+      _mm512_mask_storeu_ps(out + i0 + 16 * q, m, a[q]);
+    }
+  }
+}
+
+// max_pool_grad_avx512 in the direct form: gx (zeroed, the input plane's layout) receives each
+// output's gradient at its first maximal tap inside the plane (ATen's choice, also when the
+// whole window is -inf).
+ND_AVX512_FN void max_pool_grad_direct_avx512(const float* x, const float* go, float* gx, const Geom& g) {
+  constexpr int kB = 8;
+  const int64_t hw = g.h * g.w;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t b0 = 0; b0 * 16 < hw; b0 += kB) {
+    const int64_t i0 = b0 * 16;
+    __mmask16 open[kB];
+    __m512 mx[kB], gv[kB];
+#pragma GCC unroll 8
+    for (int b = 0; b < kB; ++b) {
+      open[b] = lanes(hw - i0 - 16 * b);
+      mx[b] = ninf;
+      gv[b] = _mm512_maskz_loadu_ps(open[b], go + i0 + 16 * b);
+    }
+    for (int64_t t = 0; t < 9; ++t) {
+      const uint16_t* mk = g.dmask.data() + t * g.nb + b0;
+      const intptr_t src = reinterpret_cast<intptr_t>(x) + static_cast<intptr_t>((i0 + g.dtap[t]) * 4);
+#pragma GCC unroll 8
+      for (int b = 0; b < kB; ++b)
+        mx[b] = nan_max(mx[b], _mm512_mask_loadu_ps(ninf, mk[b], reinterpret_cast<const float*>(src + 64 * b)));
+    }
+    for (int64_t t = 0; t < 9; ++t) {
+      const uint16_t* mk = g.dmask.data() + t * g.nb + b0;
+      const intptr_t src = reinterpret_cast<intptr_t>(x) + static_cast<intptr_t>((i0 + g.dtap[t]) * 4);
+      const intptr_t dst = reinterpret_cast<intptr_t>(gx) + static_cast<intptr_t>((i0 + g.dtap[t]) * 4);
+#pragma GCC unroll 8
+      for (int b = 0; b < kB; ++b) {
+        const __mmask16 in = open[b] & mk[b];
+        const __m512 v = _mm512_maskz_loadu_ps(in, reinterpret_cast<const float*>(src + 64 * b));
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(in, v, mx[b], _CMP_EQ_OQ) | _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q);
+        float* d = reinterpret_cast<float*>(dst + 64 * b);
+        _mm512_mask_storeu_ps(d, hit, _mm512_add_ps(_mm512_maskz_loadu_ps(hit, d), gv[b]));
+        open[b] &= static_cast<__mmask16>(~hit);
+      }
+    }
+  }
+}
 #endif
 
 ND_CLONES void pool_forward_plane(const float* buf, float* ext, float* out, const float* count,
@@ -1057,13 +1125,16 @@ Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w,
 
 // Valid input pixels under each 3x3 window (padding 1), in the `wq`-wide output layout: the
 // average pool's divisor (count_include_pad false).
-std::vector<float> pool_counts(const Geom& g) {
-  std::vector<float> count(static_cast<size_t>(g.len), 1.f);
+// Each output's number of taps inside the plane (average pooling's divisor), in the phase
+// layout's `wq`-wide rows, or in the direct form (add_direct) in the plane's rows.
+std::vector<float> pool_counts(const Geom& g, bool direct = false) {
+  const int64_t row = direct ? g.ow : g.wq;
+  std::vector<float> count(static_cast<size_t>(direct ? g.nb * 16 : g.len), 1.f);
   for (int64_t oh = 0; oh < g.oh; ++oh)
     for (int64_t ow = 0; ow < g.ow; ++ow) {
       const int64_t r0 = std::max<int64_t>(oh * g.s - 1, 0), r1 = std::min<int64_t>(oh * g.s + 2, g.h);
       const int64_t c0 = std::max<int64_t>(ow * g.s - 1, 0), c1 = std::min<int64_t>(ow * g.s + 2, g.w);
-      count[oh * g.wq + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
+      count[oh * row + ow] = static_cast<float>((r1 - r0) * (c1 - c0));
     }
   return count;
 }
@@ -1084,13 +1155,22 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   int64_t xs = 0;
   auto xc = image_major(x, xs);
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  add_direct(g);
+  const bool direct = direct_form(g);
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const std::vector<float> count = pool_counts(g);
+  const std::vector<float> count = pool_counts(g, direct);
   const float pad = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+#ifdef ND_AVX512
+    if (direct) {
+      for (int64_t i = b; i < e; ++i)
+        pool_direct_avx512(plane_at(xp, i, c, xs, g.h * g.w), yp + i * g.oh * g.ow, count.data(), g, max_pool);
+      return;
+    }
+#endif
     std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
     for (int64_t i = b; i < e; ++i) {
       fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, pad);
@@ -1110,13 +1190,35 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   auto xc = image_major(x, xs);
   auto gc = gy.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  add_direct(g);
+  const bool direct = direct_form(g);
   auto gx = torch::empty(xc.sizes(), xc.options());  // contiguous
   const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
-  const std::vector<float> count = pool_counts(g);
+  const std::vector<float> count = pool_counts(g, direct);
   const float ones[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
+#ifdef ND_AVX512
+    // Direct form (stride 1): max, the scatter straight into the zeroed input plane; average, the
+    // 3x3 all-ones correlation (its own flip) of grad_out / count, a gather.
+    if (direct) {
+      const int64_t hw = g.h * g.w;
+      std::vector<float> tmp(max_pool ? 0 : static_cast<size_t>(hw));
+      for (int64_t i = b; i < e; ++i) {
+        float* gxi = gxp + i * hw;
+        const float* gi = gp + i * hw;
+        if (max_pool) {
+          std::fill(gxi, gxi + hw, 0.f);
+          max_pool_grad_direct_avx512(plane_at(xp, i, c, xs, hw), gi, gxi, g);
+        } else {
+          for (int64_t j = 0; j < hw; ++j) tmp[j] = gi[j] / count[j];
+          dw_direct_avx512(tmp.data(), ones, gxi, g, nullptr);
+        }
+      }
+      return;
+    }
+#endif
     std::vector<float> buf(static_cast<size_t>(g.buf)), gbuf(static_cast<size_t>(g.buf));
     std::vector<float> ext(static_cast<size_t>(g.len)), gext(static_cast<size_t>(g.len)), tmp(static_cast<size_t>(g.len));
     for (int64_t i = b; i < e; ++i) {

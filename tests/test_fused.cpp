@@ -329,6 +329,39 @@ TEST(Fused, DirectDepthwiseFormEqualsThePhaseLayoutBitForBit) {
     }
 }
 
+TEST(Fused, DirectPoolsEqualThePhaseLayoutAndATenWithInfiniteWindows) {
+  // The stride-1 pools' direct form: forward bit for bit the phase layout's; gradients to float
+  // rounding (additions into one input come in another order). A window of -inf only: the
+  // gradient goes to its first tap inside the plane, as ATen's indices say.
+  if (!avx512_kernels_active()) GTEST_SKIP() << "the direct form runs only with the AVX-512 kernels";
+  struct DirectOff {
+    DirectOff() { set_direct_depthwise(false); }
+    ~DirectOff() { set_direct_depthwise(true); }
+  };
+  for (const std::vector<int64_t> hw : {std::vector<int64_t>{9, 7}, {1, 1}, {2, 3}, {28, 28}, {41, 37}})
+    for (const bool max_pool : {true, false}) {
+      const std::string tag = std::string(max_pool ? "max " : "avg ") + std::to_string(hw[0]) + "x" + std::to_string(hw[1]);
+      torch::manual_seed(11);
+      auto x = torch::randn({2, 3, hw[0], hw[1]}).mul(2).round();
+      if (max_pool && hw[0] >= 9) x.index_put_({0, 1, torch::indexing::Slice(0, 3), torch::indexing::Slice(0, 3)},
+                                                -std::numeric_limits<float>::infinity());
+      auto xa = x.clone().requires_grad_(), xb = x.clone().requires_grad_();
+      auto y = fused_pool(xa, max_pool, 1);
+      auto ref = max_pool ? torch::max_pool2d(xb, {3, 3}, {1, 1}, {1, 1})
+                          : torch::avg_pool2d(xb, {3, 3}, {1, 1}, {1, 1}, false, false);
+      EXPECT_TRUE(torch::equal(y, ref)) << tag << " forward against ATen";
+      auto g = torch::randn_like(y);
+      auto gx = torch::autograd::grad({y}, {xa}, {g})[0];
+      expect_close(gx, torch::autograd::grad({ref}, {xb}, {g})[0], 1e-6, tag + " grad against ATen");
+      DirectOff off;
+      auto xc = x.clone().requires_grad_();
+      auto y2 = fused_pool(xc, max_pool, 1);
+      EXPECT_TRUE(torch::equal(y, y2)) << tag << " forward against the phase layout";
+      if (max_pool && hw[0] >= 9) continue;  // the phase layout may place a -inf window's gradient in its padding
+      expect_close(gx, torch::autograd::grad({y2}, {xc}, {g})[0], 1e-6, tag + " grad against the phase layout");
+    }
+}
+
 TEST(Fused, PoolsWithBatchNormMatchTheModulesAndMaxPoolTiesGoToTheFirstTap) {
   // 9 x 7 planes: one partial register; 23 x 21: several 64-output passes and a partial one.
   for (const int mode : kKernelModes)
