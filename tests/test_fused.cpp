@@ -33,6 +33,12 @@ struct Avx512Switch {
   ~Avx512Switch() { set_avx512_kernels(true), set_blas_gemm(true); }
 };
 
+// Runs a block with the phase layout instead of the direct form of the stride-1 planes.
+struct DirectOff {
+  DirectOff() { set_direct_depthwise(false); }
+  ~DirectOff() { set_direct_depthwise(true); }
+};
+
 // The three ways the kernels run: the AVX-512 forms (with the own AVX-512 1x1 weight gradient),
 // the portable loops with the BLAS 1x1 weight gradient (what CPUs without AVX-512 run), the
 // portable loops throughout.
@@ -278,10 +284,6 @@ TEST(Fused, DirectDepthwiseFormEqualsThePhaseLayoutBitForBit) {
   // float rounding. Planes: square, odd non-square, smaller
   // than the dilated 5x5's reach (3x3, 1x1), longer than 64 outputs (28x28).
   if (!avx512_kernels_active()) GTEST_SKIP() << "the direct form runs only with the AVX-512 kernels";
-  struct DirectOff {
-    DirectOff() { set_direct_depthwise(false); }
-    ~DirectOff() { set_direct_depthwise(true); }
-  };
   for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, {9, 11}, {3, 3}, {1, 1}, {28, 28}})
     for (const std::array<int64_t, 2> kd : {std::array<int64_t, 2>{3, 1}, {5, 1}, {3, 2}, {5, 2}}) {
       const int64_t k = kd[0], d = kd[1], pad = (k / 2) * d;
@@ -334,10 +336,6 @@ TEST(Fused, DirectPoolsEqualThePhaseLayoutAndATenWithInfiniteWindows) {
   // rounding (additions into one input come in another order). A window of -inf only: the
   // gradient goes to its first tap inside the plane, as ATen's indices say.
   if (!avx512_kernels_active()) GTEST_SKIP() << "the direct form runs only with the AVX-512 kernels";
-  struct DirectOff {
-    DirectOff() { set_direct_depthwise(false); }
-    ~DirectOff() { set_direct_depthwise(true); }
-  };
   for (const std::vector<int64_t> hw : {std::vector<int64_t>{9, 7}, {1, 1}, {2, 3}, {28, 28}, {41, 37}})
     for (const bool max_pool : {true, false}) {
       const std::string tag = std::string(max_pool ? "max " : "avg ") + std::to_string(hw[0]) + "x" + std::to_string(hw[1]);
