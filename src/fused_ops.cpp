@@ -59,28 +59,14 @@ struct Geom {
   std::vector<uint16_t> dmask;
 };
 
-Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
-  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}, {}, 0, {}, {}};
-  g.oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
-  g.ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
-  g.hq = (h + 2 * p + s - 1) / s;
-  g.wq = (w + 2 * p + s - 1) / s;
-  g.sub = g.hq * g.wq;
-  g.len = g.oh * g.wq;
-  // The discarded columns of the last rows read past the last phase: slack.
-  g.buf = s * s * g.sub + (k - 1) * d + g.wq + 16;
-  for (int64_t ih = 0; ih < h; ++ih) g.row_at.push_back(g.at(ih + p, 0) - g.at(0, 0));
-  for (int64_t iw = 0; iw < w; ++iw) g.col_at.push_back(g.at(0, iw + p));
-  for (int64_t kh = 0; kh < k; ++kh)
-    for (int64_t kw = 0; kw < k; ++kw) g.tap.push_back(g.offset(kh, kw));
-  return g;
-}
+bool direct_wanted();  // the direct form's kernels run (below)
 
-// Tabulates the direct form where it applies (stride 1, output of the input's size): each
-// output reads the unpadded input at its own flat index plus a tap offset, the lanes whose tap
-// falls outside the plane masked off, so the plane needs no padded copy and no row compaction.
+// Tabulates the direct form where it applies (stride 1, output of the input's size) and its
+// kernels run: each output reads the unpadded input at its own flat index plus a tap offset,
+// the lanes whose tap falls outside the plane masked off, so the plane needs no padded copy and
+// no row compaction.
 void add_direct(Geom& g) {
-  if (g.s != 1 || g.oh != g.h || g.ow != g.w) return;
+  if (g.s != 1 || g.oh != g.h || g.ow != g.w || !direct_wanted()) return;
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
   g.nb = ((hw + 15) / 16 + 7) / 8 * 8;
   g.dmask.assign(static_cast<size_t>(kk * g.nb), 0);
@@ -97,6 +83,24 @@ void add_direct(Geom& g) {
         }
       }
     }
+}
+
+Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
+  Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}, {}, 0, {}, {}};
+  g.oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
+  g.ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
+  g.hq = (h + 2 * p + s - 1) / s;
+  g.wq = (w + 2 * p + s - 1) / s;
+  g.sub = g.hq * g.wq;
+  g.len = g.oh * g.wq;
+  // The discarded columns of the last rows read past the last phase: slack.
+  g.buf = s * s * g.sub + (k - 1) * d + g.wq + 16;
+  for (int64_t ih = 0; ih < h; ++ih) g.row_at.push_back(g.at(ih + p, 0) - g.at(0, 0));
+  for (int64_t iw = 0; iw < w; ++iw) g.col_at.push_back(g.at(0, iw + p));
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw) g.tap.push_back(g.offset(kh, kw));
+  add_direct(g);
+  return g;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -378,15 +382,17 @@ ND_AVX512_FN void dw_grad_weight_direct_avx512(const float* x, const float* go, 
 }
 #endif
 
-// Whether the depthwise planes of `g` run in the direct form (add_direct).
-bool direct_form(const Geom& g) {
+bool direct_wanted() {
 #ifdef ND_AVX512
-  return !g.dmask.empty() && g_direct && use_avx512();
+  return g_direct && use_avx512();
 #else
-  (void)g;
   return false;
 #endif
 }
+
+// Whether the planes of `g` run in the direct form (add_direct; the switches may have changed
+// since `g` was made).
+bool direct_form(const Geom& g) { return !g.dmask.empty() && direct_wanted(); }
 
 // dst[0, n) = relu(x[0, n)).
 void relu_plane(const float* x, float* dst, int64_t n) {
@@ -1123,10 +1129,9 @@ Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w,
   return sum_partials(part, image_groups(n), co * ci, w.sizes());
 }
 
-// Valid input pixels under each 3x3 window (padding 1), in the `wq`-wide output layout: the
-// average pool's divisor (count_include_pad false).
-// Each output's number of taps inside the plane (average pooling's divisor), in the phase
-// layout's `wq`-wide rows, or in the direct form (add_direct) in the plane's rows.
+// Valid input pixels under each 3x3 window (padding 1): the average pool's divisor
+// (count_include_pad false), in the phase layout's `wq`-wide output rows, or in the direct form
+// (add_direct) in the plane's rows.
 std::vector<float> pool_counts(const Geom& g, bool direct = false) {
   const int64_t row = direct ? g.ow : g.wq;
   std::vector<float> count(static_cast<size_t>(direct ? g.nb * 16 : g.len), 1.f);
@@ -1155,8 +1160,7 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   int64_t xs = 0;
   auto xc = image_major(x, xs);
   const int64_t n = xc.size(0), c = xc.size(1);
-  Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
-  add_direct(g);
+  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   const bool direct = direct_form(g);
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float* xp = xc.data_ptr<float>();
@@ -1190,8 +1194,7 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   auto xc = image_major(x, xs);
   auto gc = gy.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
-  add_direct(g);
+  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   const bool direct = direct_form(g);
   auto gx = torch::empty(xc.sizes(), xc.options());  // contiguous
   const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
@@ -1267,7 +1270,6 @@ struct DwBackward {
     if (!gather_form) return;
     gg = make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d);
     TORCH_CHECK(gg.oh == g.h && gg.ow == g.w, "depthwise backward: bad geometry");
-    add_direct(gg);
     flipped.resize(static_cast<size_t>(c * kk));
     for (int64_t ch = 0; ch < c; ++ch)
       for (int64_t t = 0; t < kk; ++t) flipped[ch * kk + t] = w[ch * kk + kk - 1 - t];
@@ -1649,8 +1651,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
-  Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
-  add_direct(g);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
   auto y = torch::empty({n, co, g.oh, g.ow}, xc.options());
@@ -1684,8 +1685,7 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
-  Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
-  add_direct(g);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   // Both depthwise gradients asked: x's relu'd copies (phase buffers, or in the direct form
   // plain planes) serve the recomputation and the weight gradient.
   const bool keep_x = need_pw && need_dw, direct = direct_form(g);
@@ -2239,9 +2239,8 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& w, int64_t stride, int64_
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
-  add_direct(g);
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -2272,8 +2271,7 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   auto wc = w.contiguous();
   auto gc = grad_out.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
-  add_direct(g);
+  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
   TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "depthwise_conv2d_backward: grad shape ", gc.sizes());
   Tensor gx;
   if (need_input) gx = torch::empty_like(xc);
