@@ -24,6 +24,7 @@ using torch::autograd::variable_list;
 namespace {
 std::atomic<bool> g_fused{true};
 std::atomic<bool> g_avx512{true};
+std::atomic<bool> g_avx2{true};
 std::atomic<bool> g_blas{true};
 std::atomic<bool> g_group{true};
 std::atomic<bool> g_direct{true};
@@ -119,6 +120,25 @@ bool use_avx512() {
   return yes && g_avx512;
 }
 #define ND_AVX512_FN __attribute__((target("avx512f")))
+
+// The AVX2 + FMA forms of the kernels that have one, where the AVX-512 forms do not run.
+bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes && g_avx2 && !use_avx512();
+}
+#define ND_AVX2_FN __attribute__((target("avx2,fma")))
+
+// The lanes [0, n) of an 8-float register, as a maskload/maskstore mask.
+ND_AVX2_FN inline __m256i lanes8(int64_t n) {
+  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// y[0, 8) (lanes of m) = v, or 0 where mk (when given) is not > 0.
+ND_AVX2_FN inline void store_kept8(float* y, const float* mk, __m256i m, __m256 v) {
+  if (mk) v = _mm256_and_ps(_mm256_cmp_ps(_mm256_maskload_ps(mk, m), _mm256_setzero_ps(), _CMP_GT_OQ), v);
+  _mm256_maskstore_ps(y, m, v);
+}
 
 constexpr __mmask16 all = 0xFFFF;
 
@@ -253,11 +273,19 @@ ND_CLONES void compact_rows(const float* ext, float* out, const Geom& g, const f
     return;
   }
 #endif
-  for (int64_t oh = 0; oh < g.oh; ++oh)
-    for (int64_t ow = 0; ow < g.ow; ++ow) {
-      const int64_t j = oh * g.ow + ow;
-      out[j] = (mask && !(mask[j] > 0.f)) ? 0.f : ext[oh * g.wq + ow];
+  // One vectorisable loop per row (the per-element test of `mask` kept this a scalar loop: 15%
+  // of the C 16 training step on an AVX2 CPU).
+  for (int64_t oh = 0; oh < g.oh; ++oh) {
+    const float* src = ext + oh * g.wq;
+    float* dst = out + oh * g.ow;
+    if (!mask) {
+      std::memcpy(dst, src, static_cast<size_t>(g.ow) * sizeof(float));
+      continue;
     }
+    const float* m = mask + oh * g.ow;
+#pragma omp simd
+    for (int64_t ow = 0; ow < g.ow; ++ow) dst[ow] = m[ow] > 0.f ? src[ow] : 0.f;
+  }
 }
 
 // Outputs in blocks of kBlock floats (one AVX-512 register) held across all the taps: one load
@@ -288,6 +316,36 @@ ND_AVX512_FN void dw_taps_avx512(const float* buf, const float* wt, const int64_
     _mm512_mask_storeu_ps(ext + i0 + 48, m3, a3);
   }
 }
+
+// The same on AVX2 + FMA: 64 outputs in eight registers per pass over the taps (the portable
+// loop's one 16-float block is two multiply-add chains, bound by their latency).
+ND_AVX2_FN void dw_taps_avx2(const float* buf, const float* wt, const int64_t* offs, int64_t kk, float* ext,
+                             int64_t len) {
+  int64_t i0 = 0;
+  for (; i0 + 64 <= len; i0 += 64) {
+    __m256 a[8];
+    for (auto& r : a) r = _mm256_setzero_ps();
+    for (int64_t t = 0; t < kk; ++t) {
+      const float* src = buf + offs[t] + i0;
+      const __m256 wv = _mm256_broadcast_ss(wt + t);
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(src + 8 * q), a[q]);
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) _mm256_storeu_ps(ext + i0 + 8 * q, a[q]);
+  }
+  if (i0 == len) return;
+  __m256i m[8];
+  __m256 a[8];
+  for (int q = 0; q < 8; ++q) m[q] = lanes8(len - i0 - 8 * q), a[q] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < kk; ++t) {
+    const float* src = buf + offs[t] + i0;
+    const __m256 wv = _mm256_broadcast_ss(wt + t);
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(src + 8 * q, m[q]), a[q]);
+  }
+  for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(ext + i0 + 8 * q, m[q], a[q]);
+}
 #endif
 
 ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, float* out, const Geom& g,
@@ -297,6 +355,10 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
 #ifdef ND_AVX512
   if (use_avx512()) {
     dw_taps_avx512(buf, wt, offs, kk, ext, g.len);
+    return compact_rows(ext, out, g, mask);
+  }
+  if (use_avx2()) {
+    dw_taps_avx2(buf, wt, offs, kk, ext, g.len);
     return compact_rows(ext, out, g, mask);
   }
 #endif
@@ -584,6 +646,53 @@ ND_AVX512_FN void pw_image_avx512(const float* x, const float* w, float* y, int6
   }
 }
 
+// pw_image on AVX2 + FMA (16 ymm registers): the same scheme as pw_image_avx512 with 16-pixel
+// columns (two registers) and blocks of 6 outputs (12 accumulators), then 4, then 1.
+
+template <int NB>
+ND_AVX2_FN inline void pw_block_avx2(const float* xb, const float* w, float* y, int64_t o, int64_t ci, int64_t hw,
+                                     int64_t j0, int64_t so, int64_t si, __m256i m0, __m256i m1, const float* mask) {
+  __m256 a[2 * NB];
+  for (int q = 0; q < 2 * NB; ++q) a[q] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < ci; ++i) {
+    const __m256 x0 = _mm256_loadu_ps(xb + i * 16), x1 = _mm256_loadu_ps(xb + i * 16 + 8);
+    const float* wi = w + o * so + i * si;
+#pragma GCC unroll 6
+    for (int q = 0; q < NB; ++q) {
+      const __m256 wv = _mm256_broadcast_ss(wi + q * so);
+      a[2 * q] = _mm256_fmadd_ps(wv, x0, a[2 * q]);
+      a[2 * q + 1] = _mm256_fmadd_ps(wv, x1, a[2 * q + 1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int q = 0; q < NB; ++q) {
+    const int64_t at = (o + q) * hw + j0;
+    store_kept8(y + at, mask ? mask + at : nullptr, m0, a[2 * q]);
+    store_kept8(y + at + 8, mask ? mask + at + 8 : nullptr, m1, a[2 * q + 1]);
+  }
+}
+
+ND_AVX2_FN void pw_image_avx2(const float* x, const float* w, float* y, int64_t ci, int64_t co, int64_t hw,
+                              int64_t so, int64_t si, bool relu, const float* mask) {
+  const __m256 z = _mm256_setzero_ps();
+  thread_local std::vector<float> packed;
+  if (packed.size() < static_cast<size_t>(ci) * 16) packed.resize(static_cast<size_t>(ci) * 16);
+  float* xb = packed.data();
+  for (int64_t j0 = 0; j0 < hw; j0 += 16) {
+    const __m256i m0 = lanes8(hw - j0), m1 = lanes8(hw - j0 - 8);
+    for (int64_t i = 0; i < ci; ++i) {
+      __m256 x0 = _mm256_maskload_ps(x + i * hw + j0, m0), x1 = _mm256_maskload_ps(x + i * hw + j0 + 8, m1);
+      if (relu) x0 = _mm256_max_ps(x0, z), x1 = _mm256_max_ps(x1, z);  // NaN -> 0, as "v > 0 ? v : 0"
+      _mm256_storeu_ps(xb + i * 16, x0);
+      _mm256_storeu_ps(xb + i * 16 + 8, x1);
+    }
+    int64_t o = 0;
+    for (; o + 6 <= co; o += 6) pw_block_avx2<6>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
+    for (; o + 4 <= co; o += 4) pw_block_avx2<4>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
+    for (; o < co; ++o) pw_block_avx2<1>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
+  }
+}
+
 // 16 x 16 transpose in registers: r[k] (row k) becomes column k. (The maskz forms with all
 // lanes are the plain shuffles; they keep GCC 12 from warning about their undefined pass-through.)
 ND_AVX512_FN inline void transpose16(__m512 r[16]) {
@@ -698,6 +807,7 @@ ND_CLONES void pw_image(const float* x, const float* w, float* y, int64_t ci, in
 #ifdef ND_AVX512
   if (use_avx512())
     return pw_image_avx512(x, w, y, ci, co, hw, transpose ? 1 : ci, transpose ? co : 1, relu, mask);
+  if (use_avx2()) return pw_image_avx2(x, w, y, ci, co, hw, transpose ? 1 : ci, transpose ? co : 1, relu, mask);
 #endif
   auto wat = [&](int64_t o, int64_t i) { return transpose ? w[i * co + o] : w[o * ci + i]; };
   auto store = [&](int64_t o, int64_t j, float v) {
@@ -1072,8 +1182,67 @@ void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
   mean = mu, m2 = sq;
 }
 
-// 1x1 convolution of relu?(x); with `stats`, also each output plane's statistics.
-Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats = nullptr) {
+// One element of z = (gamma x_hat + beta) * scale[n] (the own kernels' formula, also in
+// bn_forward's fused pass and EvalBn).
+inline float affine_value(float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; }
+
+// BatchNorm with running statistics (evaluation mode), then gamma, beta and a per-image scale
+// (each optional), applied to a plane where its kernel has just written it, in place: z =
+// affine_value((x - mean) * invstd), the same float operations as bn_forward's evaluation
+// branch followed by affine_out, in one pass over the cached plane instead of three passes
+// (and two temporaries) over the tensor. Only for results no gradient can be asked of
+// (no_record below): nothing is kept for a backward.
+struct EvalBn {
+  static bool applies(const Tensor& x, const Tensor& rm, const Tensor& rv) {
+    return own_kernel(x) && rm.defined() && rv.defined() && own_kernel(rm) && own_kernel(rv) && rm.dim() == 1 &&
+           rv.dim() == 1;
+  }
+  EvalBn(const Tensor& rm, const Tensor& rv, double eps, const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
+    torch::NoGradGuard ng;
+    mean = rm.contiguous(), invstd = (rv + eps).rsqrt().contiguous();  // as bn_forward computes it
+    mp = mean.data_ptr<float>(), ip = invstd.data_ptr<float>();
+    auto host = [](const Tensor& t, Tensor& keep) -> const float* {
+      if (!t.defined() || t.numel() == 0) return nullptr;
+      keep = t.detach().contiguous();
+      return keep.data_ptr<float>();
+    };
+    gp = host(gamma, g), bp = host(beta, b), sp = host(scale, sc);
+  }
+  void plane(float* p, int64_t hw, int64_t ch, int64_t img) const {
+    const float mu = mp[ch], is = ip[ch];
+    if (!gp && !bp && !sp) {
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) p[j] = (p[j] - mu) * is;
+      return;
+    }
+    const float gm = gp ? gp[ch] : 1.f, bt = bp ? bp[ch] : 0.f, s = sp ? sp[img] : 1.f;
+#pragma omp simd
+    for (int64_t j = 0; j < hw; ++j) p[j] = affine_value((p[j] - mu) * is, gm, bt, s);
+  }
+  // Every plane of a contiguous [N, C, H, W] tensor, in place.
+  void apply(Tensor& y) const {
+    const int64_t c = y.size(1), hw = y.size(2) * y.size(3);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, y.size(0) * c, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) plane(yp + i * hw, hw, i % c, i / c);
+    });
+  }
+  Tensor mean, invstd, g, b, sc;
+  const float *mp = nullptr, *ip = nullptr, *gp = nullptr, *bp = nullptr, *sp = nullptr;
+};
+
+// No autograd record can be made of a result computed from `ts` (grad mode off, as under
+// InferenceMode or NoGradGuard, or none of them requires grad).
+bool no_record(std::initializer_list<const Tensor*> ts) {
+  if (!torch::GradMode::is_enabled()) return true;
+  for (const Tensor* t : ts)
+    if (t->defined() && t->requires_grad()) return false;
+  return true;
+}
+
+// 1x1 convolution of relu?(x); with `stats`, also each output plane's statistics; with `eb`
+// (own kernel only), its evaluation-mode BN applied to each output plane.
+Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats = nullptr, const EvalBn* eb = nullptr) {
   if (!own_kernel(x)) return at::conv2d(relu ? at::relu(x) : x, w);
   int64_t xs = 0;
   auto xc = image_major(x, xs);
@@ -1085,6 +1254,8 @@ Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats 
   if (stats) stats->mean.resize(static_cast<size_t>(n * co)), stats->m2.resize(static_cast<size_t>(n * co));
   for_images(n, [&](int64_t i) {
     pw_image(xp + i * xs, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr);
+    if (eb)
+      for (int64_t o = 0; o < co; ++o) eb->plane(yp + (i * co + o) * hw, hw, o, i);
     if (stats)
       for (int64_t o = 0; o < co; ++o) plane_stats(yp + (i * co + o) * hw, hw, stats->mean[i * co + o], stats->m2[i * co + o]);
   });
@@ -1389,9 +1560,6 @@ Tensor affine_differentiable(const Tensor& y, const Tensor& gamma, const Tensor&
   return scale.defined() ? z * scale.view({-1, 1, 1, 1}) : z;
 }
 
-// One element of z from x_hat (the own kernels' formula, also in bn_forward's fused pass).
-inline float affine_value(float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; }
-
 // z from x_hat (ATen ops where the own kernels do not apply).
 Tensor affine_out(const Tensor& y, const OutAffine& a) {
   if (!a.any()) return y;
@@ -1432,11 +1600,13 @@ Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
 
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
 // `stats`: the planes' statistics when the caller's kernel computed them; `in_place`: x is a
-// temporary of the caller's and may be overwritten by the output.
+// temporary of the caller's and may be overwritten by the output; `z_only` (with in_place and
+// an affine output z): the caller keeps z, not y, so z overwrites x (training mode, own kernel;
+// y is then undefined).
 std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm, const Tensor& rv,
                                              const BnParams& p, const PlaneStats* stats = nullptr,
                                              bool in_place = false, const OutAffine* aff = nullptr,
-                                             Tensor* z = nullptr) {
+                                             Tensor* z = nullptr, bool z_only = false) {
   if (!p.training) {
     auto invstd = (rv + p.eps).rsqrt();
     const auto view = std::vector<int64_t>{1, x.size(1), 1, 1};
@@ -1484,14 +1654,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
     ip[ch] = static_cast<float>(1.0 / std::sqrt(var + p.eps));
     var_unbiased[ch] = count > 1 ? ss / (count - 1) : var;
   }
-  // With an affine output z (own_z), both x_hat and z are written in the same pass.
-  Tensor zt = own_z ? torch::empty_like(x) : Tensor();
+  // With an affine output z (own_z), both x_hat and z are written in the same pass; with
+  // z_only, z alone, over x.
+  const bool z_over_x = own_z && z_only && in_place;
+  Tensor zt = own_z ? (z_over_x ? y : torch::empty_like(x)) : Tensor();
   const AffinePtrs ap(own_z ? *aff : OutAffine{});
   float* zp = own_z ? zt.data_ptr<float>() : nullptr;
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const float *src = xp + i * hw, mu = mp[i % c], is = ip[i % c];
       float* dst = yp + i * hw;
+      if (z_over_x) {
+        const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
+#pragma omp simd
+        for (int64_t j = 0; j < hw; ++j) dst[j] = affine_value((src[j] - mu) * is, gm, bt, sc);
+        continue;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - mu) * is;
       if (!zp) continue;
@@ -1502,6 +1680,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
     }
   });
   if (z) *z = own_z ? zt : affine_out(y, *aff);
+  if (z_over_x) y = Tensor();
   if (rm.defined()) {
     torch::NoGradGuard ng;
     auto vu = torch::from_blob(var_unbiased.data(), {c}, torch::kDouble).to(rv.dtype());
@@ -1645,9 +1824,10 @@ bool dw_pw_own(const Tensor& x, const Tensor& w_dw) {
          w_dw.size(2) * w_dw.size(3) <= kMaxTaps;
 }
 
-// pointwise(depthwise(relu(x))), with each output plane's statistics.
+// pointwise(depthwise(relu(x))), with each output plane's statistics (`stats`) or its
+// evaluation-mode BN applied (`eb`; either may be null).
 Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, int64_t s, int64_t pad, int64_t dil,
-                     PlaneStats& stats) {
+                     PlaneStats* stats, const EvalBn* eb = nullptr) {
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
@@ -1657,8 +1837,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
   auto y = torch::empty({n, co, g.oh, g.ow}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  stats.mean.resize(static_cast<size_t>(n * co));
-  stats.m2.resize(static_cast<size_t>(n * co));
+  if (stats) stats->mean.resize(static_cast<size_t>(n * co)), stats->m2.resize(static_cast<size_t>(n * co));
   for_images(n, [&](int64_t i) {
     thread_local std::vector<float> buf, ext, d;
     buf.resize(static_cast<size_t>(g.buf)), ext.resize(static_cast<size_t>(g.len)), d.resize(static_cast<size_t>(c * ohw));
@@ -1667,7 +1846,10 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
     }
     float* yi = yp + i * co * ohw;
     pw_image(d.data(), wpp, yi, c, co, ohw, false, false, nullptr);
-    for (int64_t o = 0; o < co; ++o) plane_stats(yi + o * ohw, ohw, stats.mean[i * co + o], stats.m2[i * co + o]);
+    for (int64_t o = 0; o < co; ++o) {
+      if (eb) eb->plane(yi + o * ohw, ohw, o, i);
+      if (stats) plane_stats(yi + o * ohw, ohw, stats->mean[i * co + o], stats->m2[i * co + o]);
+    }
   });
   return y;
 }
@@ -1758,16 +1940,16 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
                         int64_t dil) {
     const bool has_dw = w_dw.numel() > 0;  // an empty placeholder: no depthwise convolution
     const OutAffine aff = out_affine(gamma, beta, scale);
+    const bool from_out = aff.any() && x_hat_recoverable(aff);  // z is kept, x_hat recovered from it
     Tensor y, mean, invstd, z;
     {
       PlaneStats st;
       auto p = !has_dw             ? pointwise(x, w_pw, /*relu=*/true, &st)
-               : dw_pw_own(x, w_dw) ? dw_pw_forward(x, w_dw, w_pw, stride, pad, dil, st)
+               : dw_pw_own(x, w_dw) ? dw_pw_forward(x, w_dw, w_pw, stride, pad, dil, &st)
                                     : pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, &st);
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true,
-                                             aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr);
+                                             aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr, from_out);
     }
-    const bool from_out = aff.any() && x_hat_recoverable(aff);
     ctx->save_for_backward({x, w_dw, w_pw, gamma, beta, scale, from_out ? z : y, mean, invstd});
     ctx->saved_data["x_hat_from_out"] = from_out;
     ctx->saved_data["training"] = training;
@@ -1965,13 +2147,13 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
                         const Tensor& gamma, const Tensor& beta, const Tensor& rm, const Tensor& rv, bool training,
                         double momentum, double eps) {
     const OutAffine aff = out_affine(gamma, beta, Tensor());
+    const bool from_out = aff.any() && x_hat_recoverable(aff);
     Tensor y, mean, invstd, z;
     {
       auto p = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, nullptr, true,
-                                             aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr);
+                                             aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr, from_out);
     }
-    const bool from_out = aff.any() && x_hat_recoverable(aff);
     ctx->save_for_backward({x, w1, w2, gamma, beta, from_out ? z : y, mean, invstd});
     ctx->saved_data["x_hat_from_out"] = from_out;
     ctx->saved_data["training"] = training;
@@ -2216,6 +2398,14 @@ void set_fused_ops(bool on) { g_fused = on; }
 bool fused_ops_enabled() { return g_fused; }
 
 void set_avx512_kernels(bool on) { g_avx512 = on; }
+void set_avx2_kernels(bool on) { g_avx2 = on; }
+bool avx2_kernels_active() {
+#ifdef ND_AVX512
+  return use_avx2();
+#else
+  return false;
+#endif
+}
 void set_blas_gemm(bool on) { g_blas = on; }
 void set_grouped_1x1(bool on) { g_group = on; }
 void set_direct_depthwise(bool on) { g_direct = on; }
@@ -2292,6 +2482,16 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   return {gx, gw};
 }
 
+// ChainFn's function in evaluation mode where no gradient can be asked (EvalBn): the BN applied
+// to each output plane as the 1x1 writes it, no autograd node, nothing saved. An empty w_dw:
+// no depthwise convolution.
+Tensor chain_eval(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, const EvalBn& eb, int64_t stride,
+                  int64_t pad, int64_t dil) {
+  if (w_dw.numel() == 0) return pointwise(x, w_pw, /*relu=*/true, nullptr, &eb);
+  if (dw_pw_own(x, w_dw)) return dw_pw_forward(x, w_dw, w_pw, stride, pad, dil, nullptr, &eb);
+  return pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, nullptr, &eb);
+}
+
 Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
                            torch::nn::BatchNorm2dImpl& bn, int64_t stride, int64_t pad, int64_t dilation,
                            const Tensor& scale) {
@@ -2299,6 +2499,11 @@ Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_
   const bool affine = bn.options.affine();
   TORCH_CHECK(!scale.defined() || (scale.dim() == 1 && scale.size(0) == x.size(0)),
               "fused chain: scale of shape ", scale.sizes(), " for a batch of ", x.size(0));
+  const Tensor gamma = affine ? bn.weight : Tensor(), beta = affine ? bn.bias : Tensor();
+  if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) &&
+      no_record({&x, &w_dw, &w_pw, &gamma, &beta, &scale}))
+    return chain_eval(x, w_dw, w_pw, EvalBn(bn.running_mean, bn.running_var, p.eps, gamma, beta, scale), stride, pad,
+                      dilation);
   const Tensor none = placeholder(x);
   return ChainFn::apply(x, w_dw, w_pw, affine ? bn.weight : none, affine ? bn.bias : none,
                         scale.defined() ? scale : none, bn.running_mean, bn.running_var, p.training, p.momentum,
@@ -2342,6 +2547,19 @@ std::vector<Tensor> fused_relu_pw_bn_group(const Tensor& x, const std::vector<Pw
     torch::NoGradGuard ng;
     rm = torch::cat(rms), rv = torch::cat(rvs);
   }
+  if (!p.training && EvalBn::applies(x, rm, rv)) {
+    bool lean = no_record({&x});
+    for (size_t k = 0; k < members.size() && lean; ++k)
+      lean = no_record({&ws[k]}) && (!o0.affine() || no_record({&gammas[k], &betas[k]}));
+    if (lean) {  // evaluation mode, no gradient: the stacked chain without a node, split by views
+      torch::NoGradGuard ng;
+      const Tensor gamma = o0.affine() ? torch::cat(gammas) : Tensor(), beta = o0.affine() ? torch::cat(betas) : Tensor();
+      auto whole = chain_eval(x, placeholder(x), torch::cat(ws), EvalBn(rm, rv, p.eps, gamma, beta, Tensor()), 1, 0, 1);
+      int64_t off = 0;
+      for (int64_t w : widths) out.push_back(whole.narrow(1, off, w)), off += w;
+      return out;
+    }
+  }
   const Tensor none = placeholder(x);
   auto whole = ChainFn::apply(x, /*no depthwise*/ none, torch::cat(ws),
                               o0.affine() ? torch::cat(gammas) : none, o0.affine() ? torch::cat(betas) : none, none,
@@ -2361,6 +2579,12 @@ std::vector<Tensor> fused_relu_pw_bn_group(const Tensor& x, const std::vector<Pw
 Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& w2, torch::nn::BatchNorm2dImpl& bn) {
   const BnParams p = bn_params(bn);
   const bool affine = bn.options.affine();
+  const Tensor gamma = affine ? bn.weight : Tensor(), beta = affine ? bn.bias : Tensor();
+  if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x, &w1, &w2, &gamma, &beta})) {
+    auto z = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
+    EvalBn(bn.running_mean, bn.running_var, p.eps, gamma, beta, Tensor()).apply(z);
+    return z;
+  }
   const Tensor none = placeholder(x);
   return FactorizedReduceFn::apply(x, w1, w2, affine ? bn.weight : none, affine ? bn.bias : none,
                                    bn.running_mean, bn.running_var, p.training, p.momentum, p.eps);
@@ -2369,10 +2593,18 @@ Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& 
 Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::BatchNorm2dImpl& bn) {
   TORCH_CHECK(!bn.options.affine(), "fused_pool_bn needs a non-affine BatchNorm (the search network's)");
   const BnParams p = bn_params(bn);
+  if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x})) {
+    auto z = pool(x, max_pool, stride);
+    EvalBn(bn.running_mean, bn.running_var, p.eps, Tensor(), Tensor(), Tensor()).apply(z);
+    return z;
+  }
   return PoolBnFn::apply(x, bn.running_mean, bn.running_var, max_pool, stride, p.training, p.momentum, p.eps);
 }
 
-Tensor fused_pool(const Tensor& x, bool max_pool, int64_t stride) { return PoolFn::apply(x, max_pool, stride); }
+Tensor fused_pool(const Tensor& x, bool max_pool, int64_t stride) {
+  if (own_kernel(x) && no_record({&x})) return pool(x, max_pool, stride);  // no node where no gradient can be asked
+  return PoolFn::apply(x, max_pool, stride);
+}
 
 Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys) {
   TORCH_CHECK(!ys.empty() && w.dim() == 1 && w.size(0) == static_cast<int64_t>(ys.size()),

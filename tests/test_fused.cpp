@@ -26,11 +26,11 @@ struct FusedSwitch {
   bool was;
 };
 
-// Runs a block with the AVX-512 kernel forms and the BLAS 1x1 weight gradient on, or both off
-// (the portable loops, the own weight-gradient kernel): both are checked.
+// Runs a block with the AVX-512 (or AVX2) kernel forms and the BLAS 1x1 weight gradient on, or
+// all off (the portable loops, the own weight-gradient kernel): both are checked.
 struct Avx512Switch {
-  explicit Avx512Switch(bool on) { set_avx512_kernels(on), set_blas_gemm(on); }
-  ~Avx512Switch() { set_avx512_kernels(true), set_blas_gemm(true); }
+  explicit Avx512Switch(bool on) { set_avx512_kernels(on), set_avx2_kernels(on), set_blas_gemm(on); }
+  ~Avx512Switch() { set_avx512_kernels(true), set_avx2_kernels(true), set_blas_gemm(true); }
 };
 
 // Runs a block with the phase layout instead of the direct form of the stride-1 planes.
@@ -39,14 +39,17 @@ struct DirectOff {
   ~DirectOff() { set_direct_depthwise(true); }
 };
 
-// The three ways the kernels run: the AVX-512 forms (with the own AVX-512 1x1 weight gradient),
-// the portable loops with the BLAS 1x1 weight gradient (what CPUs without AVX-512 run), the
-// portable loops throughout.
-const std::vector<int> kKernelModes{0, 1, 2};
-const char* kernel_mode_name(int m) { return m == 0 ? "AVX-512" : m == 1 ? "portable+BLAS" : "portable"; }
+// The ways the kernels run: the best forms of this CPU (AVX-512 with the own AVX-512 1x1
+// weight gradient; on AVX2 CPUs the same as mode 3), the AVX2 forms with the BLAS 1x1 weight
+// gradient (what AVX2 CPUs without AVX-512 run), the portable loops with the BLAS weight
+// gradient, the portable loops throughout.
+const std::vector<int> kKernelModes{0, 3, 1, 2};
+const char* kernel_mode_name(int m) {
+  return m == 0 ? "best" : m == 3 ? "AVX2+BLAS" : m == 1 ? "portable+BLAS" : "portable";
+}
 struct KernelMode {
-  explicit KernelMode(int m) { set_avx512_kernels(m == 0), set_blas_gemm(m == 1); }
-  ~KernelMode() { set_avx512_kernels(true), set_blas_gemm(true); }
+  explicit KernelMode(int m) { set_avx512_kernels(m == 0), set_avx2_kernels(m == 0 || m == 3), set_blas_gemm(m != 2); }
+  ~KernelMode() { set_avx512_kernels(true), set_avx2_kernels(true), set_blas_gemm(true); }
 };
 
 struct ThreadCount {
@@ -208,6 +211,70 @@ TEST(Fused, GroupedOneByOnesOnOneInputEqualTheirSeparateNodes) {
         auto gx = torch::autograd::grad({again[0].sum()}, {x})[0];
         auto gx_one = torch::autograd::grad({fused_relu_pw_bn(x, ws[0], *twins[0]).sum()}, {x})[0];
         expect_close(gx, gx_one, 1e-4, tag + " gradient through one member");
+      }
+}
+
+TEST(Fused, EvaluationModeWithoutAGraphEqualsTheRecordingNodesBitForBit) {
+  // In evaluation mode, where no gradient can be asked (under InferenceMode or NoGradGuard), the
+  // fused ops apply BN's running statistics (and gamma, beta) to each plane
+  // as their kernel writes it, without an autograd node: the same bits as the recording nodes,
+  // for every chain form, the factorized reduction, the pools (with and without BN) and the
+  // grouped 1x1s; the BNs' buffers untouched.
+  for (const int mode : kKernelModes)
+    for (const bool affine : {false, true})
+      for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, std::vector<int64_t>{9, 11}}) {
+        KernelMode km(mode);
+        const std::string tag = std::string(kernel_mode_name(mode)) + (affine ? " affine " : " plain ") +
+                                std::to_string(hw[0]) + "x" + std::to_string(hw[1]);
+        torch::manual_seed(17);
+        auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(7).affine(affine));
+        auto bn6 = nn::BatchNorm2d(nn::BatchNorm2dOptions(6).affine(affine));
+        auto bn4 = nn::BatchNorm2d(nn::BatchNorm2dOptions(4).affine(affine));
+        auto plain = nn::BatchNorm2d(nn::BatchNorm2dOptions(6).affine(false));
+        for (auto* b : {&bn, &bn6, &bn4, &plain}) {
+          torch::NoGradGuard ng;
+          (*b)->running_mean.uniform_(-0.5, 0.5), (*b)->running_var.uniform_(0.5, 2);
+          if ((*b)->options.affine()) (*b)->weight.uniform_(0.5, 1.5), (*b)->bias.uniform_(-1, 1);
+          (*b)->eval();
+        }
+        auto x = torch::randn({3, 6, hw[0], hw[1]}).requires_grad_();
+        auto w_pw = torch::randn({7, 6, 1, 1}).requires_grad_(), w4 = torch::randn({4, 6, 1, 1}).requires_grad_();
+        auto w1 = torch::randn({3, 6, 1, 1}).requires_grad_(), w2 = torch::randn({3, 6, 1, 1}).requires_grad_();
+        auto dw3 = torch::randn({6, 1, 3, 3}).requires_grad_(), dw5 = torch::randn({6, 1, 5, 5}).requires_grad_();
+        auto scale = torch::tensor({0.f, 1.25f, 1.25f});
+        auto run_all = [&](const torch::Tensor& in) {
+          std::vector<torch::Tensor> r;
+          for (const int64_t stride : {1, 2}) {
+            r.push_back(fused_relu_dw_pw_bn(in, dw3, w_pw, *bn, stride, 1, 1));
+            r.push_back(fused_relu_dw_pw_bn(in, dw5, w_pw, *bn, stride, 4, 2));
+            r.push_back(fused_relu_dw_pw_bn(in, dw3, w_pw, *bn, stride, 1, 1, scale));
+            for (const bool max_pool : {true, false})
+              r.push_back(fused_pool_bn(in, max_pool, stride, *plain)), r.push_back(fused_pool(in, max_pool, stride));
+          }
+          r.push_back(fused_relu_pw_bn(in, w_pw, *bn));
+          r.push_back(fused_factorized_reduce(in, w1, w2, *bn6));
+          for (const auto& part : fused_relu_pw_bn_group(in, {{w_pw, bn.get()}, {w4, bn4.get()}})) r.push_back(part);
+          return r;
+        };
+        const auto recorded = run_all(x);
+        ASSERT_TRUE(recorded[0].requires_grad()) << tag << ": the reference run must record its nodes";
+        std::vector<std::vector<torch::Tensor>> lean;
+        {
+          torch::InferenceMode im;
+          lean.push_back(run_all(x));
+        }
+        {
+          torch::NoGradGuard ng;
+          lean.push_back(run_all(x));
+        }
+        for (const auto& l : lean) {
+          ASSERT_EQ(l.size(), recorded.size()) << tag;
+          for (size_t i = 0; i < l.size(); ++i) {
+            EXPECT_TRUE(torch::equal(l[i], recorded[i].detach())) << tag << " result " << i;
+            EXPECT_FALSE(l[i].requires_grad()) << tag << " result " << i;
+          }
+        }
+        for (auto* b : {&bn, &bn6, &bn4, &plain}) EXPECT_EQ((*b)->num_batches_tracked.item<int64_t>(), 0) << tag;
       }
 }
 

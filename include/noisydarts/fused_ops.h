@@ -38,6 +38,13 @@ bool fused_ops_enabled();
 void set_avx512_kernels(bool on);
 bool avx512_kernels_active();
 
+/// Process-wide switch (default on) for the AVX2 + FMA forms of the kernels that have one (the
+/// 1x1 convolution), used where the AVX-512 forms do not run (the CPU lacks AVX-512, or
+/// set_avx512_kernels(false)). Off: the portable loops. `avx2_kernels_active()`: whether they
+/// run now.
+void set_avx2_kernels(bool on);
+bool avx2_kernels_active();
+
 /// Process-wide switch (default on) for the 1x1 convolutions' weight gradient through the BLAS
 /// sgemm that LibTorch loaded (OpenBLAS on Debian; looked up at run time), per group of 4
 /// images with the groups summed in a fixed order, where the own AVX-512 kernel does not run
