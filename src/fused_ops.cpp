@@ -134,10 +134,26 @@ ND_AVX2_FN inline __m256i lanes8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// y[0, 8) (lanes of m) = v, or 0 where mk (when given) is not > 0.
-ND_AVX2_FN inline void store_kept8(float* y, const float* mk, __m256i m, __m256 v) {
-  if (mk) v = _mm256_and_ps(_mm256_cmp_ps(_mm256_maskload_ps(mk, m), _mm256_setzero_ps(), _CMP_GT_OQ), v);
-  _mm256_maskstore_ps(y, m, v);
+// x[0, min(n, 8)), the other lanes 0 (nothing read past n).
+ND_AVX2_FN inline __m256 load8(const float* x, int64_t n) {
+  return n >= 8 ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, lanes8(n));
+}
+
+// y[0, min(n, 8)) = v. A plain store for a whole register; AMD's vmaskmovps store is
+// microcoded (Zen 3: tens of micro-ops; it made the first AVX2 row copies slower than the
+// compiled loops), so a partial one is 4-, 2- and 1-float stores.
+ND_AVX2_FN inline void store8(float* y, __m256 v, int64_t n) {
+  if (n >= 8) return _mm256_storeu_ps(y, v);
+  __m128 q = _mm256_castps256_ps128(v);
+  if (n >= 4) _mm_storeu_ps(y, q), q = _mm256_extractf128_ps(v, 1), y += 4, n -= 4;
+  if (n >= 2) _mm_storel_pi(reinterpret_cast<__m64*>(y), q), q = _mm_movehl_ps(q, q), y += 2, n -= 2;
+  if (n >= 1) _mm_store_ss(y, q);
+}
+
+// y[0, min(n, 8)) = v, or 0 where mk (when given) is not > 0.
+ND_AVX2_FN inline void store_kept8(float* y, const float* mk, int64_t n, __m256 v) {
+  if (mk) v = _mm256_and_ps(_mm256_cmp_ps(load8(mk, n), _mm256_setzero_ps(), _CMP_GT_OQ), v);
+  store8(y, v, n);
 }
 
 constexpr __mmask16 all = 0xFFFF;
@@ -344,7 +360,7 @@ ND_AVX2_FN void dw_taps_avx2(const float* buf, const float* wt, const int64_t* o
 #pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) a[q] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(src + 8 * q, m[q]), a[q]);
   }
-  for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(ext + i0 + 8 * q, m[q], a[q]);
+  for (int q = 0; q < 8; ++q) store8(ext + i0 + 8 * q, a[q], len - i0 - 8 * q);
 }
 #endif
 
@@ -577,11 +593,43 @@ ND_AVX512_FN void dw_grad_weight_avx512(const float* buf, const float* ext, floa
     for (int64_t q = 0; q < nt; ++q) part[t0 + q] = hsum(a[q]);
   }
 }
+
+// The 8 lanes summed in a fixed order.
+ND_AVX2_FN inline float hsum8(__m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  float a = 0.f;
+  for (float f : t) a += f;
+  return a;
+}
+
+// The same on AVX2 + FMA: four taps per pass, two registers each (eight multiply-add chains).
+ND_AVX2_FN void dw_grad_weight_avx2(const float* buf, const float* ext, float* part, const Geom& g) {
+  const int64_t kk = g.k * g.k;
+  for (int64_t t0 = 0; t0 < kk; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, kk - t0);
+    const float* src[4];
+    for (int64_t q = 0; q < 4; ++q) src[q] = buf + g.tap[t0 + std::min(q, nt - 1)];
+    __m256 a[8];
+    for (auto& r : a) r = _mm256_setzero_ps();
+    for (int64_t i = 0; i < g.len; i += 16) {
+      const __m256i m0 = lanes8(g.len - i), m1 = lanes8(g.len - i - 8);
+      const __m256 g0 = _mm256_maskload_ps(ext + i, m0), g1 = _mm256_maskload_ps(ext + i + 8, m1);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        a[2 * q] = _mm256_fmadd_ps(g0, _mm256_maskload_ps(src[q] + i, m0), a[2 * q]);
+        a[2 * q + 1] = _mm256_fmadd_ps(g1, _mm256_maskload_ps(src[q] + i + 8, m1), a[2 * q + 1]);
+      }
+    }
+    for (int64_t q = 0; q < nt; ++q) part[t0 + q] = hsum8(_mm256_add_ps(a[2 * q], a[2 * q + 1]));
+  }
+}
 #endif
 
 ND_CLONES void dw_grad_weight_plane(const float* buf, const float* ext, float* part, const Geom& g) {
 #ifdef ND_AVX512
   if (use_avx512()) return dw_grad_weight_avx512(buf, ext, part, g);
+  if (use_avx2()) return dw_grad_weight_avx2(buf, ext, part, g);
 #endif
   for (int64_t kh = 0; kh < g.k; ++kh)
     for (int64_t kw = 0; kw < g.k; ++kw) {
@@ -651,7 +699,7 @@ ND_AVX512_FN void pw_image_avx512(const float* x, const float* w, float* y, int6
 
 template <int NB>
 ND_AVX2_FN inline void pw_block_avx2(const float* xb, const float* w, float* y, int64_t o, int64_t ci, int64_t hw,
-                                     int64_t j0, int64_t so, int64_t si, __m256i m0, __m256i m1, const float* mask) {
+                                     int64_t j0, int64_t so, int64_t si, const float* mask) {
   __m256 a[2 * NB];
   for (int q = 0; q < 2 * NB; ++q) a[q] = _mm256_setzero_ps();
   for (int64_t i = 0; i < ci; ++i) {
@@ -667,8 +715,8 @@ ND_AVX2_FN inline void pw_block_avx2(const float* xb, const float* w, float* y, 
 #pragma GCC unroll 6
   for (int q = 0; q < NB; ++q) {
     const int64_t at = (o + q) * hw + j0;
-    store_kept8(y + at, mask ? mask + at : nullptr, m0, a[2 * q]);
-    store_kept8(y + at + 8, mask ? mask + at + 8 : nullptr, m1, a[2 * q + 1]);
+    store_kept8(y + at, mask ? mask + at : nullptr, hw - j0, a[2 * q]);
+    store_kept8(y + at + 8, mask ? mask + at + 8 : nullptr, hw - j0 - 8, a[2 * q + 1]);
   }
 }
 
@@ -679,17 +727,16 @@ ND_AVX2_FN void pw_image_avx2(const float* x, const float* w, float* y, int64_t 
   if (packed.size() < static_cast<size_t>(ci) * 16) packed.resize(static_cast<size_t>(ci) * 16);
   float* xb = packed.data();
   for (int64_t j0 = 0; j0 < hw; j0 += 16) {
-    const __m256i m0 = lanes8(hw - j0), m1 = lanes8(hw - j0 - 8);
     for (int64_t i = 0; i < ci; ++i) {
-      __m256 x0 = _mm256_maskload_ps(x + i * hw + j0, m0), x1 = _mm256_maskload_ps(x + i * hw + j0 + 8, m1);
+      __m256 x0 = load8(x + i * hw + j0, hw - j0), x1 = load8(x + i * hw + j0 + 8, hw - j0 - 8);
       if (relu) x0 = _mm256_max_ps(x0, z), x1 = _mm256_max_ps(x1, z);  // NaN -> 0, as "v > 0 ? v : 0"
       _mm256_storeu_ps(xb + i * 16, x0);
       _mm256_storeu_ps(xb + i * 16 + 8, x1);
     }
     int64_t o = 0;
-    for (; o + 6 <= co; o += 6) pw_block_avx2<6>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
-    for (; o + 4 <= co; o += 4) pw_block_avx2<4>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
-    for (; o < co; ++o) pw_block_avx2<1>(xb, w, y, o, ci, hw, j0, so, si, m0, m1, mask);
+    for (; o + 6 <= co; o += 6) pw_block_avx2<6>(xb, w, y, o, ci, hw, j0, so, si, mask);
+    for (; o + 4 <= co; o += 4) pw_block_avx2<4>(xb, w, y, o, ci, hw, j0, so, si, mask);
+    for (; o < co; ++o) pw_block_avx2<1>(xb, w, y, o, ci, hw, j0, so, si, mask);
   }
 }
 
@@ -1008,6 +1055,47 @@ ND_AVX512_FN void max_pool_grad_avx512(const float* buf, const float* gext, floa
     }
   }
 }
+// max_pool_grad_avx512 on AVX2 + FMA: 64 outputs (8 registers) at a time, the open lanes as
+// vector masks.
+ND_AVX2_FN inline __m256 nan_max8(__m256 a, __m256 v) {
+  return _mm256_blendv_ps(a, v, _mm256_or_ps(_mm256_cmp_ps(v, a, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+ND_AVX2_FN void max_pool_grad_avx2(const float* buf, const float* gext, float* gbuf, const Geom& g) {
+  constexpr int kB = 8;
+  const int64_t* offs = g.tap.data();
+  for (int64_t i0 = 0; i0 < g.len; i0 += 8 * kB) {
+    __m256i open[kB];  // lanes whose gradient has not been placed yet
+    __m256 mx[kB], gv[kB];
+#pragma GCC unroll 8
+    for (int b = 0; b < kB; ++b) {
+      open[b] = lanes8(g.len - i0 - 8 * b);
+      mx[b] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      gv[b] = _mm256_maskload_ps(gext + i0 + 8 * b, open[b]);
+    }
+    for (int64_t t = 0; t < 9; ++t)
+#pragma GCC unroll 8
+      for (int b = 0; b < kB; ++b) mx[b] = nan_max8(mx[b], _mm256_maskload_ps(buf + offs[t] + i0 + 8 * b, open[b]));
+    for (int64_t t = 0; t < 9; ++t) {
+      const float* src = buf + offs[t] + i0;
+      float* dst = gbuf + offs[t] + i0;
+#pragma GCC unroll 8
+      for (int b = 0; b < kB; ++b) {
+        if (i0 + 8 * b >= g.len) break;  // no lane of this register or the next is in the plane
+        const __m256 v = _mm256_maskload_ps(src + 8 * b, open[b]);
+        const __m256i hit = _mm256_and_si256(
+            open[b], _mm256_castps_si256(_mm256_or_ps(_mm256_cmp_ps(v, mx[b], _CMP_EQ_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q))));
+        // A whole-register read-add-store with the other lanes written back unchanged (no
+        // masked store, above): every lane lies inside the buffer, whose slack covers a
+        // register past len.
+        const __m256 d = _mm256_loadu_ps(dst + 8 * b);
+        _mm256_storeu_ps(dst + 8 * b, _mm256_blendv_ps(d, _mm256_add_ps(d, gv[b]), _mm256_castsi256_ps(hit)));
+        open[b] = _mm256_andnot_si256(hit, open[b]);
+      }
+    }
+  }
+}
+
 // The direct forms of the stride-1 pools (add_direct): the taps read the unpadded plane through
 // the masks, masked-off lanes reading -inf (max) or 0 (average) as the phase layout's padding
 // does: the same values bit for bit. `count`: per output in the plane's layout.
@@ -1403,6 +1491,8 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
 #ifdef ND_AVX512
         if (use_avx512()) {
           max_pool_grad_avx512(buf.data(), gext.data(), gbuf.data(), g);
+        } else if (use_avx2()) {
+          max_pool_grad_avx2(buf.data(), gext.data(), gbuf.data(), g);
         } else
 #endif
         {
