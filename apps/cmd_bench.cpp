@@ -45,6 +45,7 @@ struct BenchOptions {
   bool no_blas = false;
   bool no_group = false;
   bool no_direct = false;
+  bool no_avx2 = false;
   std::string precision = "fp32";  // eval-step only
 };
 
@@ -77,6 +78,9 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
   cmd->add_flag("--no-direct", o.no_direct,
                 "On AVX-512 CPUs: run the same-padded stride-1 depthwise planes through the padded phase copy instead of "
                 "the direct masked-load form (docs/bench.md)");
+  cmd->add_flag("--no-avx2", o.no_avx2,
+                "On CPUs with AVX2 but without AVX-512: the portable loops instead of the AVX2 forms of the kernels that have "
+                "one (docs/bench.md)");
   cmd->add_flag("--json", o.json, "Print one JSON object: s_per_iter, img_per_s, peak_rss_mb and the settings");
 }
 
@@ -119,7 +123,8 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"fused", fused_ops_enabled() && o.precision == "fp32"},
                      {"precision", o.precision},
                      {"blas", blas_gemm_active()},
-                     {"direct_depthwise", !o.no_direct && avx512_kernels_active()}};
+                     {"direct_depthwise", !o.no_direct && avx512_kernels_active()},
+                     {"simd", avx512_kernels_active() ? "avx512" : avx2_kernels_active() ? "avx2" : "portable"}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "train-step" || what == "eval-step")  // the evaluation network's grouped 1x1s
       j["grouped_1x1"] = !o.no_group && fused_ops_enabled() && o.precision == "fp32";
@@ -143,6 +148,7 @@ void setup(const BenchOptions& o) {
   nd::set_blas_gemm(!o.no_blas);
   nd::set_grouped_1x1(!o.no_group);
   nd::set_direct_depthwise(!o.no_direct);
+  nd::set_avx2_kernels(!o.no_avx2);
 }
 
 /// A subcommand timing the evaluation network (train-step, eval-step): the common options with

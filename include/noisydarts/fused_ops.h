@@ -39,7 +39,8 @@ void set_avx512_kernels(bool on);
 bool avx512_kernels_active();
 
 /// Process-wide switch (default on) for the AVX2 + FMA forms of the kernels that have one (the
-/// 1x1 convolution), used where the AVX-512 forms do not run (the CPU lacks AVX-512, or
+/// 1x1 convolution, the depthwise taps and weight gradient, the max
+/// pool's input gradient), used where the AVX-512 forms do not run (the CPU lacks AVX-512, or
 /// set_avx512_kernels(false)). Off: the portable loops. `avx2_kernels_active()`: whether they
 /// run now.
 void set_avx2_kernels(bool on);
@@ -48,8 +49,8 @@ bool avx2_kernels_active();
 /// Process-wide switch (default on) for the 1x1 convolutions' weight gradient through the BLAS
 /// sgemm that LibTorch loaded (OpenBLAS on Debian; looked up at run time), per group of 4
 /// images with the groups summed in a fixed order, where the own AVX-512 kernel does not run
-/// (no AVX-512, or set_avx512_kernels(false)). Off, or no sgemm in the process: the own portable
-/// kernel. `blas_gemm_active()`: whether the BLAS path runs now.
+/// (no AVX-512, or set_avx512_kernels(false); AVX2 CPUs use it too). Off, or no sgemm in the
+/// process: the own portable kernel. `blas_gemm_active()`: whether the BLAS path runs now.
 void set_blas_gemm(bool on);
 bool blas_gemm_active();
 
