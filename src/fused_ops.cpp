@@ -1272,6 +1272,36 @@ void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
   mean = mu, m2 = sq;
 }
 
+// What follows the normalisation in a fused node: z = (gamma * x_hat + beta) * scale[n] (the
+// evaluation network's affine BN, then its drop-path as a per-image scale mask / keep).
+// Undefined members are absent (gamma 1, beta 0, scale 1); with none, z is x_hat itself.
+struct OutAffine {
+  Tensor gamma, beta, scale;
+  bool any() const { return gamma.defined() || beta.defined() || scale.defined(); }
+};
+
+// Autograd functions take no undefined tensors: absent optional inputs travel as empty
+// placeholders, turned back into undefined tensors inside.
+Tensor placeholder(const Tensor& like) { return torch::empty({0}, like.options().requires_grad(false)); }
+Tensor present(const Tensor& t) { return t.numel() > 0 ? t : Tensor(); }
+OutAffine out_affine(const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
+  return OutAffine{present(gamma), present(beta), present(scale)};
+}
+
+// Host pointers of an OutAffine's members (null where absent), contiguous float.
+struct AffinePtrs {
+  Tensor g, b, s;
+  const float *gp = nullptr, *bp = nullptr, *sp = nullptr;
+  explicit AffinePtrs(const OutAffine& a) {
+    if (a.gamma.defined()) g = a.gamma.detach().contiguous(), gp = g.data_ptr<float>();
+    if (a.beta.defined()) b = a.beta.detach().contiguous(), bp = b.data_ptr<float>();
+    if (a.scale.defined()) s = a.scale.detach().contiguous(), sp = s.data_ptr<float>();
+  }
+  float gamma(int64_t ch) const { return gp ? gp[ch] : 1.f; }
+  float beta(int64_t ch) const { return bp ? bp[ch] : 0.f; }
+  float scale(int64_t img) const { return sp ? sp[img] : 1.f; }
+};
+
 // One element of z = (gamma x_hat + beta) * scale[n] (the own kernels' formula, also in
 // bn_forward's fused pass and EvalBn).
 inline float affine_value(float v, float gm, float bt, float sc) { return (gm * v + bt) * sc; }
@@ -1287,25 +1317,20 @@ struct EvalBn {
     return own_kernel(x) && rm.defined() && rv.defined() && own_kernel(rm) && own_kernel(rv) && rm.dim() == 1 &&
            rv.dim() == 1;
   }
-  EvalBn(const Tensor& rm, const Tensor& rv, double eps, const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
+  // `a`: the affine output's members, undefined where absent.
+  EvalBn(const Tensor& rm, const Tensor& rv, double eps, const OutAffine& a) : ap(a) {
     torch::NoGradGuard ng;
     mean = rm.contiguous(), invstd = (rv + eps).rsqrt().contiguous();  // as bn_forward computes it
     mp = mean.data_ptr<float>(), ip = invstd.data_ptr<float>();
-    auto host = [](const Tensor& t, Tensor& keep) -> const float* {
-      if (!t.defined() || t.numel() == 0) return nullptr;
-      keep = t.detach().contiguous();
-      return keep.data_ptr<float>();
-    };
-    gp = host(gamma, g), bp = host(beta, b), sp = host(scale, sc);
   }
   void plane(float* p, int64_t hw, int64_t ch, int64_t img) const {
     const float mu = mp[ch], is = ip[ch];
-    if (!gp && !bp && !sp) {
+    if (!ap.gp && !ap.bp && !ap.sp) {
 #pragma omp simd
       for (int64_t j = 0; j < hw; ++j) p[j] = (p[j] - mu) * is;
       return;
     }
-    const float gm = gp ? gp[ch] : 1.f, bt = bp ? bp[ch] : 0.f, s = sp ? sp[img] : 1.f;
+    const float gm = ap.gamma(ch), bt = ap.beta(ch), s = ap.scale(img);
 #pragma omp simd
     for (int64_t j = 0; j < hw; ++j) p[j] = affine_value((p[j] - mu) * is, gm, bt, s);
   }
@@ -1317,8 +1342,9 @@ struct EvalBn {
       for (int64_t i = b; i < e; ++i) plane(yp + i * hw, hw, i % c, i / c);
     });
   }
-  Tensor mean, invstd, g, b, sc;
-  const float *mp = nullptr, *ip = nullptr, *gp = nullptr, *bp = nullptr, *sp = nullptr;
+  AffinePtrs ap;
+  Tensor mean, invstd;
+  const float *mp = nullptr, *ip = nullptr;
 };
 
 // No autograd record can be made of a result computed from `ts` (grad mode off, as under
@@ -1587,36 +1613,6 @@ BnParams bn_params(torch::nn::BatchNorm2dImpl& bn) {
   }
   return p;
 }
-
-// What follows the normalisation in a fused node: z = (gamma * x_hat + beta) * scale[n] (the
-// evaluation network's affine BN, then its drop-path as a per-image scale mask / keep).
-// Undefined members are absent (gamma 1, beta 0, scale 1); with none, z is x_hat itself.
-struct OutAffine {
-  Tensor gamma, beta, scale;
-  bool any() const { return gamma.defined() || beta.defined() || scale.defined(); }
-};
-
-// Autograd functions take no undefined tensors: absent optional inputs travel as empty
-// placeholders, turned back into undefined tensors inside.
-Tensor placeholder(const Tensor& like) { return torch::empty({0}, like.options().requires_grad(false)); }
-Tensor present(const Tensor& t) { return t.numel() > 0 ? t : Tensor(); }
-OutAffine out_affine(const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
-  return OutAffine{present(gamma), present(beta), present(scale)};
-}
-
-// Host pointers of an OutAffine's members (null where absent), contiguous float.
-struct AffinePtrs {
-  Tensor g, b, s;
-  const float *gp = nullptr, *bp = nullptr, *sp = nullptr;
-  explicit AffinePtrs(const OutAffine& a) {
-    if (a.gamma.defined()) g = a.gamma.detach().contiguous(), gp = g.data_ptr<float>();
-    if (a.beta.defined()) b = a.beta.detach().contiguous(), bp = b.data_ptr<float>();
-    if (a.scale.defined()) s = a.scale.detach().contiguous(), sp = s.data_ptr<float>();
-  }
-  float gamma(int64_t ch) const { return gp ? gp[ch] : 1.f; }
-  float beta(int64_t ch) const { return bp ? bp[ch] : 0.f; }
-  float scale(int64_t img) const { return sp ? sp[img] : 1.f; }
-};
 
 bool affine_own(const Tensor& y, const OutAffine& a) {
   auto ok = [](const Tensor& t) { return !t.defined() || (own_kernel(t) && t.dim() == 1); };
@@ -2213,6 +2209,12 @@ Tensor fr_subsample(const Tensor& x, int64_t off) {
   return s.contiguous();
 }
 
+// The factorized reduction before its BN: the two 1x1s of relu(x)'s even and odd subsamples,
+// concatenated.
+Tensor fr_halves(const Tensor& x, const Tensor& w1, const Tensor& w2) {
+  return at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
+}
+
 // The input gradient of the factorized reduction from its two halves' (each [n, c, ceil(h / 2),
 // ceil(w / 2)]): g0 at the even rows and columns, g1 at the odd ones, zero elsewhere.
 Tensor fr_scatter(const Tensor& g0, const Tensor& g1, int64_t h, int64_t w) {
@@ -2242,7 +2244,7 @@ struct FactorizedReduceFn : torch::autograd::Function<FactorizedReduceFn> {
     const bool from_out = aff.any() && x_hat_recoverable(aff);
     Tensor y, mean, invstd, z;
     {
-      auto p = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
+      auto p = fr_halves(x, w1, w2);
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, nullptr, true,
                                              aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr, from_out);
     }
@@ -2594,8 +2596,8 @@ Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_
   const Tensor gamma = affine ? bn.weight : Tensor(), beta = affine ? bn.bias : Tensor();
   if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) &&
       no_record({&x, &w_dw, &w_pw, &gamma, &beta, &scale}))
-    return chain_eval(x, w_dw, w_pw, EvalBn(bn.running_mean, bn.running_var, p.eps, gamma, beta, scale), stride, pad,
-                      dilation);
+    return chain_eval(x, w_dw, w_pw, EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{gamma, beta, scale}),
+                      stride, pad, dilation);
   const Tensor none = placeholder(x);
   return ChainFn::apply(x, w_dw, w_pw, affine ? bn.weight : none, affine ? bn.bias : none,
                         scale.defined() ? scale : none, bn.running_mean, bn.running_var, p.training, p.momentum,
@@ -2646,7 +2648,7 @@ std::vector<Tensor> fused_relu_pw_bn_group(const Tensor& x, const std::vector<Pw
     if (lean) {  // evaluation mode, no gradient: the stacked chain without a node, split by views
       torch::NoGradGuard ng;
       const Tensor gamma = o0.affine() ? torch::cat(gammas) : Tensor(), beta = o0.affine() ? torch::cat(betas) : Tensor();
-      auto whole = chain_eval(x, placeholder(x), torch::cat(ws), EvalBn(rm, rv, p.eps, gamma, beta, Tensor()), 1, 0, 1);
+      auto whole = chain_eval(x, placeholder(x), torch::cat(ws), EvalBn(rm, rv, p.eps, OutAffine{gamma, beta, {}}), 1, 0, 1);
       int64_t off = 0;
       for (int64_t w : widths) out.push_back(whole.narrow(1, off, w)), off += w;
       return out;
@@ -2673,8 +2675,8 @@ Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& 
   const bool affine = bn.options.affine();
   const Tensor gamma = affine ? bn.weight : Tensor(), beta = affine ? bn.bias : Tensor();
   if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x, &w1, &w2, &gamma, &beta})) {
-    auto z = at::cat({pointwise(fr_subsample(x, 0), w1, true), pointwise(fr_subsample(x, 1), w2, true)}, 1);
-    EvalBn(bn.running_mean, bn.running_var, p.eps, gamma, beta, Tensor()).apply(z);
+    auto z = fr_halves(x, w1, w2);
+    EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{gamma, beta, {}}).apply(z);
     return z;
   }
   const Tensor none = placeholder(x);
@@ -2687,7 +2689,7 @@ Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::
   const BnParams p = bn_params(bn);
   if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x})) {
     auto z = pool(x, max_pool, stride);
-    EvalBn(bn.running_mean, bn.running_var, p.eps, Tensor(), Tensor(), Tensor()).apply(z);
+    EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{}).apply(z);
     return z;
   }
   return PoolBnFn::apply(x, bn.running_mean, bn.running_var, max_pool, stride, p.training, p.momentum, p.eps);

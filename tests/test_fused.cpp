@@ -216,8 +216,8 @@ TEST(Fused, GroupedOneByOnesOnOneInputEqualTheirSeparateNodes) {
 
 TEST(Fused, EvaluationModeWithoutAGraphEqualsTheRecordingNodesBitForBit) {
   // In evaluation mode, where no gradient can be asked (under InferenceMode or NoGradGuard), the
-  // fused ops apply BN's running statistics (and gamma, beta) to each plane
-  // as their kernel writes it, without an autograd node: the same bits as the recording nodes,
+  // fused ops apply BN's running statistics (and gamma, beta) to each plane as their kernel
+  // writes it, without an autograd node: the same bits as the recording nodes,
   // for every chain form, the factorized reduction, the pools (with and without BN) and the
   // grouped 1x1s; the BNs' buffers untouched.
   for (const int mode : kKernelModes)

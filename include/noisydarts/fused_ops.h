@@ -39,10 +39,9 @@ void set_avx512_kernels(bool on);
 bool avx512_kernels_active();
 
 /// Process-wide switch (default on) for the AVX2 + FMA forms of the kernels that have one (the
-/// 1x1 convolution, the depthwise taps and weight gradient, the max
-/// pool's input gradient), used where the AVX-512 forms do not run (the CPU lacks AVX-512, or
-/// set_avx512_kernels(false)). Off: the portable loops. `avx2_kernels_active()`: whether they
-/// run now.
+/// 1x1 convolution, the depthwise taps and weight gradient, the max pool's input gradient), used
+/// where the AVX-512 forms do not run (the CPU lacks AVX-512, or set_avx512_kernels(false)).
+/// Off: the portable loops. `avx2_kernels_active()`: whether they run now.
 void set_avx2_kernels(bool on);
 bool avx2_kernels_active();
 
