@@ -8,6 +8,9 @@
 #include <dlfcn.h>
 #include <functional>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #endif
@@ -86,7 +89,7 @@ void add_direct(Geom& g) {
     }
 }
 
-Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
+Geom build_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
   Geom g{h, w, 0, 0, k, s, p, d, 0, 0, 0, 0, 0, {}, {}, {}, 0, {}, {}};
   g.oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
   g.ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
@@ -102,6 +105,20 @@ Geom make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d)
     for (int64_t kw = 0; kw < k; ++kw) g.tap.push_back(g.offset(kh, kw));
   add_direct(g);
   return g;
+}
+
+// The geometry of a plane shape, tabulated once per process (and per state of the direct
+// form's switches): building it walks every tap over the plane, about 10-40 us of serial work
+// per call that the other threads waited for, twice per chain and pass in a search step.
+// Entries are never removed, so the references stay valid.
+const Geom& make_geom(int64_t h, int64_t w, int64_t k, int64_t s, int64_t p, int64_t d) {
+  static std::mutex mu;
+  static std::map<std::array<int64_t, 7>, std::unique_ptr<const Geom>> cache;
+  const std::array<int64_t, 7> key{h, w, k, s, p, d, direct_wanted() ? 1 : 0};
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[key];
+  if (!slot) slot = std::make_unique<const Geom>(build_geom(h, w, k, s, p, d));
+  return *slot;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -1447,7 +1464,7 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   int64_t xs = 0;
   auto xc = image_major(x, xs);
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  const Geom& g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   const bool direct = direct_form(g);
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float* xp = xc.data_ptr<float>();
@@ -1481,7 +1498,7 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   auto xc = image_major(x, xs);
   auto gc = gy.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
+  const Geom& g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   const bool direct = direct_form(g);
   auto gx = torch::empty(xc.sizes(), xc.options());  // contiguous
   const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
@@ -1543,7 +1560,8 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
 // store per value) run on grad_out padded by (k - 1) d - pad, with the kernel flipped. Other
 // strides: the scatter of dw_grad_input_plane into the phase layout, then gather_phases.
 struct DwBackward {
-  Geom g, gg;
+  const Geom& g;
+  const Geom* gg = nullptr;  // the stride-1 input gradient's geometry (gather_form)
   bool gather_form = false, relu = false, need_input = false, need_weight = false;
   int64_t kk = 0;
   const float* w = nullptr;
@@ -1552,13 +1570,13 @@ struct DwBackward {
     std::vector<float> buf, ext, gbuf, gext;
   };
 
-  DwBackward(Geom geom, const float* weights, int64_t c, bool relu_input, bool need_in, bool need_w)
-      : g(std::move(geom)), relu(relu_input), need_input(need_in), need_weight(need_w), kk(g.k * g.k), w(weights) {
+  DwBackward(const Geom& geom, const float* weights, int64_t c, bool relu_input, bool need_in, bool need_w)
+      : g(geom), relu(relu_input), need_input(need_in), need_weight(need_w), kk(g.k * g.k), w(weights) {
     const int64_t back_pad = (g.k - 1) * g.d - g.p;
     gather_form = need_input && g.s == 1 && back_pad >= 0;
     if (!gather_form) return;
-    gg = make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d);
-    TORCH_CHECK(gg.oh == g.h && gg.ow == g.w, "depthwise backward: bad geometry");
+    gg = &make_geom(g.oh, g.ow, g.k, 1, back_pad, g.d);
+    TORCH_CHECK(gg->oh == g.h && gg->ow == g.w, "depthwise backward: bad geometry");
     flipped.resize(static_cast<size_t>(c * kk));
     for (int64_t ch = 0; ch < c; ++ch)
       for (int64_t t = 0; t < kk; ++t) flipped[ch * kk + t] = w[ch * kk + kk - 1 - t];
@@ -1567,8 +1585,8 @@ struct DwBackward {
   void size(Scratch& sc) const {
     sc.buf.resize(static_cast<size_t>(g.buf));
     sc.ext.resize(static_cast<size_t>(g.len));
-    sc.gbuf.resize(static_cast<size_t>(gather_form ? gg.buf : 0));
-    sc.gext.resize(static_cast<size_t>(gather_form ? gg.len : 0));
+    sc.gbuf.resize(static_cast<size_t>(gather_form ? gg->buf : 0));
+    sc.gext.resize(static_cast<size_t>(gather_form ? gg->len : 0));
   }
 
   // Channel ch: go its grad_out plane, x its input plane, xbuf x already relu'd in the phase
@@ -1587,7 +1605,7 @@ struct DwBackward {
       dw_grad_weight_plane(xbuf, sc.ext.data(), part, g);
     }
     if (need_input && gather_form) {
-      dw_plane(go, flipped.data() + ch * kk, gx, gg, false, sc.gbuf.data(), sc.gext.data(), relu ? x : nullptr);
+      dw_plane(go, flipped.data() + ch * kk, gx, *gg, false, sc.gbuf.data(), sc.gext.data(), relu ? x : nullptr);
     } else if (need_input) {
       dw_grad_input_plane(sc.ext.data(), w + ch * kk, sc.buf.data(), g);
       gather_phases(sc.buf.data(), x, gx, g, relu);
@@ -1919,7 +1937,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  const Geom& g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
   auto y = torch::empty({n, co, g.oh, g.ow}, xc.options());
@@ -1955,7 +1973,7 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
+  const Geom& g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   // Both depthwise gradients asked: x's relu'd copies (phase buffers, or in the direct form
   // plain planes) serve the recomputation and the weight gradient.
   const bool keep_x = need_pw && need_dw, direct = direct_form(g);
@@ -2523,7 +2541,7 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& w, int64_t stride, int64_
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  const Geom& g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
   TORCH_CHECK(g.oh > 0 && g.ow > 0, "depthwise_conv2d: input ", x.sizes(), " too small for the kernel");
   auto y = torch::empty({n, c, g.oh, g.ow}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
@@ -2555,7 +2573,7 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   auto wc = w.contiguous();
   auto gc = grad_out.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
-  const Geom g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
+  const Geom& g = make_geom(xc.size(2), xc.size(3), wc.size(2), stride, pad, dilation);
   TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "depthwise_conv2d_backward: grad shape ", gc.sizes());
   Tensor gx;
   if (need_input) gx = torch::empty_like(xc);
