@@ -20,26 +20,25 @@ mkdir -p "$out"
 py=/usr/bin/python3
 stamp() { echo "$(date +%T) $*" | tee -a "$out/log"; }
 stamp start
+# One row: ours, the reference, ours again. $1: search or train, $2: the row's number, $3: flags.
+bracket_row() {
+  "$nd" bench "$1-step" $3 --json > "$out/$1$2.ours1.json"
+  (cd "$ref" && $py bench_ref.py "$1" $3 | tail -1) > "$out/$1$2.ref.json"
+  "$nd" bench "$1-step" $3 --json > "$out/$1$2.ours2.json"
+  stamp "$1 row $2"
+}
 if [[ ",$rows," == *",search,"* ]]; then
   i=0
   for row in "3 32 16 8 64" "3 32 16 8 32" "1 28 16 8 64" "1 28 8 5 64"; do
     set -- $row; i=$((i + 1))
-    a="--in-channels $1 --image-size $2 --channels $3 --layers $4 --batch-size $5 --threads $th $extra"
-    "$nd" bench search-step $a --json > "$out/search$i.ours1.json"
-    (cd "$ref" && $py bench_ref.py search $a | tail -1) > "$out/search$i.ref.json"
-    "$nd" bench search-step $a --json > "$out/search$i.ours2.json"
-    stamp "search row $i"
+    bracket_row search $i "--in-channels $1 --image-size $2 --channels $3 --layers $4 --batch-size $5 --threads $th $extra"
   done
 fi
 if [[ ",$rows," == *",train,"* ]]; then
   i=0
   for row in "16 8 32" "36 20 96"; do
     set -- $row; i=$((i + 1))
-    a="--channels $1 --layers $2 --batch-size $3 --threads $th $extra"
-    "$nd" bench train-step $a --json > "$out/train$i.ours1.json"
-    (cd "$ref" && $py bench_ref.py train $a | tail -1) > "$out/train$i.ref.json"
-    "$nd" bench train-step $a --json > "$out/train$i.ours2.json"
-    stamp "train row $i"
+    bracket_row train $i "--channels $1 --layers $2 --batch-size $3 --threads $th $extra"
   done
 fi
 if [[ ",$rows," == *",conv,"* ]]; then
