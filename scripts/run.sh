@@ -13,16 +13,7 @@ shift || true
 packages=(cmake make g++ ccache libtorch-dev libcli11-dev nlohmann-json3-dev libgtest-dev
           libbenchmark-dev zlib1g-dev libgloo-dev libstb-dev graphviz dataset-fashion-mnist python3-torch libopenblas0-openmp
           pybind11-dev python3-pytest)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "[noisydarts] installing Debian packages: ${missing[*]}" >&2
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+bash "$here/scripts/install_debs.sh" "${packages[@]}"
 
 build="${NOISYDARTS_BUILD_DIR:-$here/build}"
 jobs="${NOISYDARTS_JOBS:-2}"

@@ -8,14 +8,15 @@
 # Needs a reference copy made by setup.sh. Do not run anything else meanwhile.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-ref="$(cd "${1:-/tmp/refcpu}" && pwd)"
+ref="${1:-/tmp/refcpu}"
+[ -f "$ref/bench_ref.py" ] || { echo "bracket.sh: $ref has no bench_ref.py: run scripts/reference/setup.sh first" >&2; exit 2; }
+ref="$(cd "$ref" && pwd)"
 out="${2:-/tmp/bracket}"
 nd="$(cd "$here" && realpath "${NOISYDARTS:-build/noisydarts}")"
 rows="${ROWS:-search,train,conv}"
 th="${THREADS:-2}"
 extra="${EXTRA:-}"
 [ -x "$nd" ] || { echo "bracket.sh: no noisydarts binary at $nd (build it, or set NOISYDARTS)" >&2; exit 2; }
-[ -f "$ref/bench_ref.py" ] || { echo "bracket.sh: $ref has no bench_ref.py: run scripts/reference/setup.sh first" >&2; exit 2; }
 mkdir -p "$out"
 py=/usr/bin/python3
 stamp() { echo "$(date +%T) $*" | tee -a "$out/log"; }

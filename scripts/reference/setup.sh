@@ -13,14 +13,7 @@ if [ ! -f "$src/model_search.py" ] && ! git -C "$src" cat-file -e HEAD:model_sea
   echo "setup.sh: $src has no model_search.py: pass a clone (or bare repository) of xiaomi-automl/NoisyDARTS" >&2; exit 2
 fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-missing=()
-for p in python3-torch python3-torchvision; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+bash "$here/../install_debs.sh" python3-torch python3-torchvision
 rm -rf "$out" && mkdir -p "$out"
 if git -C "$src" rev-parse --git-dir >/dev/null 2>&1; then git -C "$src" archive HEAD | tar -x -C "$out"
 else cp -r "$src"/. "$out"/; fi
