@@ -281,8 +281,9 @@ TEST(Fused, EvaluationModeWithoutAGraphEqualsTheRecordingNodesBitForBit) {
 TEST(Fused, SeparableAndDilatedChainsMatchTheModulesIncludingRunningStatistics) {
   // Non-affine BN (the search network) and affine BN (the evaluation network, with random
   // weights and biases so that their gradients are checked too); FactorizedReduce as well.
-  // 9 x 11 planes too: odd sides (the factorized reduction's zero-padded odd half).
-  for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, std::vector<int64_t>{9, 11}})
+  // 9 x 11 planes too: odd sides (the factorized reduction's zero-padded odd half); 5 x 37: rows
+  // of more than one vector (the AVX-512 subsample and scatter run 32 columns at a time).
+  for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, std::vector<int64_t>{9, 11}, std::vector<int64_t>{5, 37}})
   for (const bool affine : {false, true})
   for (const std::string name : {"sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5", "skip_connect"})
     for (int64_t stride : {1, 2}) {
