@@ -351,9 +351,9 @@ TEST(Fused, DirectDepthwiseFormEqualsThePhaseLayoutBitForBit) {
   // chains' recomputation must give the same bits, the weight gradient the same values to
   // float rounding. Planes: square, odd non-square, smaller
   // than the dilated 5x5's reach (3x3, 1x1), longer than 64 outputs (28x28); rows of whole
-  // vectors (16x16, 32x32, 8x32: the row-block form).
+  // vectors or nearly (16x16, 32x32, 8x32, 14x14, 13x30: the row-block form, 28x28 too).
   if (!avx512_kernels_active()) GTEST_SKIP() << "the direct form runs only with the AVX-512 kernels";
-  for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, {9, 11}, {3, 3}, {1, 1}, {28, 28}, {16, 16}, {32, 32}, {8, 32}})
+  for (const std::vector<int64_t> hw : {std::vector<int64_t>{10, 10}, {9, 11}, {3, 3}, {1, 1}, {28, 28}, {16, 16}, {32, 32}, {8, 32}, {14, 14}, {13, 30}})
     for (const std::array<int64_t, 2> kd : {std::array<int64_t, 2>{3, 1}, {5, 1}, {3, 2}, {5, 2}}) {
       const int64_t k = kd[0], d = kd[1], pad = (k / 2) * d;
       const std::string tag = "k" + std::to_string(k) + " d" + std::to_string(d) + " " + std::to_string(hw[0]) + "x" +
