@@ -415,6 +415,24 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
 }
 
 #ifdef ND_AVX512
+// The per-tap-column lanes of the row-block forms (dw_rows_avx512, dw_grad_weight_rows_avx512):
+// hm[kw][c], the lanes of row vector c that are outputs (column < w) and whose input column
+// (shifted by tap column kw) lies inside the plane; sm[c], the lanes that are outputs.
+template <int V, int K, int D>
+ND_AVX512_FN void row_lanes(int64_t w, __mmask16 (&hm)[K][V], __mmask16 (&sm)[V]) {
+  constexpr int P = (K / 2) * D;
+  for (int c = 0; c < V; ++c) sm[c] = lanes(w - 16 * c);
+  for (int kw = 0; kw < K; ++kw)
+    for (int c = 0; c < V; ++c) {
+      uint32_t m = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t col = c * 16 + l + kw * D - P;
+        if (c * 16 + l < w && col >= 0 && col < w) m |= 1u << l;
+      }
+      hm[kw][c] = static_cast<__mmask16>(m);
+    }
+}
+
 // The direct form in row blocks, for planes whose rows are one or two vectors wide (w <= 16 V):
 // the outputs of R consecutive rows are held in R V registers, and every input row the block
 // reads is loaded once per tap column and multiplied into each of the block's rows it feeds (up
@@ -430,19 +448,8 @@ ND_AVX512_FN void dw_rows_avx512(const float* x, const float* wt, float* out, co
   constexpr int P = (K / 2) * D, span = R + (K - 1) * D;
   const int64_t w = g.w;
   const __m512 z = _mm512_setzero_ps();
-  // Per tap column: the lanes that are outputs (column < w) and whose input column lies inside
-  // the plane; per vector, the lanes that are outputs.
   __mmask16 hm[K][V], sm[V];
-  for (int c = 0; c < V; ++c) sm[c] = lanes(w - 16 * c);
-  for (int kw = 0; kw < K; ++kw)
-    for (int c = 0; c < V; ++c) {
-      uint32_t m = 0;
-      for (int l = 0; l < 16; ++l) {
-        const int64_t col = c * 16 + l + kw * D - P;
-        if (c * 16 + l < w && col >= 0 && col < w) m |= 1u << l;
-      }
-      hm[kw][c] = static_cast<__mmask16>(m);
-    }
+  row_lanes<V, K, D>(w, hm, sm);
   for (int64_t r0 = 0; r0 < g.h; r0 += R) {
     __m512 a[R][V];
 #pragma GCC unroll 16
@@ -533,10 +540,85 @@ ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, 
 #endif
 
 #ifdef ND_AVX512
+// One pass of dw_grad_weight_rows_avx512: the taps of columns KW0 .. KW0 + NKW - 1, every tap
+// row, K NKW V accumulators over the plane's output rows.
+template <int V, int K, int D, int KW0, int NKW>
+ND_AVX512_FN inline void dw_grad_weight_rows_pass(const float* x, const float* go, float* part, int64_t h, int64_t w,
+                                                  const __mmask16 (&hm)[K][V], const __mmask16 (&sm)[V]) {
+  constexpr int P = (K / 2) * D;
+  const __m512 z = _mm512_setzero_ps();
+  __m512 a[K][NKW][V];
+#pragma GCC unroll 5
+  for (int kh = 0; kh < K; ++kh)
+#pragma GCC unroll 5
+    for (int q = 0; q < NKW; ++q)
+#pragma GCC unroll 2
+      for (int c = 0; c < V; ++c) a[kh][q][c] = z;
+  for (int64_t oh = 0; oh < h; ++oh) {
+    __m512 gv[V];
+#pragma GCC unroll 2
+    for (int c = 0; c < V; ++c) gv[c] = _mm512_maskz_loadu_ps(sm[c], go + oh * w + c * 16);
+#pragma GCC unroll 5
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t ir = oh + kh * D - P;
+      if (ir < 0 || ir >= h) continue;
+#pragma GCC unroll 5
+      for (int q = 0; q < NKW; ++q) {
+        const float* src = x + ir * w + (KW0 + q) * D - P;  // masked lanes are never read
+#pragma GCC unroll 2
+        for (int c = 0; c < V; ++c)
+          a[kh][q][c] = _mm512_fmadd_ps(gv[c], _mm512_maskz_loadu_ps(hm[KW0 + q][c], src + c * 16), a[kh][q][c]);
+      }
+    }
+  }
+#pragma GCC unroll 5
+  for (int kh = 0; kh < K; ++kh)
+#pragma GCC unroll 5
+    for (int q = 0; q < NKW; ++q) {
+      __m512 sum = a[kh][q][0];
+      for (int c = 1; c < V; ++c) sum = _mm512_add_ps(sum, a[kh][q][c]);
+      part[kh * K + KW0 + q] = hsum(sum);
+    }
+}
+
+// The depthwise weight gradient in row blocks (the planes of dw_rows_avx512): each output row's
+// gradient loaded once (V registers) and multiplied with the input rows of every tap, the taps'
+// partial sums held in registers across the plane (all taps at once for 3 x 3 and for one-vector
+// rows, three passes over the tap columns for 5 x 5 on two-vector rows), summed in a fixed order
+// at the end: no per-tap mask loads and a third of the flat form's gradient loads. Equal to the
+// flat form to float rounding (another grouping of the same sums). Measured alone on AMD Zen 4
+// (one thread, 64 planes): 1.5-1.9x the flat form's rate at 32x32, 28x28, 16x16 and 14x14.
+template <int V, int K, int D>
+ND_AVX512_FN void dw_grad_weight_rows_avx512(const float* x, const float* go, float* part, const Geom& g) {
+  __mmask16 hm[K][V], sm[V];
+  row_lanes<V, K, D>(g.w, hm, sm);
+  if constexpr (K == 3 || V == 1) {
+    dw_grad_weight_rows_pass<V, K, D, 0, K>(x, go, part, g.h, g.w, hm, sm);
+  } else {
+    dw_grad_weight_rows_pass<V, K, D, 0, 2>(x, go, part, g.h, g.w, hm, sm);
+    dw_grad_weight_rows_pass<V, K, D, 2, 2>(x, go, part, g.h, g.w, hm, sm);
+    dw_grad_weight_rows_pass<V, K, D, 4, 1>(x, go, part, g.h, g.w, hm, sm);
+  }
+}
+
+template <int V>
+ND_AVX512_FN bool dw_grad_weight_rows_dispatch(const float* x, const float* go, float* part, const Geom& g) {
+  if (g.p != (g.k / 2) * g.d) return false;
+  if (g.k == 3 && g.d == 1) return dw_grad_weight_rows_avx512<V, 3, 1>(x, go, part, g), true;
+  if (g.k == 5 && g.d == 1) return dw_grad_weight_rows_avx512<V, 5, 1>(x, go, part, g), true;
+  if (g.k == 3 && g.d == 2) return dw_grad_weight_rows_avx512<V, 3, 2>(x, go, part, g), true;
+  if (g.k == 5 && g.d == 2) return dw_grad_weight_rows_avx512<V, 5, 2>(x, go, part, g), true;
+  return false;
+}
+#endif
+
+#ifdef ND_AVX512
 // The depthwise weight gradient in the direct form: part[t] = sum_i go[i] x[i + dtap[t]] over
 // the lanes inside the plane, four taps per pass over the plane (16-lane partial sums, summed
 // in a fixed order at the end).
 ND_AVX512_FN void dw_grad_weight_direct_avx512(const float* x, const float* go, float* part, const Geom& g) {
+  if (g.w >= 24 && g.w <= 32 && dw_grad_weight_rows_dispatch<2>(x, go, part, g)) return;
+  if (g.w >= 12 && g.w <= 16 && dw_grad_weight_rows_dispatch<1>(x, go, part, g)) return;
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
   const __m512 z = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < kk; t0 += 4) {
