@@ -414,6 +414,15 @@ ND_CLONES void dw_forward_plane(const float* buf, const float* wt, float* ext, f
   compact_rows(ext, out, g, mask);
 }
 
+// Whether the direct-form planes of `g` run in row blocks (dw_rows_avx512,
+// dw_grad_weight_rows_avx512): rows of 12-16 or 24-32 outputs (one or two vectors, mostly full;
+// narrower planes pack several rows per vector in the flat blocks), same padding, and a kernel
+// shape of the spaces (3x3 or 5x5, dilation 1 or 2). Those planes take relu(x) straight from x.
+bool rows_form(const Geom& g) {
+  const bool shape = (g.k == 3 || g.k == 5) && (g.d == 1 || g.d == 2) && g.p == (g.k / 2) * g.d;
+  return shape && ((g.w >= 24 && g.w <= 32) || (g.w >= 12 && g.w <= 16)) && !g.dmask.empty();
+}
+
 #ifdef ND_AVX512
 // The per-tap-column lanes of the row-block forms (dw_rows_avx512, dw_grad_weight_rows_avx512):
 // hm[kw][c], the lanes of row vector c that are outputs (column < w) and whose input column
@@ -443,7 +452,7 @@ ND_AVX512_FN void row_lanes(int64_t w, __mmask16 (&hm)[K][V], __mmask16 (&sm)[V]
 // thread, 64 planes): 1.2-1.6x the flat blocks' rate at 32x32, 28x28, 16x16 and 14x14 for the
 // spaces' four kernels (3x3 and 5x5, dilation 1 and 2), slower at 7x7 (which keeps the flat
 // blocks).
-template <int V, int R, int K, int D>
+template <int V, int R, int K, int D, bool RELU>
 ND_AVX512_FN void dw_rows_avx512(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
   constexpr int P = (K / 2) * D, span = R + (K - 1) * D;
   const int64_t w = g.w;
@@ -467,7 +476,10 @@ ND_AVX512_FN void dw_rows_avx512(const float* x, const float* wt, float* out, co
         __m512 xv[V];
         const float* src = x + ir * w + kw * D - P;  // masked lanes are never read
 #pragma GCC unroll 4
-        for (int c = 0; c < V; ++c) xv[c] = inside ? _mm512_maskz_loadu_ps(hm[kw][c], src + c * 16) : z;
+        for (int c = 0; c < V; ++c) {
+          xv[c] = inside ? _mm512_maskz_loadu_ps(hm[kw][c], src + c * 16) : z;
+          if (RELU) xv[c] = _mm512_maskz_max_ps(all, xv[c], z);  // NaN and -0 -> 0, as relu_plane
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const int dk = s - r;
@@ -490,15 +502,20 @@ ND_AVX512_FN void dw_rows_avx512(const float* x, const float* wt, float* out, co
   }
 }
 
-// The row-block form for the plane and kernel shapes it is instantiated for; false elsewhere.
-template <int V, int R>
-ND_AVX512_FN bool dw_rows_dispatch(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
-  if (g.p != (g.k / 2) * g.d) return false;
-  if (g.k == 3 && g.d == 1) return dw_rows_avx512<V, R, 3, 1>(x, wt, out, g, mask), true;
-  if (g.k == 5 && g.d == 1) return dw_rows_avx512<V, R, 5, 1>(x, wt, out, g, mask), true;
-  if (g.k == 3 && g.d == 2) return dw_rows_avx512<V, R, 3, 2>(x, wt, out, g, mask), true;
-  if (g.k == 5 && g.d == 2) return dw_rows_avx512<V, R, 5, 2>(x, wt, out, g, mask), true;
-  return false;
+template <int V, int R, bool RELU>
+ND_AVX512_FN void dw_rows_shape(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
+  if (g.k == 3 && g.d == 1) return dw_rows_avx512<V, R, 3, 1, RELU>(x, wt, out, g, mask);
+  if (g.k == 5 && g.d == 1) return dw_rows_avx512<V, R, 5, 1, RELU>(x, wt, out, g, mask);
+  if (g.k == 3 && g.d == 2) return dw_rows_avx512<V, R, 3, 2, RELU>(x, wt, out, g, mask);
+  return dw_rows_avx512<V, R, 5, 2, RELU>(x, wt, out, g, mask);
+}
+
+// dw_rows_avx512 for a plane of rows_form(g), of relu(x) when `relu`.
+template <bool RELU>
+ND_AVX512_FN void dw_rows(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
+  if (g.w > 16) return dw_rows_shape<2, 8, RELU>(x, wt, out, g, mask);
+  if (g.h % 16 == 0) return dw_rows_shape<1, 16, RELU>(x, wt, out, g, mask);
+  dw_rows_shape<1, 8, RELU>(x, wt, out, g, mask);
 }
 
 // The direct form of dw_forward_plane (add_direct): 64 outputs (four registers) per pass over
@@ -506,12 +523,7 @@ ND_AVX512_FN bool dw_rows_dispatch(const float* x, const float* wt, float* out, 
 // zero as in the phase layout, whose padding zeros the masked-off lanes reproduce: the same
 // values bit for bit.
 ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, const Geom& g, const float* mask) {
-  // Row blocks (dw_rows_avx512) for rows of 12-16 and 24-32 outputs (1 or 2 vectors, mostly
-  // full); the flat blocks of 64 outputs elsewhere (narrower planes pack several rows per vector).
-  if (g.w >= 24 && g.w <= 32 && dw_rows_dispatch<2, 8>(x, wt, out, g, mask)) return;
-  if (g.w >= 12 && g.w <= 16 &&
-      (g.h % 16 == 0 ? dw_rows_dispatch<1, 16>(x, wt, out, g, mask) : dw_rows_dispatch<1, 8>(x, wt, out, g, mask)))
-    return;
+  if (rows_form(g)) return dw_rows<false>(x, wt, out, g, mask);
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
   const __m512 z = _mm512_setzero_ps();
   const uint16_t* mt = g.dmask.data();
@@ -542,7 +554,7 @@ ND_AVX512_FN void dw_direct_avx512(const float* x, const float* wt, float* out, 
 #ifdef ND_AVX512
 // One pass of dw_grad_weight_rows_avx512: the taps of columns KW0 .. KW0 + NKW - 1, every tap
 // row, K NKW V accumulators over the plane's output rows.
-template <int V, int K, int D, int KW0, int NKW>
+template <int V, int K, int D, int KW0, int NKW, bool RELU>
 ND_AVX512_FN inline void dw_grad_weight_rows_pass(const float* x, const float* go, float* part, int64_t h, int64_t w,
                                                   const __mmask16 (&hm)[K][V], const __mmask16 (&sm)[V]) {
   constexpr int P = (K / 2) * D;
@@ -566,8 +578,11 @@ ND_AVX512_FN inline void dw_grad_weight_rows_pass(const float* x, const float* g
       for (int q = 0; q < NKW; ++q) {
         const float* src = x + ir * w + (KW0 + q) * D - P;  // masked lanes are never read
 #pragma GCC unroll 2
-        for (int c = 0; c < V; ++c)
-          a[kh][q][c] = _mm512_fmadd_ps(gv[c], _mm512_maskz_loadu_ps(hm[KW0 + q][c], src + c * 16), a[kh][q][c]);
+        for (int c = 0; c < V; ++c) {
+          __m512 xv = _mm512_maskz_loadu_ps(hm[KW0 + q][c], src + c * 16);
+          if (RELU) xv = _mm512_maskz_max_ps(all, xv, z);  // NaN and -0 -> 0, as relu_plane
+          a[kh][q][c] = _mm512_fmadd_ps(gv[c], xv, a[kh][q][c]);
+        }
       }
     }
   }
@@ -588,27 +603,32 @@ ND_AVX512_FN inline void dw_grad_weight_rows_pass(const float* x, const float* g
 // at the end: no per-tap mask loads and a third of the flat form's gradient loads. Equal to the
 // flat form to float rounding (another grouping of the same sums). Measured alone on AMD Zen 4
 // (one thread, 64 planes): 1.5-1.9x the flat form's rate at 32x32, 28x28, 16x16 and 14x14.
-template <int V, int K, int D>
+template <int V, int K, int D, bool RELU>
 ND_AVX512_FN void dw_grad_weight_rows_avx512(const float* x, const float* go, float* part, const Geom& g) {
   __mmask16 hm[K][V], sm[V];
   row_lanes<V, K, D>(g.w, hm, sm);
   if constexpr (K == 3 || V == 1) {
-    dw_grad_weight_rows_pass<V, K, D, 0, K>(x, go, part, g.h, g.w, hm, sm);
+    dw_grad_weight_rows_pass<V, K, D, 0, K, RELU>(x, go, part, g.h, g.w, hm, sm);
   } else {
-    dw_grad_weight_rows_pass<V, K, D, 0, 2>(x, go, part, g.h, g.w, hm, sm);
-    dw_grad_weight_rows_pass<V, K, D, 2, 2>(x, go, part, g.h, g.w, hm, sm);
-    dw_grad_weight_rows_pass<V, K, D, 4, 1>(x, go, part, g.h, g.w, hm, sm);
+    dw_grad_weight_rows_pass<V, K, D, 0, 2, RELU>(x, go, part, g.h, g.w, hm, sm);
+    dw_grad_weight_rows_pass<V, K, D, 2, 2, RELU>(x, go, part, g.h, g.w, hm, sm);
+    dw_grad_weight_rows_pass<V, K, D, 4, 1, RELU>(x, go, part, g.h, g.w, hm, sm);
   }
 }
 
-template <int V>
-ND_AVX512_FN bool dw_grad_weight_rows_dispatch(const float* x, const float* go, float* part, const Geom& g) {
-  if (g.p != (g.k / 2) * g.d) return false;
-  if (g.k == 3 && g.d == 1) return dw_grad_weight_rows_avx512<V, 3, 1>(x, go, part, g), true;
-  if (g.k == 5 && g.d == 1) return dw_grad_weight_rows_avx512<V, 5, 1>(x, go, part, g), true;
-  if (g.k == 3 && g.d == 2) return dw_grad_weight_rows_avx512<V, 3, 2>(x, go, part, g), true;
-  if (g.k == 5 && g.d == 2) return dw_grad_weight_rows_avx512<V, 5, 2>(x, go, part, g), true;
-  return false;
+template <int V, bool RELU>
+ND_AVX512_FN void dw_grad_weight_rows_shape(const float* x, const float* go, float* part, const Geom& g) {
+  if (g.k == 3 && g.d == 1) return dw_grad_weight_rows_avx512<V, 3, 1, RELU>(x, go, part, g);
+  if (g.k == 5 && g.d == 1) return dw_grad_weight_rows_avx512<V, 5, 1, RELU>(x, go, part, g);
+  if (g.k == 3 && g.d == 2) return dw_grad_weight_rows_avx512<V, 3, 2, RELU>(x, go, part, g);
+  dw_grad_weight_rows_avx512<V, 5, 2, RELU>(x, go, part, g);
+}
+
+// dw_grad_weight_rows_avx512 for a plane of rows_form(g), with relu(x) when `relu`.
+template <bool RELU>
+ND_AVX512_FN void dw_grad_weight_rows(const float* x, const float* go, float* part, const Geom& g) {
+  if (g.w > 16) return dw_grad_weight_rows_shape<2, RELU>(x, go, part, g);
+  dw_grad_weight_rows_shape<1, RELU>(x, go, part, g);
 }
 #endif
 
@@ -617,8 +637,7 @@ ND_AVX512_FN bool dw_grad_weight_rows_dispatch(const float* x, const float* go, 
 // the lanes inside the plane, four taps per pass over the plane (16-lane partial sums, summed
 // in a fixed order at the end).
 ND_AVX512_FN void dw_grad_weight_direct_avx512(const float* x, const float* go, float* part, const Geom& g) {
-  if (g.w >= 24 && g.w <= 32 && dw_grad_weight_rows_dispatch<2>(x, go, part, g)) return;
-  if (g.w >= 12 && g.w <= 16 && dw_grad_weight_rows_dispatch<1>(x, go, part, g)) return;
+  if (rows_form(g)) return dw_grad_weight_rows<false>(x, go, part, g);
   const int64_t hw = g.h * g.w, kk = g.k * g.k;
   const __m512 z = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < kk; t0 += 4) {
@@ -665,13 +684,14 @@ void relu_plane(const float* x, float* dst, int64_t n) {
 }
 
 // One depthwise output plane: out = dw(relu?(x)), times (mask > 0) where a mask plane is given.
-// The direct form where `g` has it (add_direct) and the AVX-512 kernels run (relu(x) copied into
-// `buf` first: one pass instead of one per tap), else the phase layout in `buf` / `ext` (g.buf
-// and g.len floats).
+// The direct form where `g` has it (add_direct) and the AVX-512 kernels run (in row blocks, the
+// ReLU applied to each loaded input vector; in flat blocks, relu(x) copied into `buf` first: one
+// pass instead of one per tap), else the phase layout in `buf` / `ext` (g.buf and g.len floats).
 void dw_plane(const float* x, const float* wt, float* out, const Geom& g, bool relu, float* buf, float* ext,
               const float* mask = nullptr) {
 #ifdef ND_AVX512
   if (direct_form(g)) {
+    if (rows_form(g)) return relu ? dw_rows<true>(x, wt, out, g, mask) : dw_rows<false>(x, wt, out, g, mask);
     if (relu) relu_plane(x, buf, g.h * g.w), x = buf;
     return dw_direct_avx512(x, wt, out, g, mask);
   }
@@ -1781,8 +1801,11 @@ struct DwBackward {
     if ((need_weight && !direct) || !gather_form) extend_grad(go, sc.ext.data(), g);
     if (need_weight && direct) {
 #ifdef ND_AVX512
-      if (!xbuf && relu) relu_plane(x, sc.buf.data(), g.h * g.w), xbuf = sc.buf.data();
-      dw_grad_weight_direct_avx512(xbuf ? xbuf : x, go, part, g);
+      if (!xbuf && relu && rows_form(g)) dw_grad_weight_rows<true>(x, go, part, g);  // ReLU on load
+      else {
+        if (!xbuf && relu) relu_plane(x, sc.buf.data(), g.h * g.w), xbuf = sc.buf.data();
+        dw_grad_weight_direct_avx512(xbuf ? xbuf : x, go, part, g);
+      }
 #endif
     } else if (need_weight) {
       if (!xbuf) fill_phases(x, sc.buf.data(), g, relu), xbuf = sc.buf.data();
@@ -2160,7 +2183,8 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   const Geom& g = make_geom(xc.size(2), xc.size(3), wd.size(2), s, pad, dil);
   // Both depthwise gradients asked: x's relu'd copies (phase buffers, or in the direct form
   // plain planes) serve the recomputation and the weight gradient.
-  const bool keep_x = need_pw && need_dw, direct = direct_form(g);
+  // In the row-block form both take relu(x) from x itself: no copies.
+  const bool direct = direct_form(g), rows = direct && rows_form(g), keep_x = need_pw && need_dw && !rows;
   const int64_t xb_size = direct ? g.h * g.w : g.buf;
   TORCH_CHECK(gp_sizes.size() == 4 && gp_sizes[1] == co && gp_sizes[2] == g.oh && gp_sizes[3] == g.ow,
               "fused chain backward: grad shape ", gp_sizes);
@@ -2182,7 +2206,9 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
       d.resize(static_cast<size_t>(c * ohw));
       for (int64_t ch = 0; ch < c; ++ch) {
         float* xb = xbufs.data() + (keep_x ? ch * xb_size : 0);
-        if (direct) {
+        if (rows) {
+          dw_plane(xp + i * xs + ch * plane, wdp + ch * kk, d.data() + ch * ohw, g, true, nullptr, nullptr);
+        } else if (direct) {
           relu_plane(xp + i * xs + ch * plane, xb, plane);
           dw_plane(xb, wdp + ch * kk, d.data() + ch * ohw, g, false, nullptr, nullptr);
         } else {
