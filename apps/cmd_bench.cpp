@@ -16,6 +16,7 @@
 #include "noisydarts/architect.h"
 #include "noisydarts/error.h"
 #include "noisydarts/eval_network.h"
+#include "noisydarts/optim.h"
 #include "noisydarts/fused_ops.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/ops.h"
@@ -265,8 +266,7 @@ void add_bench_command(CLI::App& app, Action& run) {
         auto loss = torch::nn::functional::cross_entropy(out.logits, y);
         if (out.aux_logits.defined()) loss = loss + 0.4 * torch::nn::functional::cross_entropy(out.aux_logits, y);
         loss.backward();
-        torch::nn::utils::clip_grad_norm_(params, 5.0);
-        sgd.step();
+        nd::clip_and_sgd_step(sgd, params, 5.0);
       }, sync_for(device), gflop);
     };
   });

@@ -1,5 +1,6 @@
 #include "noisydarts/search.h"
 #include "noisydarts/fused_ops.h"
+#include "noisydarts/optim.h"
 
 #include <signal.h>
 #include <unistd.h>
@@ -145,8 +146,7 @@ WeightStepResult search_weight_step(SearchNetwork& net, torch::optim::SGD& sgd,
   if (!std::isfinite(r.loss) && !reduce) return r;
   torch::autograd::backward({loss}, {}, c10::nullopt, false, weights);
   if (reduce) reduce_param_grads(weights, reduce);
-  torch::nn::utils::clip_grad_norm_(weights, grad_clip);
-  sgd.step();
+  clip_and_sgd_step(sgd, weights, grad_clip);  // clip_grad_norm_ + SGD::step (optim.h)
   return r;
 }
 

@@ -14,6 +14,7 @@
 
 #include "noisydarts/architect.h"
 #include "noisydarts/checkpoint.h"
+#include "noisydarts/optim.h"
 #include "noisydarts/distributed.h"
 #include "noisydarts/engine.h"
 #include "noisydarts/config.h"
@@ -583,8 +584,7 @@ void Trainer::step(int64_t epoch, int64_t step) {
                         (last.empty() ? std::string("none") : last) + " (lower --lr)");
   }
   if (!dist_) loss.backward();
-  torch::nn::utils::clip_grad_norm_(params_, cfg_.grad_clip);
-  sgd_->step();
+  clip_and_sgd_step(*sgd_, params_, cfg_.grad_clip);  // clip_grad_norm_ + SGD::step (optim.h)
   acc_.loss_sum += lv * b_seen;
   acc_.correct += b_correct;
   acc_.seen += b_seen;
