@@ -1440,7 +1440,30 @@ bool own_kernel(const Tensor& x) {
 }
 
 // Sums partials [n, m] over n in a fixed order (double accumulation) into a tensor of `shape`.
-Tensor sum_partials(const std::vector<float>& part, int64_t n, int64_t m, at::IntArrayRef shape) {
+// An allocator whose elements start uninitialised (a vector of it sized n is not zero-filled):
+// for the partial sums that every image writes before anything reads them (zero-filling them
+// was a serial memset of up to a few hundred KB per node in the backward).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <typename U>
+  NoInit(const NoInit<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+using Partials = std::vector<float, NoInit<float>>;
+
+Tensor sum_partials(const Partials& part, int64_t n, int64_t m, at::IntArrayRef shape) {
   auto out = torch::empty(shape, torch::kFloat);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
@@ -1628,7 +1651,7 @@ Tensor pointwise_grad_weight(const Tensor& gy, const Tensor& x, const Tensor& w,
   int64_t xs = 0;
   auto xc = image_major(x, xs);
   const int64_t n = gc.size(0), co = gc.size(1), ci = xc.size(1), hw = gc.size(2) * gc.size(3);
-  std::vector<float> part(static_cast<size_t>(image_groups(n) * co * ci));
+  Partials part(static_cast<size_t>(image_groups(n) * co * ci));
   const float *gp = gc.data_ptr<float>(), *xp = xc.data_ptr<float>();
   for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
     thread_local std::vector<float> scratch;
@@ -2193,7 +2216,7 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   std::array<Tensor, 3> out;
   if (need_x) out[0] = torch::empty(xc.sizes(), xc.options());  // contiguous
   float* gxp = need_x ? out[0].data_ptr<float>() : nullptr;
-  std::vector<float> part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0),
+  Partials part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0),
       part_pw(need_pw ? static_cast<size_t>(image_groups(n) * co * c) : 0);
   const DwBackward db(g, wdp, c, /*relu_input=*/true, need_x, need_dw);
   for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
@@ -2750,7 +2773,7 @@ struct WeightedSumBackward : torch::autograd::Node {
       if (should_compute_output(1 + j)) out[1 + j] = torch::empty_like(gc), gdst[j] = out[1 + j].data_ptr<float>();
     }
     const int64_t block = 16384, nb = (n + block - 1) / block;
-    std::vector<float> part(need_w ? static_cast<size_t>(nb * k) : 0);
+    Partials part(need_w ? static_cast<size_t>(nb * k) : 0);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t bi = b; bi < e; ++bi) {
         const int64_t i0 = bi * block, i1 = std::min(n, i0 + block);
@@ -2846,7 +2869,7 @@ std::pair<Tensor, Tensor> depthwise_conv2d_backward(const Tensor& grad_out, cons
   TORCH_CHECK(gc.size(2) == g.oh && gc.size(3) == g.ow, "depthwise_conv2d_backward: grad shape ", gc.sizes());
   Tensor gx;
   if (need_input) gx = torch::empty_like(xc);
-  std::vector<float> part(need_weight ? static_cast<size_t>(n * c * g.k * g.k) : 0);
+  Partials part(need_weight ? static_cast<size_t>(n * c * g.k * g.k) : 0);
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *gp = gc.data_ptr<float>();
   float* gxp = need_input ? gx.data_ptr<float>() : nullptr;
   const int64_t plane = g.h * g.w, oplane = g.oh * g.ow, kk = g.k * g.k;
