@@ -1505,7 +1505,9 @@ struct PlaneStats {
   std::vector<float> mean, m2;
 };
 
-void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
+// (ND_CLONES here and in the BN loops below: these loops stream planes that are still in the
+// cache; compiled for the baseline they ran 4 floats at a time.)
+ND_CLONES void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < hw; ++j) acc += src[j];
@@ -1939,6 +1941,22 @@ Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
 // temporary of the caller's and may be overwritten by the output; `z_only` (with in_place and
 // an affine output z): the caller keeps z, not y, so z overwrites x (training mode, own kernel;
 // y is then undefined).
+// bn_forward's normalisation of one plane: dst = x_hat = (src - mu) is, and zr (when given) the
+// affine output; with z_over_x, dst is the affine output alone.
+ND_CLONES void bn_normalize_plane(const float* src, float* dst, float* zr, int64_t hw, float mu, float is, bool z_over_x,
+                                  float gm, float bt, float sc) {
+  if (z_over_x) {
+#pragma omp simd
+    for (int64_t j = 0; j < hw; ++j) dst[j] = affine_value((src[j] - mu) * is, gm, bt, sc);
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - mu) * is;
+  if (!zr) return;
+#pragma omp simd
+  for (int64_t j = 0; j < hw; ++j) zr[j] = affine_value(dst[j], gm, bt, sc);
+}
+
 std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm, const Tensor& rv,
                                              const BnParams& p, const PlaneStats* stats = nullptr,
                                              bool in_place = false, const OutAffine* aff = nullptr,
@@ -1998,21 +2016,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
   float* zp = own_z ? zt.data_ptr<float>() : nullptr;
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const float *src = xp + i * hw, mu = mp[i % c], is = ip[i % c];
-      float* dst = yp + i * hw;
-      if (z_over_x) {
-        const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
-#pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) dst[j] = affine_value((src[j] - mu) * is, gm, bt, sc);
-        continue;
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < hw; ++j) dst[j] = (src[j] - mu) * is;
-      if (!zp) continue;
-      const float gm = ap.gamma(i % c), bt = ap.beta(i % c), sc = ap.scale(i / c);
-      float* zr = zp + i * hw;
-#pragma omp simd
-      for (int64_t j = 0; j < hw; ++j) zr[j] = affine_value(dst[j], gm, bt, sc);
+      bn_normalize_plane(xp + i * hw, yp + i * hw, zp && !z_over_x ? zp + i * hw : nullptr, hw, mp[i % c], ip[i % c],
+                         z_over_x, ap.gamma(i % c), ap.beta(i % c), ap.scale(i / c));
     }
   });
   if (z) *z = own_z ? zt : affine_out(y, *aff);
@@ -2039,6 +2044,33 @@ struct BnGrads {
 // then writes one image's d x, so that a consumer can compute it where it is used, in cache
 // (dw_pw_backward), instead of reading a whole tensor of it back. The saved tensor is x_hat, or
 // the node's output z when `from_out` (x_hat = (z - beta) / gamma on the fly, never a tensor).
+// BnBackwardPlan's loops over one plane (g: its gradient, y: x_hat, or with from_out the
+// output z, x_hat recovered as (z - beta) / gamma): the sums of g and g x_hat; and the input
+// gradient is (k g - a1 - x_hat a2).
+ND_CLONES void bn_plane_sums(const float* gr, const float* yr, int64_t hw, bool from_out, float rg, float bt, float& s1,
+                             float& s2) {
+  float a = 0.f, b = 0.f;
+  if (from_out) {
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t j = 0; j < hw; ++j) a += gr[j], b += gr[j] * x_hat_value(yr[j], bt, rg);
+  } else {
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t j = 0; j < hw; ++j) a += gr[j], b += gr[j] * yr[j];
+  }
+  s1 = a, s2 = b;
+}
+
+ND_CLONES void bn_grad_plane(const float* gr, const float* yr, float* orow, int64_t hw, bool from_out, float rg,
+                             float bt, float is, float k, float a1, float a2) {
+  if (from_out) {
+#pragma omp simd
+    for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - x_hat_value(yr[j], bt, rg) * a2);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - yr[j] * a2);
+  }
+}
+
 struct BnBackwardPlan {
   static bool applies(const Tensor& g, const Tensor& saved, const Tensor& invstd, const OutAffine& a) {
     return own_kernel(g) && own_kernel(saved) && saved.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
@@ -2056,16 +2088,8 @@ struct BnBackwardPlan {
     std::vector<float> psg(static_cast<size_t>(n * c)), psgy(static_cast<size_t>(n * c));
     at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        const float *gr = gp + i * hw, *yr = yp + i * hw;
         float s1 = 0.f, s2 = 0.f;
-        if (this->from_out) {
-          const float rg = 1.f / ap.gamma(i % c), bt = ap.beta(i % c);
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * x_hat_value(yr[j], bt, rg);
-        } else {
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < hw; ++j) s1 += gr[j], s2 += gr[j] * yr[j];
-        }
+        bn_plane_sums(gp + i * hw, yp + i * hw, hw, this->from_out, 1.f / ap.gamma(i % c), ap.beta(i % c), s1, s2);
         const float sc = ap.scale(i / c);
         psg[i] = s1 * sc, psgy[i] = s2 * sc;
       }
@@ -2087,16 +2111,8 @@ struct BnBackwardPlan {
     for (int64_t ch = 0; ch < c; ++ch) {
       const int64_t pl = i * c + ch;
       const float *gr = gp + pl * hw, *yr = yp + pl * hw;
-      const float a1 = m1[ch], a2 = m2[ch], is = ip[ch], k = ap.gamma(ch) * ap.scale(i);
-      float* orow = dst + ch * hw;
-      if (from_out) {
-        const float rg = 1.f / ap.gamma(ch), bt = ap.beta(ch);
-#pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - x_hat_value(yr[j], bt, rg) * a2);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < hw; ++j) orow[j] = is * (k * gr[j] - a1 - yr[j] * a2);
-      }
+      const float k = ap.gamma(ch) * ap.scale(i);
+      bn_grad_plane(gr, yr, dst + ch * hw, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], k, m1[ch], m2[ch]);
     }
   }
 
