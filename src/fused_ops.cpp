@@ -2713,6 +2713,40 @@ std::vector<float> host_weights(const Tensor& w) {
   return std::vector<float>(wd.data_ptr<double>(), wd.data_ptr<double>() + wd.numel());
 }
 
+// The weighted sum's loops over one range [b, e) of the flat tensors (ND_CLONES: the forward
+// and backward of every search edge stream its candidates' outputs through them). Forward: o =
+// sum_j w_j src_j. Backward: part[j] = sum g y_j (the weights' gradient, where y_j is kept) and
+// gdst_j = g w_j (the candidates' gradients, where asked).
+ND_CLONES void ws_forward_range(float* o, const float* const* src, const float* wv, int64_t k, int64_t b, int64_t e) {
+  const float* s0 = src[0];
+  const float w0 = wv[0];
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) o[i] = w0 * s0[i];
+  for (int64_t j = 1; j < k; ++j) {
+    const float* sj = src[j];
+    const float wj = wv[j];
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) o[i] += wj * sj[i];
+  }
+}
+
+ND_CLONES void ws_backward_range(const float* gp, const float* const* ysrc, float* const* gdst, const float* wv,
+                                 int64_t k, int64_t b, int64_t e, float* part) {
+  for (int64_t j = 0; j < k; ++j) {
+    if (const float* sj = ysrc[j]) {
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = b; i < e; ++i) acc += gp[i] * sj[i];
+      part[j] = acc;
+    }
+    if (float* dj = gdst[j]) {
+      const float wj = wv[j];
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) dj[i] = gp[i] * wj;
+    }
+  }
+}
+
 // sum_k w[k] * y_k over the listed ops: a hand-made autograd node (any number of inputs).
 Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   bool own = true;
@@ -2731,18 +2765,7 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   const std::vector<float> wv = host_weights(w);
   for (int64_t j = 0; j < k; ++j) src[j] = yc[j].data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-    const float* s0 = src[0];
-    const float w0 = wv[0];
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) o[i] = w0 * s0[i];
-    for (int64_t j = 1; j < k; ++j) {
-      const float* sj = src[j];
-      const float wj = wv[j];
-#pragma omp simd
-      for (int64_t i = b; i < e; ++i) o[i] += wj * sj[i];
-    }
-  });
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) { ws_forward_range(o, src.data(), wv.data(), k, b, e); });
   return out;
 }
 
@@ -2793,19 +2816,7 @@ struct WeightedSumBackward : torch::autograd::Node {
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t bi = b; bi < e; ++bi) {
         const int64_t i0 = bi * block, i1 = std::min(n, i0 + block);
-        for (int64_t j = 0; j < k; ++j) {
-          if (const float* sj = ysrc[j]) {
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = i0; i < i1; ++i) acc += gp[i] * sj[i];
-            part[bi * k + j] = acc;
-          }
-          if (float* dj = gdst[j]) {
-            const float wj = wv[j];
-#pragma omp simd
-            for (int64_t i = i0; i < i1; ++i) dj[i] = gp[i] * wj;
-          }
-        }
+        ws_backward_range(gp, ysrc.data(), gdst.data(), wv.data(), k, i0, i1, part.data() + bi * k);
       }
     });
     if (need_w) out[0] = sum_partials(part, nb, k, {k}).to(w.options());
