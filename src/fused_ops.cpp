@@ -1439,7 +1439,6 @@ bool own_kernel(const Tensor& x) {
   return x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.layout() == torch::kStrided;
 }
 
-// Sums partials [n, m] over n in a fixed order (double accumulation) into a tensor of `shape`.
 // An allocator whose elements start uninitialised (a vector of it sized n is not zero-filled):
 // for the partial sums that every image writes before anything reads them (zero-filling them
 // was a serial memset of up to a few hundred KB per node in the backward).
@@ -1463,6 +1462,7 @@ struct NoInit : std::allocator<T> {
 };
 using Partials = std::vector<float, NoInit<float>>;
 
+// Sums partials [n, m] over n in a fixed order (double accumulation) into a tensor of `shape`.
 Tensor sum_partials(const Partials& part, int64_t n, int64_t m, at::IntArrayRef shape) {
   auto out = torch::empty(shape, torch::kFloat);
   float* o = out.data_ptr<float>();
@@ -1936,11 +1936,6 @@ Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
   return affine_planes(z, a, [](float v, float gm, float bt, float) { return x_hat_value(v, bt, 1.f / gm); });
 }
 
-// y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
-// `stats`: the planes' statistics when the caller's kernel computed them; `in_place`: x is a
-// temporary of the caller's and may be overwritten by the output; `z_only` (with in_place and
-// an affine output z): the caller keeps z, not y, so z overwrites x (training mode, own kernel;
-// y is then undefined).
 // bn_forward's normalisation of one plane: dst = x_hat = (src - mu) is, and zr (when given) the
 // affine output; with z_over_x, dst is the affine output alone.
 ND_CLONES void bn_normalize_plane(const float* src, float* dst, float* zr, int64_t hw, float mu, float is, bool z_over_x,
@@ -1957,6 +1952,11 @@ ND_CLONES void bn_normalize_plane(const float* src, float* dst, float* zr, int64
   for (int64_t j = 0; j < hw; ++j) zr[j] = affine_value(dst[j], gm, bt, sc);
 }
 
+// y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
+// `stats`: the planes' statistics when the caller's kernel computed them; `in_place`: x is a
+// temporary of the caller's and may be overwritten by the output; `z_only` (with in_place and
+// an affine output z): the caller keeps z, not y, so z overwrites x (training mode, own kernel;
+// y is then undefined).
 std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm, const Tensor& rv,
                                              const BnParams& p, const PlaneStats* stats = nullptr,
                                              bool in_place = false, const OutAffine* aff = nullptr,
@@ -2039,11 +2039,6 @@ struct BnGrads {
   Tensor x, gamma, beta;
 };
 
-// The own-kernel form in two halves: the constructor reads g and the saved tensor once (per-plane
-// sums of g and g x_hat, per-channel totals in double in image order, d gamma, d beta); image(i, dst)
-// then writes one image's d x, so that a consumer can compute it where it is used, in cache
-// (dw_pw_backward), instead of reading a whole tensor of it back. The saved tensor is x_hat, or
-// the node's output z when `from_out` (x_hat = (z - beta) / gamma on the fly, never a tensor).
 // BnBackwardPlan's loops over one plane (g: its gradient, y: x_hat, or with from_out the
 // output z, x_hat recovered as (z - beta) / gamma): the sums of g and g x_hat; and the input
 // gradient is (k g - a1 - x_hat a2).
@@ -2071,6 +2066,11 @@ ND_CLONES void bn_grad_plane(const float* gr, const float* yr, float* orow, int6
   }
 }
 
+// The own-kernel form in two halves: the constructor reads g and the saved tensor once (per-plane
+// sums of g and g x_hat, per-channel totals in double in image order, d gamma, d beta); image(i, dst)
+// then writes one image's d x, so that a consumer can compute it where it is used, in cache
+// (dw_pw_backward), instead of reading a whole tensor of it back. The saved tensor is x_hat, or
+// the node's output z when `from_out` (x_hat = (z - beta) / gamma on the fly, never a tensor).
 struct BnBackwardPlan {
   static bool applies(const Tensor& g, const Tensor& saved, const Tensor& invstd, const OutAffine& a) {
     return own_kernel(g) && own_kernel(saved) && saved.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
@@ -2245,11 +2245,8 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
       d.resize(static_cast<size_t>(c * ohw));
       for (int64_t ch = 0; ch < c; ++ch) {
         float* xb = xbufs.data() + (keep_x ? ch * xb_size : 0);
-        if (rows) {
-          dw_plane(xp + i * xs + ch * plane, wdp + ch * kk, d.data() + ch * ohw, g, true, nullptr, nullptr);
-        } else if (direct) {
-          relu_plane(xp + i * xs + ch * plane, xb, plane);
-          dw_plane(xb, wdp + ch * kk, d.data() + ch * ohw, g, false, nullptr, nullptr);
+        if (direct) {  // row blocks: the ReLU on load; flat blocks: relu(x) into xb, kept for db
+          dw_plane(xp + i * xs + ch * plane, wdp + ch * kk, d.data() + ch * ohw, g, true, xb, nullptr);
         } else {
           fill_phases(xp + i * xs + ch * plane, xb, g, true);
           dw_forward_plane(xb, wdp + ch * kk, ext.data(), d.data() + ch * ohw, g);
