@@ -2761,8 +2761,13 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   std::vector<const float*> src(k);
   const std::vector<float> wv = host_weights(w);
   for (int64_t j = 0; j < k; ++j) src[j] = yc[j].data_ptr<float>();
+  // Blocks of 16k floats (64 KB): each block of the output stays in L1/L2 across the k summands
+  // (over a thread's whole range it was streamed k times).
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) { ws_forward_range(o, src.data(), wv.data(), k, b, e); });
+  const int64_t block = 16384, nb = (n + block - 1) / block;
+  at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t bi = b; bi < e; ++bi) ws_forward_range(o, src.data(), wv.data(), k, bi * block, std::min(n, (bi + 1) * block));
+  });
   return out;
 }
 

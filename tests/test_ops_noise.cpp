@@ -2,13 +2,18 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <vector>
 
 #include "noisydarts/mixed_op.h"
 #include "noisydarts/noise.h"
 #include "noisydarts/ops.h"
 #include "noisydarts/search_network.h"
+#include "noisydarts/splitmix.h"
 
 using namespace noisydarts;
 
@@ -108,8 +113,8 @@ TEST(Noise, UniformMatchesGaussianMeanAndStdWithinItsBounds) {
 }
 
 TEST(Noise, SameSeedSameNoiseAtAnyThreadCountAndBlocksAreIndependent) {
-  // Sampled in parallel blocks of 2^16 with per-block generators (noise.cpp).
-  auto y = torch::ones({4, 8, 64, 64});  // 131072 elements: two blocks
+  // Counter-based draws in parallel chunks (noise.cpp): the thread count changes nothing.
+  auto y = torch::ones({4, 8, 64, 64});  // 131072 elements: two halves compared below
   NoiseOptions o;
   o.scale = NoiseScale::kAbsolute;
   o.lambda = 1.0;
@@ -131,6 +136,85 @@ TEST(Noise, SameSeedSameNoiseAtAnyThreadCountAndBlocksAreIndependent) {
   EXPECT_NEAR(second.std().item<double>(), 1.0, 0.02);
   torch::manual_seed(12);
   EXPECT_FALSE(sample_noise(y, o, 1.0).equal(a));
+}
+
+namespace {
+// The sampler's construction (src/noise.cpp, docs/search.md) in double precision: pair p of a
+// call keyed by `key` is the SplitMix64 word w = splitmix64(key + p * gamma); u, v its top two
+// 24-bit fields / 2^24; Box-Muller on (1 - u, v).
+std::vector<double> expected_gaussian(uint64_t key, int64_t n) {
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t w = splitmix64(key + static_cast<uint64_t>(i / 2) * 0x9e3779b97f4a7c15ULL);
+    const double u = static_cast<double>(w >> 40) / 16777216.0, v = static_cast<double>((w >> 16) & 0xffffff) / 16777216.0;
+    const double r = std::sqrt(-2.0 * std::log(1.0 - u)), t = 2.0 * M_PI * v;
+    out[static_cast<size_t>(i)] = i % 2 == 0 ? r * std::cos(t) : r * std::sin(t);
+  }
+  return out;
+}
+uint64_t next_key(uint64_t seed) {  // the 64-bit draw a noise call takes from the default generator
+  torch::manual_seed(seed);
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get<at::CPUGeneratorImpl>()->random64();
+}
+}  // namespace
+
+TEST(Noise, GaussianSamplerIsBoxMullerOfSplitMixWordsToFloatRounding) {
+  // 70001 values: three parallel chunks and an odd tail (the last value, drawn outside the
+  // vectorised loop).
+  const int64_t n = 70001;
+  auto y = torch::zeros({n});
+  NoiseOptions o;
+  o.scale = NoiseScale::kAbsolute;
+  o.lambda = 1.0;
+  const auto want = expected_gaussian(next_key(21), n);
+  torch::manual_seed(21);
+  auto got = sample_noise(y, o, 1.0);
+  ASSERT_EQ(got.numel(), n);
+  const float* g = got.data_ptr<float>();
+  double worst = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double err = std::abs(g[i] - want[static_cast<size_t>(i)]) / (1.0 + std::abs(want[static_cast<size_t>(i)]));
+    worst = std::max(worst, err);
+  }
+  EXPECT_LT(worst, 1e-6) << "float log / sincos / sqrt against double";
+  // The odd tail's value (scalar code) has the bits of the same pair inside the loop (n + 1).
+  torch::manual_seed(21);
+  auto longer = sample_noise(torch::zeros({n + 1}), o, 1.0);
+  EXPECT_TRUE(longer.narrow(0, 0, n).equal(got));
+  // Uniform: a + (b - a) u with the same words.
+  o.type = NoiseType::kUniform;
+  o.lambda = 1.0 / std::sqrt(3.0);  // U(-1/sqrt(3) * sqrt(3), ...) = U(-1, 1)
+  torch::manual_seed(22);
+  const uint64_t key = next_key(22);
+  torch::manual_seed(22);
+  auto uni = sample_noise(torch::zeros({1001}), o, 1.0);
+  const float* ug = uni.data_ptr<float>();
+  for (int64_t i = 0; i < 1001; ++i) {
+    const uint64_t w = splitmix64(key + static_cast<uint64_t>(i / 2) * 0x9e3779b97f4a7c15ULL);
+    const double u = static_cast<double>(i % 2 == 0 ? (w >> 40) : ((w >> 16) & 0xffffff)) / 16777216.0;
+    ASSERT_NEAR(ug[i], -1.0 + 2.0 * u, 1e-6) << i;
+  }
+}
+
+TEST(Noise, GaussianSamplerHasTheNormalQuantilesAndKurtosis) {
+  auto y = torch::zeros({1 << 20});
+  NoiseOptions o;
+  o.scale = NoiseScale::kAbsolute;
+  o.lambda = 1.0;
+  torch::manual_seed(23);
+  auto z = sample_noise(y, o, 1.0).to(torch::kDouble);
+  EXPECT_NEAR(z.mean().item<double>(), 0.0, 0.004);
+  EXPECT_NEAR(z.std().item<double>(), 1.0, 0.003);
+  EXPECT_NEAR((z < 0).to(torch::kDouble).mean().item<double>(), 0.5, 0.002);
+  EXPECT_NEAR((z < -1.959964).to(torch::kDouble).mean().item<double>(), 0.025, 0.0006);
+  EXPECT_NEAR((z > 2.575829).to(torch::kDouble).mean().item<double>(), 0.005, 0.0003);
+  EXPECT_NEAR((z.abs() < 1.0).to(torch::kDouble).mean().item<double>(), 0.682689, 0.002);
+  EXPECT_NEAR(z.pow(4).mean().item<double>(), 3.0, 0.05);
+  // Even and odd positions (cos and sin of one pair) are uncorrelated.
+  auto pairs = z.view({-1, 2});
+  EXPECT_LT(std::abs((pairs.select(1, 0) * pairs.select(1, 1)).mean().item<double>()), 0.004);
 }
 
 TEST(Noise, ADivergedInputGivesNonFiniteNoiseInsteadOfAnError) {
