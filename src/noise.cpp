@@ -4,10 +4,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
+#include <vector>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include "noisydarts/error.h"
 #include "noisydarts/splitmix.h"
@@ -110,81 +114,207 @@ inline void gaussian_pair(uint64_t w, float a, float b, float& z0, float& z1) {
   z1 = a + b * (r * sn);
 }
 
-// Pairs [p0, p1) into out[2p], out[2p + 1] (n values in all: an odd n's last pair gives only
-// out[n - 1], its first value). IEEE float operations only, in a fixed order
-// (-ffp-contract=off): every clone, vectorised or not, gives the same bits.
-ND_NOISE_CLONES void draw_pairs(float* out, uint64_t key, int64_t p0, int64_t p1, int64_t n, bool gaussian, float a, float b) {
-  const int64_t full = std::min(p1, n / 2);
-  const float span = b - a;
-  if (gaussian) {
-#pragma omp simd
-    for (int64_t p = p0; p < full; ++p) gaussian_pair(pair_word(key, p), a, b, out[2 * p], out[2 * p + 1]);
+// The value of draw d (a + b z for Gaussian z, a + (b - a) u for uniform u) scaled by the decay,
+// and what it becomes at element i: itself (kValue) or y[i] plus it (kAdd).
+enum DrawMode { kValue, kAdd };
+template <DrawMode M>
+inline float place(float d, float decay, const float* y, int64_t i) {
+  const float v = d * decay;
+  return M == kAdd ? y[i] + v : v;  // y: the element's image, offset so that y[i] is element i
+}
+template <bool Gauss>
+inline void pair_draws(uint64_t w, float a, float b, float& d0, float& d1) {
+  if (Gauss) {
+    gaussian_pair(w, a, b, d0, d1);
   } else {
-#pragma omp simd
-    for (int64_t p = p0; p < full; ++p) {
-      const uint64_t w = pair_word(key, p);
-      out[2 * p] = a + span * word_u(w);
-      out[2 * p + 1] = a + span * word_v(w);
-    }
-  }
-  if (p1 > full && (n & 1)) {
-    const uint64_t w = pair_word(key, n / 2);
-    float z0 = 0.f, z1 = 0.f;
-    if (gaussian) gaussian_pair(w, a, b, z0, z1);
-    else z0 = a + span * word_u(w);
-    out[n - 1] = z0;
+    d0 = a + (b - a) * word_u(w);
+    d1 = a + (b - a) * word_v(w);
   }
 }
 
-// A tensor shaped like y, filled with N(a, b) (gaussian: mean a, sigma b) or U(a, b) (uniform)
-// on CPU from one 64-bit draw of the default generator (the key) and counter-based draws
-// (draw_pairs), in parallel: same seed, same noise, whatever the thread count or the CPU.
-// (ATen's CPU sampler runs on one thread: at a search's sizes it held up the other threads for
-// ~5% of an iteration; ATen's normal_ by blocks, as here before, spent 4% of it in the
-// Mersenne twister and its transform.) Other devices: ATen.
-torch::Tensor random_like(const torch::Tensor& y, bool gaussian, double a, double b) {
-  if (!y.device().is_cpu() || !std::isfinite(a) || !std::isfinite(b)) {
-    // A diverged input (sigma NaN or inf) gives NaN/inf noise, as the arithmetic says: the
-    // divergence check then reports it. ATen's samplers reject such parameters.
-    return gaussian ? torch::randn_like(y).mul_(b).add_(a) : torch::rand_like(y).mul_(b - a).add_(a);
+// Pairs [p0, p1) into out[2p], out[2p + 1] (n values in all: an odd n's last pair gives only
+// out[n - 1], its first value). IEEE float operations only, in a fixed order
+// (-ffp-contract=off): every clone, vectorised or not, gives the same bits.
+template <bool Gauss, DrawMode M>
+ND_NOISE_CLONES void draw_pairs(float* out, const float* y, uint64_t key, int64_t p0, int64_t p1, int64_t n, float a,
+                                float b, float decay) {
+  const int64_t full = std::min(p1, n / 2);
+#pragma omp simd
+  for (int64_t p = p0; p < full; ++p) {
+    float d0, d1;
+    pair_draws<Gauss>(pair_word(key, p), a, b, d0, d1);
+    out[2 * p] = place<M>(d0, decay, y, 2 * p);
+    out[2 * p + 1] = place<M>(d1, decay, y, 2 * p + 1);
   }
-  auto out = torch::empty(y.sizes(), y.options().dtype(torch::kFloat).memory_format(c10::MemoryFormat::Contiguous));
-  uint64_t key = 0;
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    key = gen.get<at::CPUGeneratorImpl>()->random64();
+  if (p1 > full && (n & 1)) {
+    float d0, d1;
+    pair_draws<Gauss>(pair_word(key, n / 2), a, b, d0, d1);
+    out[n - 1] = place<M>(d0, decay, y, n - 1);
   }
-  float* o = out.data_ptr<float>();
-  const int64_t n = out.numel(), pairs = (n + 1) / 2;
+}
+
+// The call's key: one 64-bit draw of LibTorch's default CPU generator.
+uint64_t draw_key() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get<at::CPUGeneratorImpl>()->random64();
+}
+
+// A float tensor as images of `inner` contiguous values `stride` apart (a contiguous tensor, or
+// a channel slice of one: a cell's node in its output): element i is at
+// base[(i / inner) * stride + i % inner].
+struct Images {
+  const float* base = nullptr;
+  int64_t inner = 0, stride = 0;
+};
+bool as_images(const torch::Tensor& y, Images& im) {
+  if (y.numel() == 0) return false;
+  if (y.is_contiguous()) {
+    im = {y.data_ptr<float>(), y.numel(), y.numel()};
+    return true;
+  }
+  if (y.dim() < 2 || !y.select(0, 0).is_contiguous()) return false;
+  im = {y.data_ptr<float>(), y.numel() / y.size(0), y.stride(0)};
+  return im.inner % 2 == 0;  // whole pairs in each image
+}
+
+// out = decay * (the draws) (y null) or y + decay * (the draws) (y's images), over n floats in
+// parallel chunks (counter-based: the same values at any thread count). (ATen's CPU sampler
+// runs on one thread: at a search's sizes it held up the other threads for ~5% of an
+// iteration; ATen's normal_ by blocks, as here until the eighth session, spent ~4% of one in
+// its Mersenne twister and transform.)
+void draw(float* out, const Images* y, int64_t n, bool gaussian, float a, float b, float decay) {
+  const uint64_t key = draw_key();
+  const int64_t pairs = (n + 1) / 2;
   at::parallel_for(0, pairs, int64_t{1} << 14, [&](int64_t p0, int64_t p1) {
-    draw_pairs(o, key, p0, p1, n, gaussian, static_cast<float>(a), static_cast<float>(b));
+    if (!y) {
+      if (gaussian) draw_pairs<true, kValue>(out, nullptr, key, p0, p1, n, a, b, decay);
+      else draw_pairs<false, kValue>(out, nullptr, key, p0, p1, n, a, b, decay);
+      return;
+    }
+    const int64_t half = y->inner / 2 + (y->inner == n ? n % 2 : 0);  // pairs per image
+    for (int64_t q0 = p0; q0 < p1;) {
+      const int64_t k = q0 / half, q1 = std::min(p1, (k + 1) * half);
+      // y[i] for this image's elements i: the image's values, offset by its first index.
+      const float* yk = y->base + k * (y->stride - y->inner);
+      if (gaussian) draw_pairs<true, kAdd>(out, yk, key, q0, q1, n, a, b, decay);
+      else draw_pairs<false, kAdd>(out, yk, key, q0, q1, n, a, b, decay);
+      q0 = q1;
+    }
   });
-  return out.to(y.scalar_type());
+}
+
+// The unbiased standard deviation of y's values (as torch::std), summed in double: shifted by
+// the first value, in fixed chunks of 2^16 per image whose partial sums are added in order (the
+// same value at any thread count).
+ND_NOISE_CLONES void shifted_sums(const float* y, int64_t len, float shift, double* out) {
+  double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < len; ++i) {
+    const double d = static_cast<double>(y[i]) - static_cast<double>(shift);
+    s1 += d;
+    s2 += d * d;
+  }
+  out[0] = s1, out[1] = s2;
+}
+double images_std(const Images& y, int64_t n) {
+  if (n < 2) return std::numeric_limits<double>::quiet_NaN();
+  const int64_t chunk = int64_t{1} << 16, per = (y.inner + chunk - 1) / chunk, images = n / y.inner;
+  std::vector<double> part(static_cast<size_t>(2 * per * images));
+  const float shift = y.base[0];
+  at::parallel_for(0, per * images, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c / per, off = (c % per) * chunk;
+      shifted_sums(y.base + k * y.stride + off, std::min(chunk, y.inner - off), shift, part.data() + 2 * c);
+    }
+  });
+  double s1 = 0, s2 = 0;
+  for (int64_t c = 0; c < per * images; ++c) s1 += part[2 * c], s2 += part[2 * c + 1];
+  const double dn = static_cast<double>(n);
+  const double var = (s2 - s1 * s1 / dn) / (dn - 1.0);
+  return std::sqrt(var < 0 ? 0.0 : var);  // NaN stays NaN (a diverged input)
+}
+
+// Where the own sampler runs: CPU float tensors and finite parameters. A diverged input (sigma
+// NaN or inf) takes ATen's path and gives NaN/inf noise, as the arithmetic says: the divergence
+// check then reports it. Other devices: ATen's samplers.
+bool own_sampler(const torch::Tensor& y, double a, double b) {
+  return y.device().is_cpu() && y.scalar_type() == torch::kFloat && std::isfinite(a) && std::isfinite(b);
+}
+
+// Gaussian N(mean, sigma) or uniform U(mean -+ sqrt(3) sigma) (the same mean and std), sigma =
+// lambda, or lambda * std(y) for additive noise of relative scale.
+struct NoiseParams {
+  bool gaussian;
+  double a, b;
+};
+NoiseParams noise_params(const torch::Tensor& yd, const NoiseOptions& opt) {
+  double sigma = opt.lambda;
+  Images im;
+  if (opt.mixture == NoiseMixture::kAdditive && opt.scale == NoiseScale::kRelative)
+    sigma = opt.lambda * (yd.device().is_cpu() && yd.scalar_type() == torch::kFloat && as_images(yd, im)
+                              ? images_std(im, yd.numel())
+                              : yd.std().item<double>());
+  if (opt.type == NoiseType::kGaussian) return {true, opt.mean, sigma};
+  const double half = std::sqrt(3.0) * sigma;  // U(-a, a) has std a / sqrt(3)
+  return {false, opt.mean - half, opt.mean + half};
+}
+
+// apply_noise's additive form in one pass (y + n, n never stored): the gradient is the identity.
+struct NoiseAddBackward : torch::autograd::Node {
+  std::string name() const override { return "noisydarts::NoiseAddBackward"; }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return {std::move(grads[0])}; }
+};
+}  // namespace
+
+namespace {
+// The noise tensor for parameters p (sample_noise's body).
+torch::Tensor sample_with(const torch::Tensor& yd, const NoiseParams& p, double decay) {
+  if (!own_sampler(yd, p.a, p.b)) {
+    auto n = p.gaussian ? torch::randn_like(yd).mul_(p.b).add_(p.a) : torch::rand_like(yd).mul_(p.b - p.a).add_(p.a);
+    if (decay != 1.0) n.mul_(decay);
+    return n;
+  }
+  auto n = torch::empty(yd.sizes(), yd.options().memory_format(c10::MemoryFormat::Contiguous));
+  draw(n.data_ptr<float>(), nullptr, n.numel(), p.gaussian, static_cast<float>(p.a), static_cast<float>(p.b),
+       static_cast<float>(decay));
+  return n;
 }
 }  // namespace
 
 torch::Tensor sample_noise(const torch::Tensor& y, const NoiseOptions& opt, double decay) {
   torch::NoGradGuard no_grad;
   const auto yd = y.detach();
-  double sigma = opt.lambda;
-  if (opt.mixture == NoiseMixture::kAdditive && opt.scale == NoiseScale::kRelative)
-    sigma = opt.lambda * yd.std().item<double>();
-  torch::Tensor n;
-  if (opt.type == NoiseType::kGaussian) {
-    n = random_like(yd, true, opt.mean, sigma);
-  } else {
-    const double half = std::sqrt(3.0) * sigma;  // U(-a, a) has std a / sqrt(3)
-    n = random_like(yd, false, opt.mean - half, opt.mean + half);
-  }
-  if (decay != 1.0) n.mul_(decay);
-  return n;
+  return sample_with(yd, noise_params(yd, opt), decay);
 }
 
 torch::Tensor apply_noise(const torch::Tensor& y, const NoiseOptions& opt, double decay) {
   if (!opt.enabled()) return y;
-  auto n = sample_noise(y, opt, decay);
-  return opt.mixture == NoiseMixture::kAdditive ? y + n : y * n;
+  if (opt.mixture == NoiseMixture::kMultiplicative) return y * sample_noise(y, opt, decay);
+  // One pass where the own sampler runs on y's images (a contiguous tensor or a channel slice of
+  // one): the same draws and roundings as y + sample_noise(y) (test
+  // Noise.AdditiveNoiseInOnePassEqualsYPlusTheSampledNoise).
+  torch::Tensor out, n;
+  {
+    torch::NoGradGuard no_grad;
+    const auto yd = y.detach();
+    const NoiseParams p = noise_params(yd, opt);
+    Images im;
+    if (!own_sampler(yd, p.a, p.b) || !as_images(yd, im)) {
+      n = sample_with(yd, p, decay);
+    } else {
+      out = torch::empty(yd.sizes(), yd.options().memory_format(c10::MemoryFormat::Contiguous));
+      draw(out.data_ptr<float>(), &im, out.numel(), p.gaussian, static_cast<float>(p.a), static_cast<float>(p.b),
+           static_cast<float>(decay));
+    }
+  }
+  if (n.defined()) return y + n;
+  if (torch::GradMode::is_enabled() && y.requires_grad()) {
+    auto node = std::shared_ptr<NoiseAddBackward>(new NoiseAddBackward(), torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(y));
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 std::string to_string(NoiseType t) {

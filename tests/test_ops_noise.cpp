@@ -198,6 +198,42 @@ TEST(Noise, GaussianSamplerIsBoxMullerOfSplitMixWordsToFloatRounding) {
   }
 }
 
+TEST(Noise, AdditiveNoiseInOnePassEqualsYPlusTheSampledNoise) {
+  // apply_noise's additive form writes y + n in one pass (no n tensor): the same draws and the
+  // same roundings as y + sample_noise(y), for both noise types, with and without decay, and
+  // for non-contiguous inputs.
+  torch::manual_seed(30);
+  auto y = torch::randn({3, 5, 17, 19}) * 2.0 + 0.5;  // 4845 values: odd
+  for (const auto type : {NoiseType::kGaussian, NoiseType::kUniform})
+    for (const double decay : {1.0, 0.37})
+      for (const bool strided : {false, true}) {
+        NoiseOptions o;
+        o.type = type;
+        o.lambda = 0.3;
+        o.mean = 0.1;
+        // strided: a transposed view (two steps) or a channel slice (one pass over its images)
+        const auto x = strided ? (type == NoiseType::kGaussian ? y.narrow(1, 1, 3) : y.transpose(2, 3)) : y;
+        torch::manual_seed(31);
+        auto a = apply_noise(x, o, decay);
+        torch::manual_seed(31);
+        auto b = x + sample_noise(x, o, decay);
+        EXPECT_TRUE(a.equal(b)) << to_string(type) << " decay " << decay << (strided ? " strided" : "");
+      }
+  // The relative scale's sigma (own double sums over the images) is torch::std's: n = sigma z
+  // with z known from the key.
+  NoiseOptions o;
+  o.lambda = 1.0;
+  for (const auto& x : {y, y.narrow(1, 1, 3)}) {
+    const auto z = expected_gaussian(next_key(32), x.numel());
+    torch::manual_seed(32);
+    const auto n = sample_noise(x, o, 1.0);
+    const float* np = n.data_ptr<float>();
+    const double sigma = x.std().item<double>();
+    for (int64_t i = 0; i < x.numel(); ++i)
+      if (std::abs(z[static_cast<size_t>(i)]) > 1.0) ASSERT_NEAR(np[i] / z[static_cast<size_t>(i)], sigma, 2e-6 * sigma) << i;
+  }
+}
+
 TEST(Noise, GaussianSamplerHasTheNormalQuantilesAndKurtosis) {
   auto y = torch::zeros({1 << 20});
   NoiseOptions o;
