@@ -2744,6 +2744,11 @@ ND_CLONES void ws_backward_range(const float* gp, const float* const* ysrc, floa
   }
 }
 
+// The weighted sum's blocks (16k floats, 64 KB): forward, each output block stays in L1/L2
+// across the k summands (over a thread's whole range it was streamed k times); backward, the
+// alphas' partial dot products, summed in block order.
+constexpr int64_t kSumBlock = 16384;
+
 // sum_k w[k] * y_k over the listed ops: a hand-made autograd node (any number of inputs).
 Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   bool own = true;
@@ -2761,12 +2766,11 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   std::vector<const float*> src(k);
   const std::vector<float> wv = host_weights(w);
   for (int64_t j = 0; j < k; ++j) src[j] = yc[j].data_ptr<float>();
-  // Blocks of 16k floats (64 KB): each block of the output stays in L1/L2 across the k summands
-  // (over a thread's whole range it was streamed k times).
   float* o = out.data_ptr<float>();
-  const int64_t block = 16384, nb = (n + block - 1) / block;
+  const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
   at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
-    for (int64_t bi = b; bi < e; ++bi) ws_forward_range(o, src.data(), wv.data(), k, bi * block, std::min(n, (bi + 1) * block));
+    for (int64_t bi = b; bi < e; ++bi)
+      ws_forward_range(o, src.data(), wv.data(), k, bi * kSumBlock, std::min(n, (bi + 1) * kSumBlock));
   });
   return out;
 }
@@ -2813,11 +2817,11 @@ struct WeightedSumBackward : torch::autograd::Node {
       if (need_w) yc[j] = ys[j].contiguous(), ysrc[j] = yc[j].data_ptr<float>();
       if (should_compute_output(1 + j)) out[1 + j] = torch::empty_like(gc), gdst[j] = out[1 + j].data_ptr<float>();
     }
-    const int64_t block = 16384, nb = (n + block - 1) / block;
+    const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
     Partials part(need_w ? static_cast<size_t>(nb * k) : 0);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t bi = b; bi < e; ++bi) {
-        const int64_t i0 = bi * block, i1 = std::min(n, i0 + block);
+        const int64_t i0 = bi * kSumBlock, i1 = std::min(n, i0 + kSumBlock);
         ws_backward_range(gp, ysrc.data(), gdst.data(), wv.data(), k, i0, i1, part.data() + bi * k);
       }
     });

@@ -44,8 +44,7 @@ namespace {
 #define ND_NOISE_CLONES
 #endif
 
-constexpr uint64_t kGamma = 0x9e3779b97f4a7c15ULL;  // SplitMix64's increment
-constexpr float kTwo24 = 1.0f / 16777216.0f;         // 2^-24
+constexpr float kTwo24 = 1.0f / 16777216.0f;  // 2^-24
 
 inline float bits_float(uint32_t u) {
   float f;
@@ -103,7 +102,7 @@ inline void sincos_turns(float t, float& s, float& c) {
 // (the (p+1)-th output of SplitMix64 started at key); u = its high 24 bits / 2^24 and v = the
 // next 24 / 2^24, both in [0, 1). Gaussian: Box-Muller on (1 - u, v), a + b sqrt(-2 ln(1 - u))
 // (cos, sin)(2 pi v). Uniform: a + (b - a) (u, v).
-inline uint64_t pair_word(uint64_t key, int64_t p) { return splitmix64(key + static_cast<uint64_t>(p) * kGamma); }
+inline uint64_t pair_word(uint64_t key, int64_t p) { return splitmix64(key + static_cast<uint64_t>(p) * kSplitMixGamma); }
 inline float word_u(uint64_t w) { return static_cast<float>(static_cast<uint32_t>(w >> 40)) * kTwo24; }
 inline float word_v(uint64_t w) { return static_cast<float>(static_cast<uint32_t>((w >> 16) & 0xffffffu)) * kTwo24; }
 inline void gaussian_pair(uint64_t w, float a, float b, float& z0, float& z1) {
@@ -235,12 +234,13 @@ double images_std(const Images& y, int64_t n) {
   return std::sqrt(var < 0 ? 0.0 : var);  // NaN stays NaN (a diverged input)
 }
 
+// The own loops' tensors: CPU floats.
+bool cpu_float(const torch::Tensor& y) { return y.device().is_cpu() && y.scalar_type() == torch::kFloat; }
+
 // Where the own sampler runs: CPU float tensors and finite parameters. A diverged input (sigma
 // NaN or inf) takes ATen's path and gives NaN/inf noise, as the arithmetic says: the divergence
 // check then reports it. Other devices: ATen's samplers.
-bool own_sampler(const torch::Tensor& y, double a, double b) {
-  return y.device().is_cpu() && y.scalar_type() == torch::kFloat && std::isfinite(a) && std::isfinite(b);
-}
+bool own_sampler(const torch::Tensor& y, double a, double b) { return cpu_float(y) && std::isfinite(a) && std::isfinite(b); }
 
 // Gaussian N(mean, sigma) or uniform U(mean -+ sqrt(3) sigma) (the same mean and std), sigma =
 // lambda, or lambda * std(y) for additive noise of relative scale.
@@ -252,9 +252,7 @@ NoiseParams noise_params(const torch::Tensor& yd, const NoiseOptions& opt) {
   double sigma = opt.lambda;
   Images im;
   if (opt.mixture == NoiseMixture::kAdditive && opt.scale == NoiseScale::kRelative)
-    sigma = opt.lambda * (yd.device().is_cpu() && yd.scalar_type() == torch::kFloat && as_images(yd, im)
-                              ? images_std(im, yd.numel())
-                              : yd.std().item<double>());
+    sigma = opt.lambda * (cpu_float(yd) && as_images(yd, im) ? images_std(im, yd.numel()) : yd.std().item<double>());
   if (opt.type == NoiseType::kGaussian) return {true, opt.mean, sigma};
   const double half = std::sqrt(3.0) * sigma;  // U(-a, a) has std a / sqrt(3)
   return {false, opt.mean - half, opt.mean + half};
@@ -265,9 +263,7 @@ struct NoiseAddBackward : torch::autograd::Node {
   std::string name() const override { return "noisydarts::NoiseAddBackward"; }
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override { return {std::move(grads[0])}; }
 };
-}  // namespace
 
-namespace {
 // The noise tensor for parameters p (sample_noise's body).
 torch::Tensor sample_with(const torch::Tensor& yd, const NoiseParams& p, double decay) {
   if (!own_sampler(yd, p.a, p.b)) {

@@ -142,10 +142,13 @@ namespace {
 // The sampler's construction (src/noise.cpp, docs/search.md) in double precision: pair p of a
 // call keyed by `key` is the SplitMix64 word w = splitmix64(key + p * gamma); u, v its top two
 // 24-bit fields / 2^24; Box-Muller on (1 - u, v).
+uint64_t word_of(uint64_t key, int64_t i) {  // value i's word: its pair's
+  return splitmix64(key + static_cast<uint64_t>(i / 2) * kSplitMixGamma);
+}
 std::vector<double> expected_gaussian(uint64_t key, int64_t n) {
   std::vector<double> out(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const uint64_t w = splitmix64(key + static_cast<uint64_t>(i / 2) * 0x9e3779b97f4a7c15ULL);
+    const uint64_t w = word_of(key, i);
     const double u = static_cast<double>(w >> 40) / 16777216.0, v = static_cast<double>((w >> 16) & 0xffffff) / 16777216.0;
     const double r = std::sqrt(-2.0 * std::log(1.0 - u)), t = 2.0 * M_PI * v;
     out[static_cast<size_t>(i)] = i % 2 == 0 ? r * std::cos(t) : r * std::sin(t);
@@ -192,7 +195,7 @@ TEST(Noise, GaussianSamplerIsBoxMullerOfSplitMixWordsToFloatRounding) {
   auto uni = sample_noise(torch::zeros({1001}), o, 1.0);
   const float* ug = uni.data_ptr<float>();
   for (int64_t i = 0; i < 1001; ++i) {
-    const uint64_t w = splitmix64(key + static_cast<uint64_t>(i / 2) * 0x9e3779b97f4a7c15ULL);
+    const uint64_t w = word_of(key, i);
     const double u = static_cast<double>(i % 2 == 0 ? (w >> 40) : ((w >> 16) & 0xffffff)) / 16777216.0;
     ASSERT_NEAR(ug[i], -1.0 + 2.0 * u, 1e-6) << i;
   }
