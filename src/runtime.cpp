@@ -4,10 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <thread>
 #include <sstream>
 
 #include <ATen/autocast_mode.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/alignment.h>
 
 #include "noisydarts/error.h"
 #include "noisydarts/fused_ops.h"
@@ -36,9 +40,45 @@ torch::Device parse_device(const std::string& d) {
   }
 }
 
+namespace {
+
+// c10's default CPU allocator takes its 64-byte-aligned blocks from posix_memalign, which cuts
+// the misaligned head (and an unused tail) off the chunk it finds and frees them as small
+// chunks of their own. Those leftovers sit between the tensors in glibc's bins and per-thread
+// cache, so a freed tensor's chunk cannot merge with its neighbours and the heap grows around
+// them over the iterations (docs/bench.md: search row 4's peak 738 MB after the first forward,
+// 760-779 MB after seven iterations). This allocator asks malloc for the size plus the
+// alignment, aligns inside the block and keeps the block's own address in the 8 bytes before
+// the data: one chunk per tensor, nothing split off.
+constexpr size_t kDataAlign = c10::gAlignment;
+
+void free_aligned(void* p) {
+  if (p) std::free(static_cast<void**>(p)[-1]);
+}
+
+struct AlignedMallocAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t n) const override {
+    const c10::Device cpu(c10::DeviceType::CPU);
+    if (n == 0) return {nullptr, nullptr, &free_aligned, cpu};
+    void* raw = std::malloc(n + kDataAlign + sizeof(void*));
+    TORCH_CHECK(raw != nullptr, "out of memory: could not allocate ", n, " bytes of CPU memory");
+    const auto at = (reinterpret_cast<uintptr_t>(raw) + sizeof(void*) + kDataAlign - 1) & ~(kDataAlign - 1);
+    void* p = reinterpret_cast<void*>(at);
+    static_cast<void**>(p)[-1] = raw;
+    return {p, p, &free_aligned, cpu};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_aligned; }
+};
+
+}  // namespace
+
 void keep_freed_memory() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);  // the largest value glibc accepts on 64-bit
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // NOISYDARTS_C10_ALLOCATOR=1 keeps c10's own allocator (for side-by-side measurements).
+  static const bool own = std::getenv("NOISYDARTS_C10_ALLOCATOR") == nullptr;
+  static AlignedMallocAllocator allocator;
+  if (own) c10::SetCPUAllocator(&allocator, /*priority=*/1);
 }
 
 Precision parse_precision(const std::string& s) {

@@ -9,12 +9,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <c10/core/CPUAllocator.h>
+
 #include "cli_helpers.h"
 #include "noisydarts/architect.h"
 #include "noisydarts/config.h"
 #include "noisydarts/error.h"
 #include "noisydarts/genotype.h"
 #include "noisydarts/ops.h"
+#include "noisydarts/runtime.h"
 #include "noisydarts/search_network.h"
 
 using namespace noisydarts;
@@ -142,6 +145,29 @@ TEST(SearchNetwork, GenotypeFollowsTheAlphas) {
   EXPECT_EQ(g.normal[0], GeneEdge("sep_conv_3x3", 1));
   EXPECT_EQ(g.normal[1], GeneEdge("skip_connect", 0));
   EXPECT_EQ(g.normal_concat, (std::vector<int>{2, 3, 4, 5}));
+}
+
+TEST(Runtime, KeepFreedMemoryInstallsAnAligningAllocatorWhoseTensorsWorkAndFree) {
+  keep_freed_memory();
+  keep_freed_memory();  // idempotent
+  c10::Allocator* own = c10::GetCPUAllocator();
+  ASSERT_NE(own, c10::GetDefaultCPUAllocator());
+  // Sizes around the alignment, odd sizes, and one above glibc's mmap threshold (32 MiB).
+  for (int64_t n : {1, 3, 63, 64, 65, 4097, 1 << 20, (40 << 20) + 5}) {
+    auto t = torch::empty({n}, torch::kUInt8);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64, 0u) << n;
+    EXPECT_EQ(t.storage().data_ptr().get_deleter(), own->raw_deleter()) << n;
+    t.fill_(3);
+    EXPECT_EQ(t.sum(torch::kLong).item<int64_t>(), 3 * n) << n;
+  }
+  // What ATen's kernels and autograd allocate comes from it too.
+  auto x = torch::ones({2, 3, 9, 9}).requires_grad_();
+  auto y = torch::conv2d(x, torch::ones({4, 3, 3, 3}), {}, 1, 1);
+  y.sum().backward();
+  EXPECT_EQ(y.storage().data_ptr().get_deleter(), own->raw_deleter());
+  EXPECT_EQ(x.grad().storage().data_ptr().get_deleter(), own->raw_deleter());
+  EXPECT_EQ(y.sum().item<float>(), 2 * 4 * (49 * 27 + 28 * 18 + 4 * 12));  // interior, edges, corners
+  EXPECT_EQ(x.grad()[0][0][4][4].item<float>(), 36.f);  // 4 outputs x 9 taps
 }
 
 TEST(Architect, FirstOrderStepMovesOnlyTheAlphasAlongAdam) {
