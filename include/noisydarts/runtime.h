@@ -21,7 +21,10 @@ torch::Device parse_device(const std::string& d);
 
 /// glibc serves blocks above its mmap threshold with mmap and unmaps them when freed, so every
 /// large activation tensor costs fresh page faults (measured here: evaluating Fashion-MNIST took
-/// 5-9x longer, mostly system time). Keeps freed memory in the heap instead. Idempotent.
+/// 5-9x longer, mostly system time). Keeps freed memory in the heap instead, and installs an own
+/// CPU allocator (64-byte-aligned blocks from plain malloc, instead of c10's posix_memalign,
+/// whose split-off pieces fragment the heap: docs/bench.md); NOISYDARTS_C10_ALLOCATOR=1 in the
+/// environment keeps c10's. Idempotent.
 void keep_freed_memory();
 
 /// Arithmetic precision of evaluation passes (`--precision` of eval, predict, bench eval-step).
