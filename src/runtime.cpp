@@ -60,8 +60,10 @@ struct AlignedMallocAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) const override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (n == 0) return {nullptr, nullptr, &free_aligned, cpu};
-    void* raw = std::malloc(n + kDataAlign + sizeof(void*));
-    TORCH_CHECK(raw != nullptr, "out of memory: could not allocate ", n, " bytes of CPU memory");
+    constexpr size_t kExtra = kDataAlign + sizeof(void*);
+    void* raw = n <= SIZE_MAX - kExtra ? std::malloc(n + kExtra) : nullptr;
+    TORCH_CHECK(raw != nullptr, "out of memory: could not allocate ", n,
+                " bytes of CPU memory (use a smaller --batch-size, --channels or --layers)");
     const auto at = (reinterpret_cast<uintptr_t>(raw) + sizeof(void*) + kDataAlign - 1) & ~(kDataAlign - 1);
     void* p = reinterpret_cast<void*>(at);
     static_cast<void**>(p)[-1] = raw;

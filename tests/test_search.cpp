@@ -160,6 +160,14 @@ TEST(Runtime, KeepFreedMemoryInstallsAnAligningAllocatorWhoseTensorsWorkAndFree)
     t.fill_(3);
     EXPECT_EQ(t.sum(torch::kLong).item<int64_t>(), 3 * n) << n;
   }
+  // A request no machine can serve is one c10::Error saying so, not a crash.
+  try {
+    auto huge = torch::empty({int64_t{1} << 60}, torch::kUInt8);
+    FAIL() << "allocated 2^60 bytes";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("out of memory: could not allocate 1152921504606846976 bytes"),
+              std::string::npos) << e.what_without_backtrace();
+  }
   // What ATen's kernels and autograd allocate comes from it too.
   auto x = torch::ones({2, 3, 9, 9}).requires_grad_();
   auto y = torch::conv2d(x, torch::ones({4, 3, 3, 3}), {}, 1, 1);
