@@ -46,6 +46,7 @@ struct BenchOptions {
   bool no_blas = false;
   bool no_group = false;
   bool no_direct = false;
+  bool no_sinks = false;
   bool no_avx2 = false;
   std::string precision = "fp32";  // eval-step only
 };
@@ -79,6 +80,9 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
   cmd->add_flag("--no-direct", o.no_direct,
                 "On AVX-512 CPUs: run the same-padded stride-1 depthwise planes through the padded phase copy instead of "
                 "the direct masked-load form (docs/bench.md)");
+  cmd->add_flag("--no-grad-sinks", o.no_sinks,
+                "search-step: let autograd sum each cell state's input gradients out of place instead of the fused nodes "
+                "adding them into one buffer (docs/bench.md)");
   cmd->add_flag("--no-avx2", o.no_avx2,
                 "On CPUs with AVX2 but without AVX-512: the portable loops instead of the AVX2 forms of the kernels that have "
                 "one (docs/bench.md)");
@@ -125,6 +129,7 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"precision", o.precision},
                      {"blas", blas_gemm_active()},
                      {"direct_depthwise", !o.no_direct && avx512_kernels_active()},
+                     {"grad_sinks", !o.no_sinks && fused_ops_enabled()},
                      {"simd", avx512_kernels_active() ? "avx512" : avx2_kernels_active() ? "avx2" : "portable"}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (what == "train-step" || what == "eval-step")  // the evaluation network's grouped 1x1s
@@ -149,6 +154,7 @@ void setup(const BenchOptions& o) {
   nd::set_blas_gemm(!o.no_blas);
   nd::set_grouped_1x1(!o.no_group);
   nd::set_direct_depthwise(!o.no_direct);
+  nd::set_grad_sinks(!o.no_sinks);
   nd::set_avx2_kernels(!o.no_avx2);
 }
 

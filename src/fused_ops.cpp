@@ -31,6 +31,50 @@ std::atomic<bool> g_avx2{true};
 std::atomic<bool> g_blas{true};
 std::atomic<bool> g_group{true};
 std::atomic<bool> g_direct{true};
+std::atomic<bool> g_sinks{true};
+
+// ---- Gradient sinks -------------------------------------------------------------------------
+// A cell state feeds up to 4 edges, and on each edge up to 6 fused nodes (the depthwise chains
+// and the pools) take it as input: autograd would sum their input gradients out of place, one
+// full pass and one new tensor per term. A state wrapped by GradSinkScope::wrap has a sink
+// instead: each fused node adds its input gradient into the sink's one buffer, plane by plane
+// while the plane is in cache (the first one writes it), and returns none; SinkFn's backward,
+// which autograd runs only after all of them, hands the buffer on (plus, in place, whatever
+// gradient reached the state the usual way: the skip connections', ATen's).
+struct GradSink : torch::CustomClassHolder {
+  Tensor acc;
+  // The buffer for an input of `like`'s shape (contiguous); `add`: it already holds terms.
+  float* target(const Tensor& like, bool& add) {
+    add = acc.defined();
+    if (!add) acc = torch::empty(like.sizes(), like.options().memory_format(c10::MemoryFormat::Contiguous));
+    TORCH_CHECK(acc.sizes() == like.sizes(), "gradient sink: a term of shape ", like.sizes(), " for a buffer of ", acc.sizes());
+    return acc.data_ptr<float>();
+  }
+};
+using SinkPtr = c10::intrusive_ptr<GradSink>;
+// The wrapped tensors of the innermost live GradSinkScope on this thread.
+struct SinkTable {
+  std::vector<std::pair<const c10::TensorImpl*, SinkPtr>> entries;
+  SinkTable* outer = nullptr;
+};
+thread_local SinkTable* t_sinks = nullptr;
+
+// x's sink when x is a wrapped state of the live scope (the fused node then saves it).
+SinkPtr sink_of(const Tensor& x) {
+  if (!t_sinks || !x.requires_grad()) return {};
+  for (const auto& e : t_sinks->entries)
+    if (e.first == x.unsafeGetTensorImpl()) return e.second;
+  return {};
+}
+void save_sink(AutogradContext* ctx, const Tensor& x) {
+  if (auto s = sink_of(x)) ctx->saved_data["sink"] = c10::IValue::make_capsule(std::move(s));
+}
+// The saved sink, when the input gradient is wanted, computed by the own kernels and may go to it.
+SinkPtr saved_sink(AutogradContext* ctx) {
+  auto it = ctx->saved_data.find("sink");
+  if (it == ctx->saved_data.end() || torch::GradMode::is_enabled() || !ctx->needs_input_grad(0)) return {};
+  return c10::static_intrusive_pointer_cast<GradSink>(it->second.toCapsule());
+}
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels (float, NCHW contiguous). Each image plane (n, c) is independent. It is copied into
@@ -1717,7 +1761,13 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   return y;
 }
 
-Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s) {
+// dst += src: one plane of an input gradient added into a sink (GradSink).
+ND_CLONES void add_plane(float* dst, const float* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+
+Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s, GradSink* sink = nullptr) {
   if (!own_kernel(x)) {
     if (!max_pool) return at::avg_pool2d_backward(gy, x, {3, 3}, {s, s}, {1, 1}, false, false, c10::nullopt);
     auto idx = std::get<1>(at::max_pool2d_with_indices(x, {3, 3}, {s, s}, {1, 1}));
@@ -1729,9 +1779,11 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   const int64_t n = xc.size(0), c = xc.size(1);
   const Geom& g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   const bool direct = direct_form(g);
-  auto gx = torch::empty(xc.sizes(), xc.options());  // contiguous
+  Tensor gx;
+  bool add = false;  // into a sink that already holds terms: each plane made aside, then added
+  if (!sink) gx = torch::empty(xc.sizes(), xc.options());  // contiguous
   const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
-  float* gxp = gx.data_ptr<float>();
+  float* gxp = sink ? sink->target(xc, add) : gx.data_ptr<float>();
   const std::vector<float> count = pool_counts(g, direct);
   const float ones[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
@@ -1740,16 +1792,17 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
     // 3x3 all-ones correlation (its own flip) of grad_out / count, a gather.
     if (direct) {
       const int64_t hw = g.h * g.w;
-      std::vector<float> tmp(max_pool ? 0 : static_cast<size_t>(hw));
+      std::vector<float> tmp(max_pool ? 0 : static_cast<size_t>((add ? 2 : 1) * hw));
       for (int64_t i = b; i < e; ++i) {
         float* gxi = gxp + i * hw;
         const float* gi = gp + i * hw;
-        if (max_pool) {
-          std::fill(gxi, gxi + hw, 0.f);
+        if (max_pool) {  // the scatter adds: into a sink's plane as it is
+          if (!add) std::fill(gxi, gxi + hw, 0.f);
           max_pool_grad_direct_avx512(plane_at(xp, i, c, xs, hw), gi, gxi, g);
         } else {
           for (int64_t j = 0; j < hw; ++j) tmp[j] = gi[j] / count[j];
-          dw_direct_avx512(tmp.data(), ones, gxi, g, nullptr);
+          dw_direct_avx512(tmp.data(), ones, add ? tmp.data() + hw : gxi, g, nullptr);
+          if (add) add_plane(gxi, tmp.data() + hw, hw);
         }
       }
       return;
@@ -1757,6 +1810,7 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
 #endif
     std::vector<float> buf(static_cast<size_t>(g.buf)), gbuf(static_cast<size_t>(g.buf));
     std::vector<float> ext(static_cast<size_t>(g.len)), gext(static_cast<size_t>(g.len)), tmp(static_cast<size_t>(g.len));
+    std::vector<float> aside(add ? static_cast<size_t>(g.h * g.w) : 0);
     for (int64_t i = b; i < e; ++i) {
       extend_grad(gp + i * g.oh * g.ow, gext.data(), g);
       if (max_pool) {
@@ -1777,7 +1831,9 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
         for (int64_t j = 0; j < g.len; ++j) gext[j] /= count[j];
         dw_grad_input_plane(gext.data(), ones, gbuf.data(), g);
       }
-      gather_phases(gbuf.data(), plane_at(xp, i, c, xs, g.h * g.w), gxp + i * g.h * g.w, g, false);
+      float* gxi = gxp + i * g.h * g.w;
+      gather_phases(gbuf.data(), plane_at(xp, i, c, xs, g.h * g.w), add ? aside.data() : gxi, g, false);
+      if (add) add_plane(gxi, aside.data(), g.h * g.w);
     }
   });
   return gx;
@@ -2215,7 +2271,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
 using GpOf = std::function<const float*(int64_t, std::vector<float>&)>;
 std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes, const Tensor& x, const Tensor& w_dw,
                                      const Tensor& w_pw, int64_t s, int64_t pad, int64_t dil, bool need_x, bool need_dw,
-                                     bool need_pw) {
+                                     bool need_pw, GradSink* sink = nullptr) {
   int64_t xs = 0;
   auto xc = image_major(x, xs), wd = w_dw.contiguous(), wp = w_pw.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1), co = wp.size(0);
@@ -2230,14 +2286,17 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
   const int64_t plane = g.h * g.w, ohw = g.oh * g.ow, kk = g.k * g.k;
   const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>();
   std::array<Tensor, 3> out;
-  if (need_x) out[0] = torch::empty(xc.sizes(), xc.options());  // contiguous
-  float* gxp = need_x ? out[0].data_ptr<float>() : nullptr;
+  // The input gradient: out[0] (contiguous), or with a sink its buffer (out[0] stays undefined);
+  // `add`: the buffer holds terms already, so each plane is made aside and added while in cache.
+  bool add = false;
+  if (need_x && !sink) out[0] = torch::empty(xc.sizes(), xc.options());  // contiguous
+  float* gxp = !need_x ? nullptr : sink ? sink->target(xc, add) : out[0].data_ptr<float>();
   Partials part_dw(need_dw ? static_cast<size_t>(n * c * kk) : 0),
       part_pw(need_pw ? static_cast<size_t>(image_groups(n) * co * c) : 0);
   const DwBackward db(g, wdp, c, /*relu_input=*/true, need_x, need_dw);
   for_image_groups(n, [&](int64_t i, int64_t grp, bool first) {
     thread_local DwBackward::Scratch sc;
-    thread_local std::vector<float> xbufs, ext, d, gd, gemm_scratch, gp_scratch;
+    thread_local std::vector<float> xbufs, ext, d, gd, gemm_scratch, gp_scratch, aside;
     db.size(sc);
     const float* gi = gp_of(i, gp_scratch);
     if (need_pw) {
@@ -2257,9 +2316,13 @@ std::array<Tensor, 3> dw_pw_backward(const GpOf& gp_of, at::IntArrayRef gp_sizes
     if (need_x || need_dw) {
       gd.resize(static_cast<size_t>(c * ohw));
       pw_image(gi, wpp, gd.data(), co, c, ohw, true, false, nullptr);
-      for (int64_t ch = 0; ch < c; ++ch)
+      if (add) aside.resize(static_cast<size_t>(plane));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        float* gxc = need_x ? gxp + (i * c + ch) * plane : nullptr;
         db.plane(ch, gd.data() + ch * ohw, xp + i * xs + ch * plane, keep_x ? xbufs.data() + ch * xb_size : nullptr,
-                 need_x ? gxp + (i * c + ch) * plane : nullptr, need_dw ? part_dw.data() + (i * c + ch) * kk : nullptr, sc);
+                 add ? aside.data() : gxc, need_dw ? part_dw.data() + (i * c + ch) * kk : nullptr, sc);
+        if (add) add_plane(gxc, aside.data(), plane);
+      }
     }
   });
   if (need_dw) out[1] = sum_partials(part_dw, n, c * kk, w_dw.sizes());
@@ -2304,6 +2367,7 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
     }
     ctx->save_for_backward({x, w_dw, w_pw, gamma, beta, scale, from_out ? z : y, mean, invstd});
     ctx->saved_data["x_hat_from_out"] = from_out;
+    if (has_dw) save_sink(ctx, x);
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["geom"] = std::vector<int64_t>{stride, pad, dil};
@@ -2335,6 +2399,7 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       return out;
     }
     const bool from_out = ctx->saved_data["x_hat_from_out"].toBool();
+    const SinkPtr sink = need[0] ? saved_sink(ctx) : SinkPtr();  // dw_pw_backward adds x's gradient into it
     if (has_dw && dw_pw_own(x, w_dw) && BnBackwardPlan::applies(g, sv[6], invstd, aff)) {
       // The BN gradient of each image is computed inside the image loop, where it is consumed.
       const BnBackwardPlan plan(g, sv[6], from_out, invstd, training, aff, need[3] || need[4]);
@@ -2347,7 +2412,7 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
             plan.image(i, scratch.data());
             return static_cast<const float*>(scratch.data());
           },
-          g.sizes(), x, w_dw, w_pw, s, pad, dil, need[0], need[1], need[2]);
+          g.sizes(), x, w_dw, w_pw, s, pad, dil, need[0], need[1], need[2], sink.get());
       out[0] = r[0], out[1] = r[1], out[2] = r[2];
       return out;
     }
@@ -2365,7 +2430,7 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       const float* gpp = gc.data_ptr<float>();
       const int64_t per_image = gc.numel() / std::max<int64_t>(1, gc.size(0));
       auto r = dw_pw_backward([&](int64_t i, std::vector<float>&) { return gpp + i * per_image; }, gc.sizes(), x, w_dw,
-                              w_pw, s, pad, dil, need[0], need[1], need[2]);
+                              w_pw, s, pad, dil, need[0], need[1], need[2], sink.get());
       out[0] = r[0], out[1] = r[1], out[2] = r[2];
       return out;
     }
@@ -2388,6 +2453,7 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
     Tensor y, mean, invstd;
     std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps}, nullptr, true);
     ctx->save_for_backward({x, y, mean, invstd});
+    save_sink(ctx, x);
     ctx->saved_data["max"] = max_pool;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["training"] = training;
@@ -2408,7 +2474,7 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
                                      {grads[0]}, true, true)[0];
       return out;
     }
-    out[0] = pool_backward(bn_backward(grads[0], y, mean, invstd, training, eps), x, max_pool, s);
+    out[0] = pool_backward(bn_backward(grads[0], y, mean, invstd, training, eps), x, max_pool, s, saved_sink(ctx).get());
     return out;
   }
 };
@@ -2829,6 +2895,27 @@ struct WeightedSumBackward : torch::autograd::Node {
     return out;
   }
 };
+
+// x itself as a node of its own whose backward hands on the sink's buffer (GradSink).
+struct SinkFn : torch::autograd::Function<SinkFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, SinkPtr sink) {
+    ctx->set_materialize_grads(false);  // none reached it the usual way: undefined, not zeros
+    ctx->saved_data["sink"] = c10::IValue::make_capsule(std::move(sink));
+    return x;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto sink = c10::static_intrusive_pointer_cast<GradSink>(ctx->saved_data["sink"].toCapsule());
+    Tensor acc = std::move(sink->acc);  // the next backward through this graph starts afresh
+    sink->acc = Tensor();
+    Tensor& g = grads[0];
+    if (!acc.defined()) return {g, Tensor()};
+    if (g.defined()) {
+      if (torch::GradMode::is_enabled()) return {acc + g, Tensor()};
+      acc.add_(g);
+    }
+    return {acc, Tensor()};
+  }
+};
 }  // namespace
 
 void set_fused_ops(bool on) { g_fused = on; }
@@ -2846,6 +2933,25 @@ bool avx2_kernels_active() {
 void set_blas_gemm(bool on) { g_blas = on; }
 void set_grouped_1x1(bool on) { g_group = on; }
 void set_direct_depthwise(bool on) { g_direct = on; }
+void set_grad_sinks(bool on) { g_sinks = on; }
+
+GradSinkScope::GradSinkScope() : table_(std::make_shared<SinkTable>()) {
+  auto* t = static_cast<SinkTable*>(table_.get());
+  t->outer = t_sinks;
+  t_sinks = t;
+}
+
+GradSinkScope::~GradSinkScope() { t_sinks = static_cast<SinkTable*>(table_.get())->outer; }
+
+Tensor GradSinkScope::wrap(const Tensor& x) {
+  auto* t = static_cast<SinkTable*>(table_.get());
+  if (!g_sinks || !g_fused || t_sinks != t || !torch::GradMode::is_enabled() || !x.requires_grad() || !own_kernel(x))
+    return x;
+  auto sink = c10::make_intrusive<GradSink>();
+  auto y = SinkFn::apply(x, sink);
+  t->entries.emplace_back(y.unsafeGetTensorImpl(), std::move(sink));
+  return y;
+}
 bool blas_gemm_active() { return blas_sgemm() != nullptr && !avx512_kernels_active(); }
 bool avx512_kernels_active() {
 #ifdef ND_AVX512

@@ -50,7 +50,10 @@ SearchCellImpl::SearchCellImpl(int64_t steps, int64_t multiplier, int64_t c_pp, 
 
 torch::Tensor SearchCellImpl::forward(const torch::Tensor& s0, const torch::Tensor& s1,
                                       const torch::Tensor& weights, const torch::Tensor& edge_weights) {
-  std::vector<torch::Tensor> states{preprocess0_.forward(s0), preprocess1_.forward(s1)};
+  // Each state's input gradients from its edges' fused nodes are added into one buffer, not
+  // summed by autograd out of place (fused_ops.h GradSinkScope).
+  GradSinkScope sinks;
+  std::vector<torch::Tensor> states{sinks.wrap(preprocess0_.forward(s0)), sinks.wrap(preprocess1_.forward(s1))};
   size_t offset = 0;
   const double aux = aux_.empty() ? 0.0 : noise_->aux_skip;
   // With fused ops the output's nodes (the last `multiplier` ones) are summed straight into it
@@ -69,13 +72,14 @@ torch::Tensor SearchCellImpl::forward(const torch::Tensor& s0, const torch::Tens
     }
     offset += states.size();
     const int64_t slot = i - (steps_ - multiplier_);
+    torch::Tensor s;
     if (cat && slot >= 0) {
-      states.push_back(cat->place(slot, ys));
+      s = cat->place(slot, ys);
     } else {
-      torch::Tensor s = ys[0];
+      s = ys[0];
       for (size_t k = 1; k < ys.size(); ++k) s = s + ys[k];
-      states.push_back(s);
     }
+    states.push_back(i + 1 < steps_ ? sinks.wrap(s) : s);  // the last node feeds no edge
   }
   if (cat) return cat->output();
   return torch::cat(std::vector<torch::Tensor>(states.end() - multiplier_, states.end()), 1);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <set>
 #include <torch/torch.h>
 
 #include "noisydarts/architect.h"
@@ -636,6 +637,114 @@ TEST(Fused, DoubleBackwardThroughFusedOpsMatchesTheModules) {
   ASSERT_EQ(fused.size(), plain.size());
   for (size_t i = 0; i < fused.size(); ++i) expect_close(fused[i], plain[i], 1e-3, "Hv " + std::to_string(i));
   EXPECT_GT(fused[0].abs().max().item<double>(), 0.0);
+}
+
+namespace {
+struct SinksSwitch {
+  explicit SinksSwitch(bool on) { set_grad_sinks(on); }
+  ~SinksSwitch() { set_grad_sinks(true); }
+};
+
+// The nodes of a graph whose name contains `part`, each counted once.
+int64_t count_nodes(const torch::Tensor& root, const std::string& part) {
+  std::vector<torch::autograd::Node*> todo{root.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  int64_t n = 0;
+  while (!todo.empty()) {
+    auto* f = todo.back();
+    todo.pop_back();
+    if (!f || !seen.insert(f).second) continue;
+    if (f->name().find(part) != std::string::npos) ++n;
+    for (const auto& e : f->next_edges()) todo.push_back(e.function.get());
+  }
+  return n;
+}
+}  // namespace
+
+TEST(Fused, GradientSinksGiveAutogradsGradientsWithoutItsSums) {
+  // A search network whose states' input gradients the fused nodes add into one buffer each
+  // (fused_ops.h GradSinkScope) against the same network with autograd summing them: equal
+  // logits, the same gradients to float rounding (only the order of the terms differs), for a
+  // full backward, for the architecture alone (the engine skips the states' sinks it does not
+  // need), twice over one retained graph (each backward starts from an empty buffer), and with
+  // an input that needs its gradient. Normal and reduction cells (stride 1 and 2: direct and
+  // phase forms), noise on the skips (their gradient reaches the state the usual way).
+  for (const int mode : {0, 2}) {
+    KernelMode km(mode);
+    SearchNetworkOptions o(4, 5, 3);
+    o.in_channels(1).steps(3).multiplier(2);
+    NoiseOptions no;
+    no.lambda = 0.2;
+    o.noise(no);
+    torch::manual_seed(23);
+    auto net = make_search_network(o);
+    auto x = torch::randn({5, 1, 12, 12}), y = torch::randint(0, 5, {5});
+    auto params = net->arch_parameters();
+    const size_t n_arch = params.size();
+    for (const auto& w : net->weight_parameters()) params.push_back(w);
+    struct Run {
+      torch::Tensor logits, gx;
+      std::vector<torch::Tensor> all, again, arch;
+      int64_t sinks = 0;
+    };
+    auto run = [&](bool sinks) {
+      SinksSwitch sw(sinks);
+      FusedSwitch fused(true);
+      Run r;
+      torch::manual_seed(5);
+      auto xi = x.clone().requires_grad_();
+      auto logits = net->forward(xi);
+      auto loss = torch::nn::functional::cross_entropy(logits, y);
+      r.logits = logits.detach();
+      r.sinks = count_nodes(loss, "SinkFn");
+      auto with_x = params;
+      with_x.push_back(xi);
+      r.all = torch::autograd::grad({loss}, with_x, {}, /*retain_graph=*/true, false, /*allow_unused=*/true);
+      r.gx = r.all.back();
+      r.all.pop_back();
+      r.again = torch::autograd::grad({loss}, params, {}, true, false, true);
+      r.arch = torch::autograd::grad({loss}, std::vector<torch::Tensor>(params.begin(), params.begin() + n_arch), {},
+                                     false, false, true);
+      return r;
+    };
+    const Run on = run(true), off = run(false);
+    const std::string tag = kernel_mode_name(mode);
+    EXPECT_EQ(on.sinks, 3 * (2 + 2)) << tag << ": every state of every cell that feeds an edge has a sink";
+    EXPECT_EQ(off.sinks, 0) << tag;
+    EXPECT_TRUE(torch::equal(on.logits, off.logits)) << tag;
+    expect_close(on.gx, off.gx, 1e-5, tag + " input gradient");
+    ASSERT_EQ(on.all.size(), params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      ASSERT_TRUE(on.all[i].defined() && off.all[i].defined()) << tag << " gradient " << i;
+      expect_close(on.all[i], off.all[i], 1e-5, tag + " gradient " + std::to_string(i));
+      EXPECT_TRUE(torch::equal(on.again[i], on.all[i])) << tag << " second backward, gradient " << i;
+    }
+    for (size_t i = 0; i < n_arch; ++i) {
+      expect_close(on.arch[i], off.arch[i], 1e-5, tag + " architecture-only gradient " + std::to_string(i));
+      EXPECT_TRUE(torch::equal(on.arch[i], on.all[i])) << tag << " architecture-only gradient " << i;
+    }
+  }
+  // Outside a scope, without a gradient or with the sinks off, wrap is the identity.
+  auto t = torch::randn({2, 3, 4, 4}).requires_grad_();
+  {
+    GradSinkScope scope;
+    torch::NoGradGuard ng;
+    EXPECT_TRUE(scope.wrap(t).is_same(t));
+  }
+  {
+    GradSinkScope scope;
+    SinksSwitch off(false);
+    EXPECT_TRUE(scope.wrap(t).is_same(t));
+  }
+  {
+    GradSinkScope outer;
+    { GradSinkScope inner; }
+    auto u = outer.wrap(t);
+    EXPECT_FALSE(u.is_same(t));
+    EXPECT_TRUE(torch::equal(u, t));
+    GradSinkScope inner;
+    EXPECT_TRUE(outer.wrap(t).is_same(t)) << "only the innermost live scope wraps";
+  }
 }
 
 TEST(Fused, ResultsDoNotDependOnTheThreadCount) {

@@ -137,6 +137,28 @@ class ChannelConcat {
   int64_t width_ = 0;
 };
 
+/// In-place accumulation of input gradients. While a scope is alive (on its thread), wrap(x)
+/// returns x as a node of its own: the fused nodes then made from the result
+/// (fused_relu_dw_pw_bn with a depthwise convolution, fused_pool_bn) add their gradient for it
+/// into one buffer, plane by plane, instead of each returning a new tensor that autograd would
+/// sum out of place, and the node's backward hands the buffer on (plus whatever gradient reached
+/// it the usual way). Same gradients to float rounding (the terms' order differs). wrap returns x
+/// itself when fused ops or the sinks are off, under no_grad, or when x needs no gradient or is
+/// not a CPU float tensor. A search cell wraps its states (search_network.cpp).
+class GradSinkScope {
+ public:
+  GradSinkScope();
+  ~GradSinkScope();
+  GradSinkScope(const GradSinkScope&) = delete;
+  GradSinkScope& operator=(const GradSinkScope&) = delete;
+  torch::Tensor wrap(const torch::Tensor& x);
+
+ private:
+  std::shared_ptr<void> table_;
+};
+/// On by default; off: wrap returns its input (benchmarks, tests: `bench --no-grad-sinks`).
+void set_grad_sinks(bool on);
+
 /// While alive, every parameter in `params` has requires_grad false (restored on destruction):
 /// a forward run under it builds no weight-gradient paths.
 class WeightsFrozen {
