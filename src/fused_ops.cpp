@@ -2896,6 +2896,51 @@ struct WeightedSumBackward : torch::autograd::Node {
   }
 };
 
+// drop_path's `x * mask / keep` (mask [N] of 0 and 1) in one pass each way, with the same two
+// roundings per element as ATen's mul then div, and the backward's `(g / keep) * mask` as
+// DivBackward and MulBackward compute it: bitwise the module form. Saves the mask only.
+ND_CLONES void drop_path_range(const float* src, float* dst, int64_t b, int64_t e, int64_t per, const float* mask,
+                               float keep, bool backward) {
+  for (int64_t i = b; i < e; ++i) {
+    const float m = mask[i];
+    const float* x = src + i * per;
+    float* y = dst + i * per;
+    if (backward) {
+#pragma omp simd
+      for (int64_t j = 0; j < per; ++j) y[j] = (x[j] / keep) * m;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < per; ++j) y[j] = (x[j] * m) / keep;
+    }
+  }
+}
+Tensor drop_path_apply(const Tensor& x, const Tensor& mask, double keep, bool backward) {
+  auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t n = xc.size(0), per = n ? xc.numel() / n : 0;
+  auto mc = mask.contiguous();
+  const float* mp = mc.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    drop_path_range(xc.data_ptr<float>(), out.data_ptr<float>(), b, e, per, mp, static_cast<float>(keep), backward);
+  });
+  return out;
+}
+struct DropPathFn : torch::autograd::Function<DropPathFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& mask, double keep) {
+    ctx->save_for_backward({mask});
+    ctx->saved_data["keep"] = keep;
+    return drop_path_apply(x, mask, keep, false);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor mask = ctx->get_saved_variables()[0];
+    const double keep = ctx->saved_data["keep"].toDouble();
+    const Tensor& g = grads[0];
+    if (torch::GradMode::is_enabled() || !own_kernel(g))
+      return {g / keep * mask, Tensor(), Tensor()};
+    return {drop_path_apply(g, mask, keep, true), Tensor(), Tensor()};
+  }
+};
+
 // x itself as a node of its own whose backward hands on the sink's buffer (GradSink).
 struct SinkFn : torch::autograd::Function<SinkFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, SinkPtr sink) {
@@ -2934,6 +2979,13 @@ void set_blas_gemm(bool on) { g_blas = on; }
 void set_grouped_1x1(bool on) { g_group = on; }
 void set_direct_depthwise(bool on) { g_direct = on; }
 void set_grad_sinks(bool on) { g_sinks = on; }
+
+Tensor fused_drop_path(const Tensor& x, const Tensor& mask, double keep) {
+  if (!g_fused || x.dim() < 1 || !own_kernel(x) || !own_kernel(mask) || mask.numel() != x.size(0) ||
+      mask.requires_grad())
+    return x * mask / keep;
+  return DropPathFn::apply(x, mask, keep);
+}
 
 GradSinkScope::GradSinkScope() : table_(std::make_shared<SinkTable>()) {
   auto* t = static_cast<SinkTable*>(table_.get());

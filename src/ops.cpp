@@ -261,7 +261,7 @@ torch::Tensor drop_path(const torch::Tensor& x, double p) {
   if (p <= 0.0) return x;
   const double keep = drop_path_keep(p);
   auto mask = torch::empty({x.size(0), 1, 1, 1}, x.options()).bernoulli_(keep);
-  return x * mask / keep;
+  return fused_drop_path(x, mask, keep);  // x * mask / keep in one node (fused_ops.h)
 }
 
 }  // namespace noisydarts

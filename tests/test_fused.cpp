@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <limits>
 #include <set>
 #include <torch/torch.h>
 
@@ -745,6 +746,42 @@ TEST(Fused, GradientSinksGiveAutogradsGradientsWithoutItsSums) {
     GradSinkScope inner;
     EXPECT_TRUE(outer.wrap(t).is_same(t)) << "only the innermost live scope wraps";
   }
+}
+
+TEST(Fused, DropPathNodeEqualsATensMulAndDivBitForBit) {
+  // drop_path (the skips' drop-path in a NoisyDARTS search, the evaluation network's pools) as
+  // one node against ATen's x * mask / keep: the same values and input gradient, bitwise, for
+  // a contiguous tensor and a channel slice, with negative values, zeros, infinities and NaN.
+  torch::manual_seed(31);
+  auto base = torch::randn({6, 8, 5, 7});
+  base[0][4][0][0] = std::numeric_limits<float>::infinity();
+  base[1][3][1][1] = std::numeric_limits<float>::quiet_NaN();
+  base[2][2][2][2] = -0.f;
+  base[4][3][0][1] = -2.f;
+  auto mask = torch::tensor({1.f, 0.f, 1.f, 1.f, 0.f, 1.f}).view({6, 1, 1, 1});
+  const double keep = 0.7;
+  for (const bool slice : {false, true}) {
+    auto run = [&](bool fused) {
+      FusedSwitch sw(fused);
+      auto x = base.clone().requires_grad_();
+      auto in = slice ? x.narrow(1, 2, 5) : x;
+      auto y = fused_drop_path(in, mask, keep);
+      auto g = torch::randn(y.sizes(), torch::Generator(at::detail::createCPUGenerator(7)));
+      auto gx = torch::autograd::grad({y}, {x}, {g})[0];
+      return std::make_pair(y.detach(), gx);
+    };
+    auto a = run(true), b = run(false);
+    const std::string tag = slice ? "slice" : "contiguous";
+    EXPECT_TRUE(torch::equal(a.first.nan_to_num(0, 1, -1), b.first.nan_to_num(0, 1, -1))) << tag << " values";
+    EXPECT_TRUE(torch::equal(a.first.isnan(), b.first.isnan())) << tag;
+    EXPECT_TRUE(torch::equal(a.first.signbit(), b.first.signbit())) << tag << " signs of zeros";
+    EXPECT_TRUE(torch::equal(a.second, b.second)) << tag << " input gradient";
+    EXPECT_TRUE(torch::equal(a.first[4], torch::zeros_like(a.first[4]))) << tag << " a dropped image is zero";
+    EXPECT_TRUE(a.first[1].isnan().any().item<bool>()) << tag << " NaN * 0 stays NaN";
+  }
+  // The fused form runs only where it should: a node of its own on CPU float tensors.
+  auto x = base.clone().requires_grad_();
+  EXPECT_NE(fused_drop_path(x, mask, keep).grad_fn()->name().find("DropPathFn"), std::string::npos);
 }
 
 TEST(Fused, ResultsDoNotDependOnTheThreadCount) {

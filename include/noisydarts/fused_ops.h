@@ -137,6 +137,11 @@ class ChannelConcat {
   int64_t width_ = 0;
 };
 
+/// drop_path's `x * mask / keep` (mask [N, 1, ..., 1] of 0 and 1, broadcast over each image) as
+/// one node: one pass forward and one backward, the same roundings as ATen's mul and div
+/// (bitwise), only the mask saved. ATen's form without fused ops or off the own kernels.
+torch::Tensor fused_drop_path(const torch::Tensor& x, const torch::Tensor& mask, double keep);
+
 /// In-place accumulation of input gradients. While a scope is alive (on its thread), wrap(x)
 /// returns x as a node of its own: the fused nodes then made from the result
 /// (fused_relu_dw_pw_bn with a depthwise convolution, fused_pool_bn) add their gradient for it
