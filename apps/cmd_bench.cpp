@@ -47,7 +47,9 @@ struct BenchOptions {
   bool no_group = false;
   bool no_direct = false;
   bool no_sinks = false;
+  bool no_fold = false;
   bool no_avx2 = false;
+  std::string ab;  // a switch to alternate between timed iterations (--ab)
   std::string precision = "fp32";  // eval-step only
 };
 
@@ -83,6 +85,14 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
   cmd->add_flag("--no-grad-sinks", o.no_sinks,
                 "search-step: let autograd sum each cell state's input gradients out of place instead of the fused nodes "
                 "adding them into one buffer (docs/bench.md)");
+  cmd->add_flag("--no-weight-fold", o.no_fold,
+                "search-step: let each edge's weighted sum multiply its separable and dilated convolutions' outputs by "
+                "their weights instead of their last fused nodes (docs/bench.md)");
+  cmd->add_option("--ab", o.ab,
+                  "Alternate one switch between the timed iterations (odd: as set by the flags, even: flipped) and report "
+                  "both medians and the per-pair ratios: on a machine whose speed drifts, the change's effect measured "
+                  "in one process (docs/bench.md)")
+      ->check(CLI::IsMember({"grad-sinks", "weight-fold", "direct", "group"}));
   cmd->add_flag("--no-avx2", o.no_avx2,
                 "On CPUs with AVX2 but without AVX-512: the portable loops instead of the AVX2 forms of the kernels that have "
                 "one (docs/bench.md)");
@@ -92,23 +102,59 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
 /// Times `iteration` and prints the result; `images` = images through the network per iteration.
 /// `gflop`: floating-point operations per iteration in GFLOP (0: not counted), reported with the
 /// achieved GFLOP/s.
+// The median of `s` (sorted in place).
+double median(std::vector<double>& s) {
+  std::sort(s.begin(), s.end());
+  return s.size() % 2 ? s[s.size() / 2] : 0.5 * (s[s.size() / 2 - 1] + s[s.size() / 2]);
+}
+
+// The --ab switch's setter and its state as the flags set it.
+std::pair<std::function<void(bool)>, bool> ab_switch(const BenchOptions& o) {
+  if (o.ab == "grad-sinks") return {nd::set_grad_sinks, !o.no_sinks};
+  if (o.ab == "weight-fold") return {nd::set_mix_weight_fold, !o.no_fold};
+  if (o.ab == "direct") return {nd::set_direct_depthwise, !o.no_direct};
+  return {nd::set_grouped_1x1, !o.no_group};
+}
+
 int report(const BenchOptions& o, const std::string& what, int64_t images, const std::function<void()>& iteration,
            const std::function<void()>& sync, double gflop = 0) {
-  for (int i = 0; i < o.warmup; ++i) iteration();
-  std::vector<double> s;
+  const auto ab = o.ab.empty() ? std::pair<std::function<void(bool)>, bool>{} : ab_switch(o);
+  for (int i = 0; i < o.warmup; ++i) {
+    if (ab.first) ab.first(i % 2 ? !ab.second : ab.second);
+    iteration();
+  }
+  std::vector<double> s, s_a, s_b;  // every iteration; with --ab, as set and flipped
   for (int i = 0; i < o.iters; ++i) {
+    const bool flipped = ab.first && i % 2 == 1;
+    if (ab.first) ab.first(flipped ? !ab.second : ab.second);
     sync();
     const auto t0 = std::chrono::steady_clock::now();
     iteration();
     sync();
     s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    if (!o.json) std::fprintf(stderr, "  iteration %d/%d: %.3f s\n", i + 1, o.iters, s.back());
+    (flipped ? s_b : s_a).push_back(s.back());
+    if (!o.json)
+      std::fprintf(stderr, "  iteration %d/%d: %.3f s%s\n", i + 1, o.iters, s.back(),
+                   !ab.first ? "" : flipped ? " (--ab switch flipped)" : " (--ab switch as set)");
   }
+  if (ab.first) ab.first(ab.second);
   std::vector<double> sorted = s;
-  std::sort(sorted.begin(), sorted.end());
-  const double med = sorted.size() % 2 ? sorted[sorted.size() / 2]
-                                       : 0.5 * (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]);
+  const double med = median(sorted);
   const double rss = peak_rss_mb();
+  nlohmann::json abj;
+  if (ab.first) {
+    // Pairs (2k, 2k + 1): the flipped iteration's time over the one just before it.
+    std::vector<double> ratios;
+    for (size_t k = 0; k + 1 < s.size(); k += 2) ratios.push_back(s[k + 1] / s[k]);
+    std::vector<double> a = s_a, b = s_b, r = ratios;
+    abj = {{"switch", o.ab}, {"as_set", ab.second}, {"s_per_iter_as_set", median(a)},
+           {"s_per_iter_flipped", b.empty() ? 0.0 : median(b)}, {"flipped_over_as_set", ratios},
+           {"median_ratio", r.empty() ? 0.0 : median(r)}};
+    if (!o.json)
+      std::printf("--ab %s: median %.3f s as set (%s), %.3f s flipped; flipped / as set per pair: median %.3f over %zu pairs\n",
+                  o.ab.c_str(), abj["s_per_iter_as_set"].get<double>(), ab.second ? "on" : "off",
+                  abj["s_per_iter_flipped"].get<double>(), abj["median_ratio"].get<double>(), ratios.size());
+  }
   if (o.json) {
     nlohmann::json j{{"s_per_iter", med},
                      {"s_min", sorted.front()},
@@ -130,8 +176,10 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"blas", blas_gemm_active()},
                      {"direct_depthwise", !o.no_direct && avx512_kernels_active()},
                      {"grad_sinks", !o.no_sinks && fused_ops_enabled()},
+                     {"weight_fold", !o.no_fold && fused_ops_enabled()},
                      {"simd", avx512_kernels_active() ? "avx512" : avx2_kernels_active() ? "avx2" : "portable"}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
+    if (ab.first) j["ab"] = abj;
     if (what == "train-step" || what == "eval-step")  // the evaluation network's grouped 1x1s
       j["grouped_1x1"] = !o.no_group && fused_ops_enabled() && o.precision == "fp32";
     if (what == "search-step") {
@@ -155,6 +203,7 @@ void setup(const BenchOptions& o) {
   nd::set_grouped_1x1(!o.no_group);
   nd::set_direct_depthwise(!o.no_direct);
   nd::set_grad_sinks(!o.no_sinks);
+  nd::set_mix_weight_fold(!o.no_fold);
   nd::set_avx2_kernels(!o.no_avx2);
 }
 

@@ -32,6 +32,7 @@ std::atomic<bool> g_blas{true};
 std::atomic<bool> g_group{true};
 std::atomic<bool> g_direct{true};
 std::atomic<bool> g_sinks{true};
+std::atomic<bool> g_mix_fold{true};
 
 // ---- Gradient sinks -------------------------------------------------------------------------
 // A cell state feeds up to 4 edges, and on each edge up to 6 fused nodes (the depthwise chains
@@ -1967,17 +1968,20 @@ Tensor affine_out(const Tensor& y, const OutAffine& a) {
 // anyway by its consumers (the next chain of a separable convolution, a cell's edges), so x_hat
 // then costs no memory of its own. Only when that loses no precision: every channel has
 // |gamma| >= 1e-2 and |beta| <= 8 |gamma| (the recovered x_hat is then within ~20 float
-// roundings of the computed one); otherwise x_hat itself is kept.
+// roundings of the computed one); otherwise x_hat itself is kept. Without beta (a mixed edge's
+// weight as gamma, fused_relu_dw_pw_bn) x_hat = z / gamma is within two roundings while gamma is
+// far from the subnormal floats: |gamma| >= 1e-20.
 bool x_hat_recoverable(const OutAffine& a) {
   if (!a.gamma.defined() || a.scale.defined()) return false;
   auto g = a.gamma.detach(), b = a.beta.defined() ? a.beta.detach() : torch::zeros_like(g);
+  const float lo = a.beta.defined() ? 1e-2f : 1e-20f;
   if (own_kernel(g) && own_kernel(b) && g.is_contiguous() && b.is_contiguous()) {
     const float *gp = g.data_ptr<float>(), *bp = b.data_ptr<float>();
     for (int64_t c = 0; c < g.numel(); ++c)
-      if (!(std::fabs(gp[c]) >= 1e-2f) || !(std::fabs(bp[c]) <= 8.f * std::fabs(gp[c]))) return false;
+      if (!(std::fabs(gp[c]) >= lo) || !(std::fabs(bp[c]) <= 8.f * std::fabs(gp[c]))) return false;
     return true;
   }
-  return (g.abs() >= 1e-2).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
+  return (g.abs() >= lo).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
 }
 
 // x_hat from one element of the output, with rg = 1 / gamma: a multiply, not a division (the
@@ -2210,9 +2214,13 @@ BnGrads bn_backward_affine(const Tensor& g, const Tensor& y, const Tensor& mean,
   return r;
 }
 
-Tensor bn_backward(const Tensor& g, const Tensor& y, const Tensor& mean, const Tensor& invstd, bool training,
-                   double eps) {
-  return bn_backward_affine(g, y, mean, invstd, training, eps, OutAffine{}, false).x;
+// d gamma and d beta of an affine output alone (its input's gradient not asked): the own
+// kernels' sums pass, without writing an input gradient.
+BnGrads bn_affine_grads(const Tensor& g, const Tensor& saved, const Tensor& mean, const Tensor& invstd, bool training,
+                        double eps, const OutAffine& a, bool from_out) {
+  if (!BnBackwardPlan::applies(g, saved, invstd, a)) return bn_backward_affine(g, saved, mean, invstd, training, eps, a, true, from_out);
+  const BnBackwardPlan plan(g, saved, from_out, invstd, /*training=*/false, a, true);
+  return {Tensor(), plan.dgamma, plan.dbeta};
 }
 
 // Differentiable (ATen ops) BN with the given mode, for the double-backward path.
@@ -2365,7 +2373,11 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       std::tie(y, mean, invstd) = bn_forward(p, rm, rv, {training, momentum, eps}, &st, /*in_place=*/true,
                                              aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr, from_out);
     }
-    ctx->save_for_backward({x, w_dw, w_pw, gamma, beta, scale, from_out ? z : y, mean, invstd});
+    // x serves only its own and the weights' gradients: not kept when none is needed (a search
+    // edge on the stem's output in the architecture step, where only the mixing weight as gamma
+    // needs one).
+    const bool keep_x = x.requires_grad() || (has_dw && w_dw.requires_grad()) || w_pw.requires_grad();
+    ctx->save_for_backward({keep_x ? x : Tensor(), w_dw, w_pw, gamma, beta, scale, from_out ? z : y, mean, invstd});
     ctx->saved_data["x_hat_from_out"] = from_out;
     if (has_dw) save_sink(ctx, x);
     ctx->saved_data["training"] = training;
@@ -2389,6 +2401,22 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
     const int64_t s = geom[0], pad = geom[1], dil = geom[2];
     variable_list out(14);
     const Tensor& g = grads[0];
+    const bool from_out = ctx->saved_data["x_hat_from_out"].toBool();
+    if (!x.defined()) {  // only gamma's and beta's gradients: from x_hat and g alone
+      if (torch::GradMode::is_enabled()) {
+        Tensor xh;  // a constant of the recomputation
+        {
+          torch::NoGradGuard ng;
+          xh = from_out ? x_hat_from_output(sv[6], aff) : sv[6].detach();
+        }
+        grad_of_recomputation(affine_differentiable(xh, aff.gamma, aff.beta, aff.scale), sv, need, g, out);
+        return out;
+      }
+      auto bg = bn_affine_grads(g, sv[6], mean, invstd, training, eps, aff, from_out);
+      if (need[3]) out[3] = bg.gamma;
+      if (need[4]) out[4] = bg.beta;
+      return out;
+    }
     if (torch::GradMode::is_enabled()) {
       // create_graph: differentiate a recomputation built from ATen's differentiable ops.
       auto d = at::relu(x);
@@ -2398,7 +2426,6 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
       grad_of_recomputation(r, sv, need, g, out);
       return out;
     }
-    const bool from_out = ctx->saved_data["x_hat_from_out"].toBool();
     const SinkPtr sink = need[0] ? saved_sink(ctx) : SinkPtr();  // dw_pw_backward adds x's gradient into it
     if (has_dw && dw_pw_own(x, w_dw) && BnBackwardPlan::applies(g, sv[6], invstd, aff)) {
       // The BN gradient of each image is computed inside the image loop, where it is consumed.
@@ -2447,34 +2474,56 @@ struct ChainFn : torch::autograd::Function<ChainFn> {
   }
 };
 
+// gamma * BN(pool3x3(x)), gamma (a placeholder when absent) a mixed edge's weight in every
+// channel (fused_pool_bn's `mix_weight`).
 struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& rm, const Tensor& rv,
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& gamma, const Tensor& rm, const Tensor& rv,
                         bool max_pool, int64_t stride, bool training, double momentum, double eps) {
-    Tensor y, mean, invstd;
-    std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps}, nullptr, true);
-    ctx->save_for_backward({x, y, mean, invstd});
+    const OutAffine aff = out_affine(gamma, Tensor(), Tensor());
+    const bool from_out = aff.any() && x_hat_recoverable(aff);  // z is kept, x_hat recovered from it
+    Tensor y, mean, invstd, z;
+    std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps}, nullptr, true,
+                                           aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr, from_out);
+    // x serves only its own gradient (as in ChainFn).
+    ctx->save_for_backward({x.requires_grad() ? x : Tensor(), gamma, from_out ? z : y, mean, invstd});
     save_sink(ctx, x);
     ctx->saved_data["max"] = max_pool;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    return y;
+    ctx->saved_data["x_hat_from_out"] = from_out;
+    return aff.any() ? z : y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto sv = ctx->get_saved_variables();
-    const auto &x = sv[0], &y = sv[1], &mean = sv[2], &invstd = sv[3];
+    const auto &x = sv[0], &y = sv[2], &mean = sv[3], &invstd = sv[4];
+    const OutAffine aff = out_affine(sv[1], Tensor(), Tensor());
     const bool max_pool = ctx->saved_data["max"].toBool(), training = ctx->saved_data["training"].toBool();
+    const bool from_out = ctx->saved_data["x_hat_from_out"].toBool();
     const int64_t s = ctx->saved_data["stride"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
-    variable_list out(8);
-    if (!x.requires_grad()) return out;
+    const bool need_x = x.defined() && x.requires_grad(), need_g = aff.gamma.defined() && aff.gamma.requires_grad();
+    variable_list out(10);
+    const Tensor& g = grads[0];
     if (torch::GradMode::is_enabled()) {
-      out[0] = torch::autograd::grad({bn_differentiable(aten_pool(x, max_pool, s), mean, invstd, training, eps)}, {x},
-                                     {grads[0]}, true, true)[0];
+      Tensor xh;  // recomputed from x where x's gradient is asked, else a constant
+      if (need_x) {
+        xh = bn_differentiable(aten_pool(x, max_pool, s), mean, invstd, training, eps);
+      } else {
+        torch::NoGradGuard ng;
+        xh = from_out ? x_hat_from_output(y, aff) : y.detach();
+      }
+      grad_of_recomputation(affine_differentiable(xh, aff.gamma, Tensor(), Tensor()), sv, {need_x, need_g}, g, out);
       return out;
     }
-    out[0] = pool_backward(bn_backward(grads[0], y, mean, invstd, training, eps), x, max_pool, s, saved_sink(ctx).get());
+    if (!need_x) {
+      if (need_g) out[1] = bn_affine_grads(g, y, mean, invstd, training, eps, aff, from_out).gamma;
+      return out;
+    }
+    auto bg = bn_backward_affine(g, y, mean, invstd, training, eps, aff, need_g, from_out);
+    if (need_g) out[1] = bg.gamma;
+    out[0] = pool_backward(bg.x, x, max_pool, s, saved_sink(ctx).get());
     return out;
   }
 };
@@ -2778,8 +2827,8 @@ std::vector<float> host_weights(const Tensor& w) {
 
 // The weighted sum's loops over one range [b, e) of the flat tensors (ND_CLONES: the forward
 // and backward of every search edge stream its candidates' outputs through them). Forward: o =
-// sum_j w_j src_j. Backward: part[j] = sum g y_j (the weights' gradient, where y_j is kept) and
-// gdst_j = g w_j (the candidates' gradients, where asked).
+// sum_j w_j src_j. Backward: part[j] = sum g y_j (the weights' gradient, where y_j is kept; 0
+// where not, unless part is null) and gdst_j = g w_j (the candidates' gradients, where asked).
 ND_CLONES void ws_forward_range(float* o, const float* const* src, const float* wv, int64_t k, int64_t b, int64_t e) {
   const float* s0 = src[0];
   const float w0 = wv[0];
@@ -2801,6 +2850,8 @@ ND_CLONES void ws_backward_range(const float* gp, const float* const* ysrc, floa
 #pragma omp simd reduction(+ : acc)
       for (int64_t i = b; i < e; ++i) acc += gp[i] * sj[i];
       part[j] = acc;
+    } else if (part) {
+      part[j] = 0.f;
     }
     if (float* dj = gdst[j]) {
       const float wj = wv[j];
@@ -2815,13 +2866,15 @@ ND_CLONES void ws_backward_range(const float* gp, const float* const* ysrc, floa
 // alphas' partial dot products, summed in block order.
 constexpr int64_t kSumBlock = 16384;
 
-// sum_k w[k] * y_k over the listed ops: a hand-made autograd node (any number of inputs).
-Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
+// sum_k w[k] * y_k over the listed ops (coefficient 1 where `unit`): a hand-made autograd node
+// (any number of inputs).
+Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys, const std::vector<bool>& unit) {
   bool own = true;
   for (const auto& y : ys) own = own && own_kernel(y) && y.sizes() == ys[0].sizes();
   if (!own) {
-    auto out = ys[0] * w[0];
-    for (size_t j = 1; j < ys.size(); ++j) out = out + ys[j] * w[static_cast<int64_t>(j)];
+    auto term = [&](size_t j) { return unit[j] ? ys[j] : ys[j] * w[static_cast<int64_t>(j)]; };
+    auto out = term(0);
+    for (size_t j = 1; j < ys.size(); ++j) out = out + term(j);
     return out;
   }
   // An op may return its input itself (the skip), a channel slice of a cell's output: copied.
@@ -2830,8 +2883,8 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
   auto out = torch::empty(yc[0].sizes(), yc[0].options());
   const int64_t n = out.numel(), k = static_cast<int64_t>(ys.size());
   std::vector<const float*> src(k);
-  const std::vector<float> wv = host_weights(w);
-  for (int64_t j = 0; j < k; ++j) src[j] = yc[j].data_ptr<float>();
+  std::vector<float> wv = host_weights(w);
+  for (int64_t j = 0; j < k; ++j) src[j] = yc[j].data_ptr<float>(), wv[j] = unit[j] ? 1.f : wv[j];
   float* o = out.data_ptr<float>();
   const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
   at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
@@ -2843,8 +2896,10 @@ Tensor weighted_sum_forward(const Tensor& w, const std::vector<Tensor>& ys) {
 
 struct WeightedSumBackward : torch::autograd::Node {
   torch::autograd::SavedVariable w_;
-  std::vector<torch::autograd::SavedVariable> ys_;  // only when w needs a gradient (its only use)
-  int64_t k_ = 0;                                    // the number of summands
+  // Only when w needs a gradient (their only use), and not for the prescaled terms (empty).
+  std::vector<torch::autograd::SavedVariable> ys_;
+  std::vector<bool> unit_;  // per summand: prescaled (coefficient 1, gradient g itself)
+  int64_t k_ = 0;           // the number of summands
   std::string name() const override { return "noisydarts::WeightedSumBackward"; }
   void release_variables() override {
     w_.reset_data();
@@ -2862,11 +2917,11 @@ struct WeightedSumBackward : torch::autograd::Node {
     if (torch::GradMode::is_enabled() || !own_kernel(g)) {  // differentiable ATen form
       if (should_compute_output(0) && !ys.empty()) {
         std::vector<Tensor> gw;
-        for (int64_t j = 0; j < k; ++j) gw.push_back((g * ys[j]).sum());
+        for (int64_t j = 0; j < k; ++j) gw.push_back(unit_[j] ? torch::zeros({}, g.options()) : (g * ys[j]).sum());
         out[0] = torch::stack(gw);
       }
       for (int64_t j = 0; j < k; ++j)
-        if (should_compute_output(1 + j)) out[1 + j] = g * w[j];
+        if (should_compute_output(1 + j)) out[1 + j] = unit_[j] ? g : g * w[j];
       return out;
     }
     // One pass over g in blocks: the k dot products <g, y_j> (per-block partials summed in a
@@ -2879,16 +2934,23 @@ struct WeightedSumBackward : torch::autograd::Node {
     std::vector<const float*> ysrc(static_cast<size_t>(k), nullptr);
     std::vector<float*> gdst(static_cast<size_t>(k), nullptr);
     std::vector<Tensor> yc(static_cast<size_t>(k));
+    bool pass = need_w;  // a pass over g is needed at all
     for (int64_t j = 0; j < k; ++j) {
+      if (unit_[j]) {  // its gradient is g itself, its weight's comes through its own graph
+        if (should_compute_output(1 + j)) out[1 + j] = g;
+        continue;
+      }
       if (need_w) yc[j] = ys[j].contiguous(), ysrc[j] = yc[j].data_ptr<float>();
-      if (should_compute_output(1 + j)) out[1 + j] = torch::empty_like(gc), gdst[j] = out[1 + j].data_ptr<float>();
+      if (should_compute_output(1 + j))
+        out[1 + j] = torch::empty_like(gc), gdst[j] = out[1 + j].data_ptr<float>(), pass = true;
     }
+    if (!pass) return out;
     const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
     Partials part(need_w ? static_cast<size_t>(nb * k) : 0);
     at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t bi = b; bi < e; ++bi) {
         const int64_t i0 = bi * kSumBlock, i1 = std::min(n, i0 + kSumBlock);
-        ws_backward_range(gp, ysrc.data(), gdst.data(), wv.data(), k, i0, i1, part.data() + bi * k);
+        ws_backward_range(gp, ysrc.data(), gdst.data(), wv.data(), k, i0, i1, need_w ? part.data() + bi * k : nullptr);
       }
     });
     if (need_w) out[0] = sum_partials(part, nb, k, {k}).to(w.options());
@@ -2979,6 +3041,8 @@ void set_blas_gemm(bool on) { g_blas = on; }
 void set_grouped_1x1(bool on) { g_group = on; }
 void set_direct_depthwise(bool on) { g_direct = on; }
 void set_grad_sinks(bool on) { g_sinks = on; }
+void set_mix_weight_fold(bool on) { g_mix_fold = on; }
+bool mix_weight_fold_enabled() { return g_mix_fold && g_fused; }
 
 Tensor fused_drop_path(const Tensor& x, const Tensor& mask, double keep) {
   if (!g_fused || x.dim() < 1 || !own_kernel(x) || !own_kernel(mask) || mask.numel() != x.size(0) ||
@@ -3089,18 +3153,22 @@ Tensor chain_eval(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, const
 
 Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
                            torch::nn::BatchNorm2dImpl& bn, int64_t stride, int64_t pad, int64_t dilation,
-                           const Tensor& scale) {
+                           const Tensor& scale, const Tensor& mix_weight) {
   const BnParams p = bn_params(bn);
   const bool affine = bn.options.affine();
   TORCH_CHECK(!scale.defined() || (scale.dim() == 1 && scale.size(0) == x.size(0)),
               "fused chain: scale of shape ", scale.sizes(), " for a batch of ", x.size(0));
-  const Tensor gamma = affine ? bn.weight : Tensor(), beta = affine ? bn.bias : Tensor();
+  TORCH_CHECK(!mix_weight.defined() || (mix_weight.numel() == 1 && !affine && !scale.defined()),
+              "fused chain: a mixing weight needs one element and a non-affine BN without scale");
+  // The mixing weight serves as the BN's gamma, the same value in every channel.
+  const Tensor gamma = affine ? bn.weight : mix_weight.defined() ? mix_weight.reshape({1}).repeat({w_pw.size(0)}) : Tensor(),
+               beta = affine ? bn.bias : Tensor();
   if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) &&
       no_record({&x, &w_dw, &w_pw, &gamma, &beta, &scale}))
     return chain_eval(x, w_dw, w_pw, EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{gamma, beta, scale}),
                       stride, pad, dilation);
   const Tensor none = placeholder(x);
-  return ChainFn::apply(x, w_dw, w_pw, affine ? bn.weight : none, affine ? bn.bias : none,
+  return ChainFn::apply(x, w_dw, w_pw, gamma.defined() ? gamma : none, beta.defined() ? beta : none,
                         scale.defined() ? scale : none, bn.running_mean, bn.running_var, p.training, p.momentum,
                         p.eps, stride, pad, dilation);
 }
@@ -3185,15 +3253,19 @@ Tensor fused_factorized_reduce(const Tensor& x, const Tensor& w1, const Tensor& 
                                    bn.running_mean, bn.running_var, p.training, p.momentum, p.eps);
 }
 
-Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::BatchNorm2dImpl& bn) {
+Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::BatchNorm2dImpl& bn,
+                     const Tensor& mix_weight) {
   TORCH_CHECK(!bn.options.affine(), "fused_pool_bn needs a non-affine BatchNorm (the search network's)");
+  TORCH_CHECK(!mix_weight.defined() || mix_weight.numel() == 1, "fused_pool_bn: a mixing weight needs one element");
   const BnParams p = bn_params(bn);
-  if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x})) {
+  const Tensor gamma = mix_weight.defined() ? mix_weight.reshape({1}).repeat({x.size(1)}) : Tensor();
+  if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x, &gamma})) {
     auto z = pool(x, max_pool, stride);
-    EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{}).apply(z);
+    EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{gamma, Tensor(), Tensor()}).apply(z);
     return z;
   }
-  return PoolBnFn::apply(x, bn.running_mean, bn.running_var, max_pool, stride, p.training, p.momentum, p.eps);
+  return PoolBnFn::apply(x, gamma.defined() ? gamma : placeholder(x), bn.running_mean, bn.running_var, max_pool, stride,
+                         p.training, p.momentum, p.eps);
 }
 
 Tensor fused_pool(const Tensor& x, bool max_pool, int64_t stride) {
@@ -3201,25 +3273,30 @@ Tensor fused_pool(const Tensor& x, bool max_pool, int64_t stride) {
   return PoolFn::apply(x, max_pool, stride);
 }
 
-Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys) {
+Tensor weighted_sum(const Tensor& w, const std::vector<Tensor>& ys, const std::vector<bool>& prescaled) {
   TORCH_CHECK(!ys.empty() && w.dim() == 1 && w.size(0) == static_cast<int64_t>(ys.size()),
               "weighted_sum: ", ys.size(), " tensors and weights of shape ", w.sizes());
+  TORCH_CHECK(prescaled.empty() || prescaled.size() == ys.size(), "weighted_sum: ", prescaled.size(),
+              " prescaled flags for ", ys.size(), " tensors");
+  const std::vector<bool> unit = prescaled.empty() ? std::vector<bool>(ys.size(), false) : prescaled;
   bool needs_grad = torch::GradMode::is_enabled() && w.requires_grad();
   for (const auto& y : ys) needs_grad = needs_grad || (torch::GradMode::is_enabled() && y.requires_grad());
   Tensor out;
   {
     torch::NoGradGuard ng;
-    out = weighted_sum_forward(w, ys);
+    out = weighted_sum_forward(w, ys, unit);
   }
   if (!needs_grad) return out;
   auto node = std::shared_ptr<WeightedSumBackward>(new WeightedSumBackward(), torch::autograd::deleteNode);
   node->set_next_edges(torch::autograd::collect_next_edges(w, ys));
   node->w_ = torch::autograd::SavedVariable(w, false);
   node->k_ = static_cast<int64_t>(ys.size());
+  node->unit_ = unit;
   // The op outputs serve only the weights' gradient: not kept when w needs none (the search's
   // weight step freezes the architecture), which frees e.g. the noisy skip's output.
   if (torch::GradMode::is_enabled() && w.requires_grad())
-    for (const auto& y : ys) node->ys_.emplace_back(y, false);
+    for (size_t j = 0; j < ys.size(); ++j)
+      node->ys_.push_back(unit[j] ? torch::autograd::SavedVariable() : torch::autograd::SavedVariable(ys[j], false));
   torch::autograd::set_history(out, node);
   return out;
 }

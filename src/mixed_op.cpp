@@ -5,8 +5,12 @@
 
 namespace noisydarts {
 
+bool NoiseState::changes(const std::string& op, bool training) const {
+  return training && !suspended && (options.applies_to(op) || op == "skip_connect");
+}
+
 torch::Tensor NoiseState::perturb(const std::string& op, torch::Tensor y, bool training) const {
-  if (!training || suspended) return y;
+  if (!changes(op, training)) return y;
   if (options.applies_to(op)) y = apply_noise(y, options, decay);
   if (op == "skip_connect") y = drop_path(y, options.skip_drop_path);
   return y;
@@ -20,6 +24,7 @@ MixedOpImpl::MixedOpImpl(int64_t c_in, int64_t stride, std::vector<std::string> 
   if (!nb201_layout) ops_list_ = register_module("_ops", torch::nn::ModuleList());
   for (const auto& p : primitives_) {
     ops_.push_back(make_op(p, c, stride, /*affine=*/false));
+    weighted_.push_back(weighted_forward(ops_.back()));
     if (nb201_layout) {
       register_module(std::to_string(ops_.size() - 1), ops_.back().ptr());
       continue;
@@ -46,6 +51,14 @@ torch::Tensor MixedOpImpl::candidate(size_t k, const torch::Tensor& x, bool fuse
   return noise_->perturb(name, std::move(y), is_training());
 }
 
+torch::Tensor MixedOpImpl::weighed(size_t k, const torch::Tensor& x, const torch::Tensor& w) {
+  const auto& name = primitives_[k];
+  if (!mix_weight_fold_enabled() || noise_->changes(name, is_training())) return {};
+  if (name == "max_pool_3x3" && bn1_) return fused_pool_bn(x, true, stride_, *bn1_, w);
+  if (name == "avg_pool_3x3" && bn2_) return fused_pool_bn(x, false, stride_, *bn2_, w);
+  return weighted_[k] ? weighted_[k](x, w) : torch::Tensor();
+}
+
 torch::Tensor MixedOpImpl::forward(const torch::Tensor& x, const torch::Tensor& weights) {
   if (partial_ == 1) return mix(x, weights);
   const int64_t c = x.size(1), cp = c / partial_;
@@ -67,16 +80,21 @@ torch::Tensor MixedOpImpl::mix(const torch::Tensor& x, const torch::Tensor& weig
   torch::Tensor sum;
   std::vector<torch::Tensor> outs;
   std::vector<int64_t> used;
+  std::vector<bool> prescaled;
   for (size_t k = 0; k < ops_.size(); ++k) {
     // `none` outputs zeros: its term w * 0 and its contribution to every gradient are exactly
     // zero, so it is skipped (alpha_none still receives its softmax-normalisation gradient).
     if (primitives_[k] == "none") continue;
-    torch::Tensor y = candidate(k, x, fused);
     if (fused) {
+      // An op that takes its weight into its last fused node is added as it is, and gets the
+      // sum's gradient itself, uncopied (weighted_sum's `prescaled`).
+      torch::Tensor y = weighed(k, x, weights.narrow(0, static_cast<int64_t>(k), 1));
+      prescaled.push_back(y.defined());
       used.push_back(static_cast<int64_t>(k));
-      outs.push_back(std::move(y));
+      outs.push_back(y.defined() ? std::move(y) : candidate(k, x, fused));
       continue;
     }
+    torch::Tensor y = candidate(k, x, fused);
     auto term = weights[k] * y;
     sum = sum.defined() ? sum + term : term;
   }
@@ -84,7 +102,7 @@ torch::Tensor MixedOpImpl::mix(const torch::Tensor& x, const torch::Tensor& weig
     auto w = static_cast<int64_t>(outs.size()) == weights.size(0)
                  ? weights
                  : weights.index_select(0, torch::tensor(used, torch::TensorOptions().dtype(torch::kLong).device(weights.device())));
-    return weighted_sum(w, outs);
+    return weighted_sum(w, outs, prescaled);
   }
   if (!sum.defined()) {  // every candidate is `none`
     auto z = ops_[0].forward(x);

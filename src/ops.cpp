@@ -123,16 +123,23 @@ struct ConvChainOpImpl : nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return forward_scaled(x, {}); }
   // The op's output times scale[n] per image (drop-path folded into the last chain); `scale`
   // undefined: none.
-  torch::Tensor forward_scaled(const torch::Tensor& x, const torch::Tensor& scale) {
+  torch::Tensor forward_scaled(const torch::Tensor& x, const torch::Tensor& scale) { return run(x, scale, {}); }
+  // The op's output times the one-element `w` (a mixed edge's weight; non-affine BN only),
+  // folded into the last chain as its BN's gamma.
+  torch::Tensor forward_weighted(const torch::Tensor& x, const torch::Tensor& w) { return run(x, {}, w); }
+  bool affine() const { return chains_.back().bn->options.affine(); }
+  torch::Tensor run(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& w) {
     if (!fused_ops_enabled()) {
       auto y = op->forward(x);
+      if (w.defined()) y = y * w.reshape({});
       return scale.defined() ? y * scale.view({-1, 1, 1, 1}) : y;
     }
     auto y = x;
     for (size_t i = 0; i < chains_.size(); ++i) {
       const auto& ch = chains_[i];
+      const bool last = i + 1 == chains_.size();
       y = fused_relu_dw_pw_bn(y, ch.dw->weight, ch.pw->weight, *ch.bn, ch.stride, ch.pad, ch.dilation,
-                              i + 1 == chains_.size() ? scale : torch::Tensor());
+                              last ? scale : torch::Tensor(), last ? w : torch::Tensor());
     }
     return y;
   }
@@ -240,6 +247,13 @@ std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> scaled_
   auto chain = std::dynamic_pointer_cast<ConvChainOpImpl>(op.ptr());
   if (!chain) return {};
   return [chain](const torch::Tensor& x, const torch::Tensor& scale) { return chain->forward_scaled(x, scale); };
+}
+
+std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> weighted_forward(
+    const torch::nn::AnyModule& op) {
+  auto chain = std::dynamic_pointer_cast<ConvChainOpImpl>(op.ptr());
+  if (!chain || chain->affine()) return {};
+  return [chain](const torch::Tensor& x, const torch::Tensor& w) { return chain->forward_weighted(x, w); };
 }
 
 namespace {

@@ -748,6 +748,100 @@ TEST(Fused, GradientSinksGiveAutogradsGradientsWithoutItsSums) {
   }
 }
 
+namespace {
+struct FoldSwitch {
+  explicit FoldSwitch(bool on) { set_mix_weight_fold(on); }
+  ~FoldSwitch() { set_mix_weight_fold(true); }
+};
+}  // namespace
+
+TEST(Fused, MixingWeightsTakenIntoTheOpsLastNodesEqualTheWeightedSum) {
+  // The search edges' separable and dilated convolutions and pools take their edge's weight into
+  // their last fused node (as the BN's gamma), and the edge's sum adds them as they are, against
+  // the sum multiplying them (set_mix_weight_fold): the same logits, running statistics and
+  // gradients to float rounding (each edge's sum rounds differently), for a full backward, for the architecture step (weights frozen:
+  // the edges on the stem's output keep no input, only gamma needs a gradient there) and for a
+  // Hessian-vector product through it (double backward), with DARTS' ops and NoisyDARTS' noisy
+  // skip (never folded: its noise comes after the op), in the best and the portable kernels.
+  for (const int mode : {0, 2})
+  for (const bool darts : {true, false}) {
+    KernelMode km(mode);
+    SearchNetworkOptions o(4, 5, 3);
+    o.in_channels(1);
+    if (darts) o.primitives(darts_primitives());
+    else {
+      NoiseOptions no;
+      no.lambda = 0.2;
+      no.skip_drop_path = 0.3;
+      o.noise(no);
+    }
+    torch::manual_seed(19);
+    auto net = make_search_network(o);
+    auto x = torch::randn({6, 1, 10, 10});
+    auto y = torch::randint(0, 5, {6});
+    const auto alphas = net->arch_parameters();
+    auto params = alphas;
+    for (const auto& w : net->weight_parameters()) params.push_back(w);
+    std::vector<torch::Tensor> v;
+    for (const auto& a : alphas) v.push_back(torch::randn_like(a));
+    std::vector<torch::Tensor> initial;
+    for (const auto& b : net->buffers()) initial.push_back(b.clone());
+    struct Run {
+      torch::Tensor logits;
+      std::vector<torch::Tensor> all, arch, hv, stats;
+      int64_t folded = 0;
+    };
+    auto run = [&](bool fold) {
+      FoldSwitch fs(fold);
+      FusedSwitch fused(true);
+      Run r;
+      torch::manual_seed(5);
+      auto logits = net->forward(x);
+      auto loss = torch::nn::functional::cross_entropy(logits, y);
+      r.logits = logits.detach();
+      r.folded = count_nodes(loss, "RepeatBackward");  // one per folded op: its weight repeated as gamma
+      r.all = torch::autograd::grad({loss}, params, {}, false, false, /*allow_unused=*/true);
+      {
+        WeightsFrozen frozen(net->weight_parameters());
+        torch::manual_seed(5);
+        auto l2 = torch::nn::functional::cross_entropy(net->forward(x), y);
+        r.arch = torch::autograd::grad({l2}, alphas, {}, /*retain_graph=*/true, false);
+        auto ga = torch::autograd::grad({l2}, alphas, {}, true, /*create_graph=*/true);
+        torch::Tensor dot;
+        for (size_t i = 0; i < alphas.size(); ++i) {
+          auto t = (ga[i] * v[i]).sum();
+          dot = dot.defined() ? dot + t : t;
+        }
+        r.hv = torch::autograd::grad({dot}, alphas);
+      }
+      for (const auto& b : net->buffers()) r.stats.push_back(b.clone());
+      torch::NoGradGuard ng;
+      auto bufs = net->buffers();
+      for (size_t i = 0; i < bufs.size(); ++i) bufs[i].copy_(initial[i]);
+      return r;
+    };
+    const Run on = run(true), off = run(false);
+    const std::string tag = std::string(darts ? "darts " : "noisydarts ") + kernel_mode_name(mode);
+    // Per edge: 4 convolutions and 2 pools (the skip and `none` are not folded); 14 edges per cell.
+    EXPECT_EQ(on.folded, 3 * 14 * 6) << tag;
+    EXPECT_EQ(off.folded, 0) << tag;
+    expect_close(on.logits, off.logits, 1e-5, tag + " logits");
+    ASSERT_EQ(on.stats.size(), off.stats.size());
+    for (size_t i = 0; i < on.stats.size(); ++i)  // the states differ by rounding after the first sums
+      expect_close(on.stats[i].to(torch::kDouble), off.stats[i].to(torch::kDouble), 1e-5, tag + " buffer " + std::to_string(i));
+    for (size_t i = 0; i < params.size(); ++i) {
+      ASSERT_TRUE(on.all[i].defined() && off.all[i].defined()) << tag << " gradient " << i;
+      expect_close(on.all[i], off.all[i], 1e-5, tag + " gradient " + std::to_string(i));
+    }
+    for (size_t i = 0; i < alphas.size(); ++i) {
+      expect_close(on.arch[i], off.arch[i], 1e-5, tag + " architecture gradient " + std::to_string(i));
+      expect_close(on.arch[i], on.all[i], 1e-5, tag + " architecture gradient against the full one " + std::to_string(i));
+      expect_close(on.hv[i], off.hv[i], 1e-4, tag + " Hessian-vector product " + std::to_string(i));
+    }
+    EXPECT_GT(on.hv[0].abs().max().item<double>(), 0.0) << tag;
+  }
+}
+
 TEST(Fused, DropPathNodeEqualsATensMulAndDivBitForBit) {
   // drop_path (the skips' drop-path in a NoisyDARTS search, the evaluation network's pools) as
   // one node against ATen's x * mask / keep: the same values and input gradient, bitwise, for

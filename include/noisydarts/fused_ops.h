@@ -72,10 +72,13 @@ std::pair<torch::Tensor, torch::Tensor> depthwise_conv2d_backward(
 /// bias when it is affine: the evaluation network's chains). `bn`'s running statistics (and
 /// batch count) are updated as its forward would. `scale` (optional, [N]): each image's output
 /// is multiplied by scale[n] (the evaluation network's drop-path, mask / keep, folded in).
+/// `mix_weight` (optional, one element, non-affine `bn` and no `scale` only): the output is
+/// multiplied by it, differentiably (a mixed edge's weight of this op, taken as the BN's gamma:
+/// the edge's sum then needs no product of its own, weighted_sum's `prescaled`).
 torch::Tensor fused_relu_dw_pw_bn(const torch::Tensor& x, const torch::Tensor& w_dw,
                                   const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn,
                                   int64_t stride, int64_t pad, int64_t dilation,
-                                  const torch::Tensor& scale = {});
+                                  const torch::Tensor& scale = {}, const torch::Tensor& mix_weight = {});
 
 /// `BN(conv1x1(relu(x)))` (the cells' 1x1 preprocessing), differentiable in x and w_pw.
 torch::Tensor fused_relu_pw_bn(const torch::Tensor& x, const torch::Tensor& w_pw, torch::nn::BatchNorm2dImpl& bn);
@@ -105,12 +108,18 @@ torch::Tensor fused_factorized_reduce(const torch::Tensor& x, const torch::Tenso
                                       torch::nn::BatchNorm2dImpl& bn);
 
 /// `sum_k w[k] * ys[k]` as one node (the mixed edge's output): no per-op products are kept.
-torch::Tensor weighted_sum(const torch::Tensor& w, const std::vector<torch::Tensor>& ys);
+/// `prescaled[k]` (optional, one flag per term): ys[k] carries its weight already (a chain's
+/// `mix_weight`): added with coefficient 1, its gradient is the output's gradient itself (one
+/// tensor shared by every such term, never written), and w[k]'s gradient comes through ys[k]'s
+/// own graph, not through this node.
+torch::Tensor weighted_sum(const torch::Tensor& w, const std::vector<torch::Tensor>& ys,
+                           const std::vector<bool>& prescaled = {});
 
 /// `BN(pool3x3(x))` for max (`max_pool == true`) or average (count_include_pad false) pooling,
-/// padding 1, differentiable in x.
+/// padding 1, differentiable in x; times `mix_weight` (optional, one element, differentiable: a
+/// mixed edge's weight, as in fused_relu_dw_pw_bn).
 torch::Tensor fused_pool_bn(const torch::Tensor& x, bool max_pool, int64_t stride,
-                            torch::nn::BatchNorm2dImpl& bn);
+                            torch::nn::BatchNorm2dImpl& bn, const torch::Tensor& mix_weight = {});
 
 /// `pool3x3(x)` for max or average (count_include_pad false) pooling, padding 1, without BN (the
 /// evaluation network's pools), differentiable in x; saves only x. Ties of the max go to the
@@ -163,6 +172,13 @@ class GradSinkScope {
 };
 /// On by default; off: wrap returns its input (benchmarks, tests: `bench --no-grad-sinks`).
 void set_grad_sinks(bool on);
+
+/// Process-wide switch (default on): a search edge's separable and dilated convolutions take the
+/// edge's weight into their last fused node (fused_relu_dw_pw_bn's `mix_weight`, weighted_sum's
+/// `prescaled`). Off: the weighted sum multiplies them (`bench --no-weight-fold`).
+void set_mix_weight_fold(bool on);
+/// The switch above, and fused ops on.
+bool mix_weight_fold_enabled();
 
 /// While alive, every parameter in `params` has requires_grad false (restored on destruction):
 /// a forward run under it builds no weight-gradient paths.

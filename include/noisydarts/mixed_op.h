@@ -2,6 +2,7 @@
 /// The mixed edge of the search cell: softmax(alpha)-weighted sum of every candidate, with the
 /// NoisyDARTS noise on the chosen candidates (noise.h).
 #include <torch/torch.h>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,8 @@ struct NoiseState {
   /// suspended, the noise (on the ops the options name) and, on skip_connect, the skip
   /// drop-path. Otherwise `y` unchanged.
   torch::Tensor perturb(const std::string& op, torch::Tensor y, bool training) const;
+  /// Whether perturb can change candidate `op`'s output (noise or skip drop-path apply).
+  bool changes(const std::string& op, bool training) const;
 };
 
 /// One edge. Registered as `_ops.{k}` (candidates, reference layout) plus `bn1` (after
@@ -47,6 +50,8 @@ class MixedOpImpl : public torch::nn::Module {
  private:
   std::vector<std::string> primitives_;
   std::vector<torch::nn::AnyModule> ops_;
+  /// Per candidate: weighted_forward(op) (ops.h), empty where the op cannot take its weight.
+  std::vector<std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>> weighted_;
   torch::nn::ModuleList ops_list_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr}, bn2_{nullptr};
   std::shared_ptr<NoiseState> noise_;
@@ -54,6 +59,10 @@ class MixedOpImpl : public torch::nn::Module {
   int64_t partial_ = 1;
   /// Candidate k's output for x (pool + BN, the search-time perturbation).
   torch::Tensor candidate(size_t k, const torch::Tensor& x, bool fused);
+  /// Candidate k's output for x times its weight `w` (one element), where the op takes the
+  /// weight into its last fused node (pool + BN, the separable and dilated convolutions) and
+  /// the noise leaves it alone; otherwise undefined (fused ops only).
+  torch::Tensor weighed(size_t k, const torch::Tensor& x, const torch::Tensor& w);
   /// The weighted sum of the candidates on x.
   torch::Tensor mix(const torch::Tensor& x, const torch::Tensor& weights);
 };

@@ -68,6 +68,14 @@ torch::nn::AnyModule make_op(const std::string& name, int64_t c, int64_t stride,
 std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> scaled_forward(
     const torch::nn::AnyModule& op);
 
+/// For an op made by make_op with non-affine BN that can fold a mixed edge's weight into its
+/// last fused node (the search network's separable and dilated convolutions): a function
+/// (x, w) -> op(x) * w for a one-element w, differentiable in w (fused_relu_dw_pw_bn's
+/// `mix_weight`); for other ops an empty function. With fused ops off it runs the modules, then
+/// multiplies.
+std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> weighted_forward(
+    const torch::nn::AnyModule& op);
+
 /// Drop-path as a per-image scale [N]: mask / (1 - p), mask ~ Bernoulli(1 - p), drawn exactly as
 /// drop_path draws its mask (the same random stream). p == 0: undefined.
 torch::Tensor drop_path_scale(int64_t n, double p, const torch::TensorOptions& options);
