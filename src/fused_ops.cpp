@@ -1733,7 +1733,9 @@ inline const float* plane_at(const float* p, int64_t i, int64_t c, int64_t xs, i
   return p + (i / c) * xs + (i % c) * plane;
 }
 
-Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
+// 3x3 pool (padding 1, stride s); with `stats` (own kernel only), also each output plane's
+// statistics, computed right after the plane is written (as pointwise does).
+Tensor pool(const Tensor& x, bool max_pool, int64_t s, PlaneStats* stats = nullptr) {
   if (!own_kernel(x)) return aten_pool(x, max_pool, s);
   int64_t xs = 0;
   auto xc = image_major(x, xs);
@@ -1745,18 +1747,24 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s) {
   float* yp = y.data_ptr<float>();
   const std::vector<float> count = pool_counts(g, direct);
   const float pad = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
+  const int64_t ohw = g.oh * g.ow;
+  if (stats) stats->mean.resize(static_cast<size_t>(n * c)), stats->m2.resize(static_cast<size_t>(n * c));
+  auto plane_done = [&](int64_t i) {
+    if (stats) plane_stats(yp + i * ohw, ohw, stats->mean[i], stats->m2[i]);
+  };
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
 #ifdef ND_AVX512
     if (direct) {
       for (int64_t i = b; i < e; ++i)
-        pool_direct_avx512(plane_at(xp, i, c, xs, g.h * g.w), yp + i * g.oh * g.ow, count.data(), g, max_pool);
+        pool_direct_avx512(plane_at(xp, i, c, xs, g.h * g.w), yp + i * ohw, count.data(), g, max_pool), plane_done(i);
       return;
     }
 #endif
     std::vector<float> buf(static_cast<size_t>(g.buf)), ext(static_cast<size_t>(g.len));
     for (int64_t i = b; i < e; ++i) {
       fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, pad);
-      pool_forward_plane(buf.data(), ext.data(), yp + i * g.oh * g.ow, count.data(), g, max_pool);
+      pool_forward_plane(buf.data(), ext.data(), yp + i * ohw, count.data(), g, max_pool);
+      plane_done(i);
     }
   });
   return y;
@@ -2482,7 +2490,10 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
     const OutAffine aff = out_affine(gamma, Tensor(), Tensor());
     const bool from_out = aff.any() && x_hat_recoverable(aff);  // z is kept, x_hat recovered from it
     Tensor y, mean, invstd, z;
-    std::tie(y, mean, invstd) = bn_forward(pool(x, max_pool, stride), rm, rv, {training, momentum, eps}, nullptr, true,
+    PlaneStats stats;
+    PlaneStats* ps = training ? &stats : nullptr;  // computed by the pool kernel while each plane is in cache
+    auto pooled = pool(x, max_pool, stride, ps);
+    std::tie(y, mean, invstd) = bn_forward(pooled, rm, rv, {training, momentum, eps}, ps, true,
                                            aff.any() ? &aff : nullptr, aff.any() ? &z : nullptr, from_out);
     // x serves only its own gradient (as in ChainFn).
     ctx->save_for_backward({x.requires_grad() ? x : Tensor(), gamma, from_out ? z : y, mean, invstd});
