@@ -491,21 +491,30 @@ TEST(Fused, WeightedSumValuesAndGradients) {
   EXPECT_FALSE(weighted_sum(w, ys).requires_grad());
 }
 
+namespace {
+// A small search network's options (C 4, 5 classes, 3 cells, 1 input channel): DARTS' 8 ops
+// (with `none`), or NoisyDARTS' 7 with noise 0.2 and skip drop-path 0.3.
+SearchNetworkOptions small_search_options(bool darts) {
+  SearchNetworkOptions o(4, 5, 3);
+  o.in_channels(1);
+  if (darts) o.primitives(darts_primitives());
+  else {
+    NoiseOptions no;
+    no.lambda = 0.2;
+    no.skip_drop_path = 0.3;
+    o.noise(no);
+  }
+  return o;
+}
+}  // namespace
+
 TEST(Fused, SearchNetworkFusedEqualsModuleByModule) {
   // DARTS' 8 ops (with `none`) and NoisyDARTS' 7 with noise and skip drop-path: the noise draws
   // happen in the same order either way, so the same seed gives the same network outputs.
   for (const int mode : kKernelModes)
   for (const bool darts : {true, false}) {
     KernelMode sw(mode);
-    SearchNetworkOptions o(4, 5, 3);
-    o.in_channels(1);
-    if (darts) o.primitives(darts_primitives());
-    else {
-      NoiseOptions no;
-      no.lambda = 0.2;
-      no.skip_drop_path = 0.3;
-      o.noise(no);
-    }
+    const SearchNetworkOptions o = small_search_options(darts);
     torch::manual_seed(11);
     auto net = make_search_network(o);
     torch::manual_seed(11);
@@ -766,15 +775,7 @@ TEST(Fused, MixingWeightsTakenIntoTheOpsLastNodesEqualTheWeightedSum) {
   for (const int mode : {0, 2})
   for (const bool darts : {true, false}) {
     KernelMode km(mode);
-    SearchNetworkOptions o(4, 5, 3);
-    o.in_channels(1);
-    if (darts) o.primitives(darts_primitives());
-    else {
-      NoiseOptions no;
-      no.lambda = 0.2;
-      no.skip_drop_path = 0.3;
-      o.noise(no);
-    }
+    const SearchNetworkOptions o = small_search_options(darts);
     torch::manual_seed(19);
     auto net = make_search_network(o);
     auto x = torch::randn({6, 1, 10, 10});
