@@ -1543,13 +1543,6 @@ Tensor image_major(const Tensor& x, int64_t& img) {
   return c;
 }
 
-// 1x1 convolution of relu?(x).
-// Mean and sum of squared deviations from it of each [N, C] plane of a batch-norm input,
-// computed by the kernel that wrote the plane while it is in cache (empty: not computed).
-struct PlaneStats {
-  std::vector<float> mean, m2;
-};
-
 // (ND_CLONES here and in the BN loops below: these loops stream planes that are still in the
 // cache; compiled for the baseline they ran 4 floats at a time.)
 ND_CLONES void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
@@ -1562,6 +1555,15 @@ ND_CLONES void plane_stats(const float* src, int64_t hw, float& mean, float& m2)
   for (int64_t j = 0; j < hw; ++j) sq += (src[j] - mu) * (src[j] - mu);
   mean = mu, m2 = sq;
 }
+
+// Mean and sum of squared deviations from it of each [N, C] plane of a batch-norm input,
+// computed by the kernel that wrote the plane while it is in cache (empty: not computed).
+struct PlaneStats {
+  std::vector<float> mean, m2;
+  void resize(int64_t planes) { mean.resize(static_cast<size_t>(planes)), m2.resize(static_cast<size_t>(planes)); }
+  // Plane k (image-major: n * C + c), just written at p.
+  void take(int64_t k, const float* p, int64_t hw) { plane_stats(p, hw, mean[k], m2[k]); }
+};
 
 // What follows the normalisation in a fused node: z = (gamma * x_hat + beta) * scale[n] (the
 // evaluation network's affine BN, then its drop-path as a per-image scale mask / keep).
@@ -1658,13 +1660,13 @@ Tensor pointwise(const Tensor& x, const Tensor& w, bool relu, PlaneStats* stats 
   auto y = torch::empty({n, co, xc.size(2), xc.size(3)}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (stats) stats->mean.resize(static_cast<size_t>(n * co)), stats->m2.resize(static_cast<size_t>(n * co));
+  if (stats) stats->resize(n * co);
   for_images(n, [&](int64_t i) {
     pw_image(xp + i * xs, wp, yp + i * co * hw, ci, co, hw, false, relu, nullptr);
     if (eb)
       for (int64_t o = 0; o < co; ++o) eb->plane(yp + (i * co + o) * hw, hw, o, i);
     if (stats)
-      for (int64_t o = 0; o < co; ++o) plane_stats(yp + (i * co + o) * hw, hw, stats->mean[i * co + o], stats->m2[i * co + o]);
+      for (int64_t o = 0; o < co; ++o) stats->take(i * co + o, yp + (i * co + o) * hw, hw);
   });
   return y;
 }
@@ -1748,15 +1750,15 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s, PlaneStats* stats = nullp
   const std::vector<float> count = pool_counts(g, direct);
   const float pad = max_pool ? -std::numeric_limits<float>::infinity() : 0.f;
   const int64_t ohw = g.oh * g.ow;
-  if (stats) stats->mean.resize(static_cast<size_t>(n * c)), stats->m2.resize(static_cast<size_t>(n * c));
-  auto plane_done = [&](int64_t i) {
-    if (stats) plane_stats(yp + i * ohw, ohw, stats->mean[i], stats->m2[i]);
-  };
+  if (stats) stats->resize(n * c);
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
 #ifdef ND_AVX512
     if (direct) {
       for (int64_t i = b; i < e; ++i)
-        pool_direct_avx512(plane_at(xp, i, c, xs, g.h * g.w), yp + i * ohw, count.data(), g, max_pool), plane_done(i);
+      {
+        pool_direct_avx512(plane_at(xp, i, c, xs, g.h * g.w), yp + i * ohw, count.data(), g, max_pool);
+        if (stats) stats->take(i, yp + i * ohw, ohw);
+      }
       return;
     }
 #endif
@@ -1764,7 +1766,7 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s, PlaneStats* stats = nullp
     for (int64_t i = b; i < e; ++i) {
       fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, pad);
       pool_forward_plane(buf.data(), ext.data(), yp + i * ohw, count.data(), g, max_pool);
-      plane_done(i);
+      if (stats) stats->take(i, yp + i * ohw, ohw);
     }
   });
   return y;
@@ -2055,9 +2057,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
   const double count = static_cast<double>(n * hw);
   PlaneStats own;
   if (!stats || static_cast<int64_t>(stats->mean.size()) != n * c) {
-    own.mean.resize(static_cast<size_t>(n * c)), own.m2.resize(static_cast<size_t>(n * c));
+    own.resize(n * c);
     at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) plane_stats(xp + i * hw, hw, own.mean[i], own.m2[i]);
+      for (int64_t i = b; i < e; ++i) own.take(i, xp + i * hw, hw);
     });
     stats = &own;
   }
@@ -2261,7 +2263,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
   auto y = torch::empty({n, co, g.oh, g.ow}, xc.options());
   const float *xp = xc.data_ptr<float>(), *wdp = wd.data_ptr<float>(), *wpp = wp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (stats) stats->mean.resize(static_cast<size_t>(n * co)), stats->m2.resize(static_cast<size_t>(n * co));
+  if (stats) stats->resize(n * co);
   for_images(n, [&](int64_t i) {
     thread_local std::vector<float> buf, ext, d;
     buf.resize(static_cast<size_t>(g.buf)), ext.resize(static_cast<size_t>(g.len)), d.resize(static_cast<size_t>(c * ohw));
@@ -2272,7 +2274,7 @@ Tensor dw_pw_forward(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, in
     pw_image(d.data(), wpp, yi, c, co, ohw, false, false, nullptr);
     for (int64_t o = 0; o < co; ++o) {
       if (eb) eb->plane(yi + o * ohw, ohw, o, i);
-      if (stats) plane_stats(yi + o * ohw, ohw, stats->mean[i * co + o], stats->m2[i * co + o]);
+      if (stats) stats->take(i * co + o, yi + o * ohw, ohw);
     }
   });
   return y;
