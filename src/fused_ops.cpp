@@ -1567,7 +1567,10 @@ struct PlaneStats {
 
 // What follows the normalisation in a fused node: z = (gamma * x_hat + beta) * scale[n] (the
 // evaluation network's affine BN, then its drop-path as a per-image scale mask / keep).
-// Undefined members are absent (gamma 1, beta 0, scale 1); with none, z is x_hat itself.
+// Undefined members are absent (gamma 1, beta 0, scale 1); with none, z is x_hat itself. A
+// gamma of one element is the same in every channel (a mixed edge's weight folded into its op's
+// last BN: the node takes the weight itself, and its gradient is d gamma summed over the
+// channels, with no repeat and no autograd nodes between the weight and the node).
 struct OutAffine {
   Tensor gamma, beta, scale;
   bool any() const { return gamma.defined() || beta.defined() || scale.defined(); }
@@ -1585,12 +1588,18 @@ OutAffine out_affine(const Tensor& gamma, const Tensor& beta, const Tensor& scal
 struct AffinePtrs {
   Tensor g, b, s;
   const float *gp = nullptr, *bp = nullptr, *sp = nullptr;
-  explicit AffinePtrs(const OutAffine& a) {
-    if (a.gamma.defined()) g = a.gamma.detach().contiguous(), gp = g.data_ptr<float>();
-    if (a.beta.defined()) b = a.beta.detach().contiguous(), bp = b.data_ptr<float>();
-    if (a.scale.defined()) s = a.scale.detach().contiguous(), sp = s.data_ptr<float>();
+  int64_t gs = 1;  // gamma's stride over the channels: 0 for a one-element gamma
+  explicit AffinePtrs(const OutAffine& a) : gp(ptr(a.gamma, g)), bp(ptr(a.beta, b)), sp(ptr(a.scale, s)) {
+    if (a.gamma.defined() && a.gamma.numel() == 1) gs = 0;
   }
-  float gamma(int64_t ch) const { return gp ? gp[ch] : 1.f; }
+  // The tensor's own data where it is contiguous (no ATen call), else a contiguous copy kept in `keep`.
+  static const float* ptr(const Tensor& t, Tensor& keep) {
+    if (!t.defined()) return nullptr;
+    if (t.is_contiguous()) return t.data_ptr<float>();
+    keep = t.detach().contiguous();
+    return keep.data_ptr<float>();
+  }
+  float gamma(int64_t ch) const { return gp ? gp[ch * gs] : 1.f; }
   float beta(int64_t ch) const { return bp ? bp[ch] : 0.f; }
   float scale(int64_t img) const { return sp ? sp[img] : 1.f; }
 };
@@ -1924,9 +1933,15 @@ BnParams bn_params(torch::nn::BatchNorm2dImpl& bn) {
   const auto& o = bn.options;
   BnParams p{bn.is_training() || !o.track_running_stats(), o.momentum().value_or(0.0), o.eps()};
   if (bn.is_training() && o.track_running_stats() && bn.num_batches_tracked.defined()) {
-    torch::NoGradGuard ng;
-    bn.num_batches_tracked += 1;
-    if (!o.momentum()) p.momentum = 1.0 / bn.num_batches_tracked.item<double>();
+    auto& nbt = bn.num_batches_tracked;
+    if (nbt.device().is_cpu() && nbt.scalar_type() == torch::kLong && nbt.numel() == 1) {
+      const int64_t count = ++*nbt.data_ptr<int64_t>();  // no ATen call on the main thread per BN
+      if (!o.momentum()) p.momentum = 1.0 / static_cast<double>(count);
+    } else {
+      torch::NoGradGuard ng;
+      nbt += 1;
+      if (!o.momentum()) p.momentum = 1.0 / nbt.item<double>();
+    }
   }
   return p;
 }
@@ -1957,10 +1972,16 @@ Tensor affine_planes(const Tensor& src, const OutAffine& a, const F& f) {
   return dst;
 }
 
+// A per-channel vector (or a one-element one, the same in every channel) as [1, C, 1, 1] to
+// broadcast over a batch of c channels.
+Tensor channel_view(const Tensor& t, int64_t c) {
+  return t.numel() == 1 ? t.reshape({1, 1, 1, 1}) : t.view({1, c, 1, 1});
+}
+
 // OutAffine applied with ATen's (differentiable) ops: other devices and the double backward.
 Tensor affine_differentiable(const Tensor& y, const Tensor& gamma, const Tensor& beta, const Tensor& scale) {
   const auto cv = std::vector<int64_t>{1, y.size(1), 1, 1};
-  auto z = gamma.defined() ? y * gamma.view(cv) : y;
+  auto z = gamma.defined() ? y * channel_view(gamma, y.size(1)) : y;
   if (beta.defined()) z = z + beta.view(cv);
   return scale.defined() ? z * scale.view({-1, 1, 1, 1}) : z;
 }
@@ -1983,14 +2004,16 @@ Tensor affine_out(const Tensor& y, const OutAffine& a) {
 // far from the subnormal floats: |gamma| >= 1e-20.
 bool x_hat_recoverable(const OutAffine& a) {
   if (!a.gamma.defined() || a.scale.defined()) return false;
-  auto g = a.gamma.detach(), b = a.beta.defined() ? a.beta.detach() : torch::zeros_like(g);
   const float lo = a.beta.defined() ? 1e-2f : 1e-20f;
-  if (own_kernel(g) && own_kernel(b) && g.is_contiguous() && b.is_contiguous()) {
-    const float *gp = g.data_ptr<float>(), *bp = b.data_ptr<float>();
-    for (int64_t c = 0; c < g.numel(); ++c)
-      if (!(std::fabs(gp[c]) >= lo) || !(std::fabs(bp[c]) <= 8.f * std::fabs(gp[c]))) return false;
+  auto own = [&](const Tensor& t) { return own_kernel(t) && t.is_contiguous() && t.numel() == a.gamma.numel(); };
+  if (own(a.gamma) && (!a.beta.defined() || own(a.beta))) {  // read in place: no ATen call
+    const float* gp = a.gamma.data_ptr<float>();
+    const float* bp = a.beta.defined() ? a.beta.data_ptr<float>() : nullptr;
+    for (int64_t c = 0; c < a.gamma.numel(); ++c)
+      if (!(std::fabs(gp[c]) >= lo) || !(std::fabs(bp ? bp[c] : 0.f) <= 8.f * std::fabs(gp[c]))) return false;
     return true;
   }
+  auto g = a.gamma.detach(), b = a.beta.defined() ? a.beta.detach() : torch::zeros_like(g);
   return (g.abs() >= lo).all().item<bool>() && (b.abs() <= 8 * g.abs()).all().item<bool>();
 }
 
@@ -2001,7 +2024,7 @@ inline float x_hat_value(float z, float bt, float rg) { return (z - bt) * rg; }
 Tensor x_hat_from_output(const Tensor& z, const OutAffine& a) {
   if (!affine_own(z, a)) {
     const auto cv = std::vector<int64_t>{1, z.size(1), 1, 1};
-    return (a.beta.defined() ? z - a.beta.view(cv) : z) / a.gamma.view(cv);
+    return (a.beta.defined() ? z - a.beta.view(cv) : z) / channel_view(a.gamma, z.size(1));
   }
   return affine_planes(z, a, [](float v, float gm, float bt, float) { return x_hat_value(v, bt, 1.f / gm); });
 }
@@ -2020,6 +2043,30 @@ ND_CLONES void bn_normalize_plane(const float* src, float* dst, float* zr, int64
   if (!zr) return;
 #pragma omp simd
   for (int64_t j = 0; j < hw; ++j) zr[j] = affine_value(dst[j], gm, bt, sc);
+}
+
+// running = (1 - momentum) running + momentum batch, for the mean (float) and the unbiased
+// variance (double, rounded to float first), as ATen's rm.mul_(1 - m).add_(mean, m) computes it
+// (float multiply, then a fused multiply-add: the same bits), in a loop over the channels
+// instead of five ATen calls per BN (a few microseconds each, on the main thread, between the
+// parallel kernels).
+void update_running_stats(const Tensor& rm, const Tensor& rv, const float* mean, const std::vector<double>& var_unbiased,
+                          double momentum) {
+  const int64_t c = static_cast<int64_t>(var_unbiased.size());
+  auto fits = [c](const Tensor& t) { return own_kernel(t) && t.is_contiguous() && t.numel() == c; };
+  if (!fits(rm) || !fits(rv)) {
+    torch::NoGradGuard ng;
+    auto vu = torch::from_blob(const_cast<double*>(var_unbiased.data()), {c}, torch::kDouble).to(rv.dtype());
+    rm.mul_(1 - momentum).add_(torch::from_blob(const_cast<float*>(mean), {c}, torch::kFloat).to(rm.device()), momentum);
+    rv.mul_(1 - momentum).add_(vu.to(rv.device()), momentum);
+    return;
+  }
+  const float keep = static_cast<float>(1 - momentum), m = static_cast<float>(momentum);
+  float *rmp = rm.data_ptr<float>(), *rvp = rv.data_ptr<float>();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    rmp[ch] = std::fma(mean[ch], m, rmp[ch] * keep);
+    rvp[ch] = std::fma(static_cast<float>(var_unbiased[ch]), m, rvp[ch] * keep);
+  }
 }
 
 // y = BN(x); returns (y, mean, invstd) with the statistics it normalised with.
@@ -2092,12 +2139,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
   });
   if (z) *z = own_z ? zt : affine_out(y, *aff);
   if (z_over_x) y = Tensor();
-  if (rm.defined()) {
-    torch::NoGradGuard ng;
-    auto vu = torch::from_blob(var_unbiased.data(), {c}, torch::kDouble).to(rv.dtype());
-    rm.mul_(1 - p.momentum).add_(mean, p.momentum);
-    rv.mul_(1 - p.momentum).add_(vu, p.momentum);
-  }
+  if (rm.defined()) update_running_stats(rm, rv, mp, var_unbiased, p.momentum);
   return {y, mean, invstd};
 }
 
@@ -2164,16 +2206,23 @@ struct BnBackwardPlan {
         psg[i] = s1 * sc, psgy[i] = s2 * sc;
       }
     });
-    if (need_affine) dgamma = torch::empty({c}, gc.options()), dbeta = torch::empty({c}, gc.options());
+    // A one-element gamma's gradient is the sum over the channels (in double, channel order).
+    if (need_affine) dgamma = torch::empty({ap.gs ? c : 1}, gc.options()), dbeta = torch::empty({c}, gc.options());
+    double sgy_all = 0;
     for (int64_t ch = 0; ch < c; ++ch) {
       double sg = 0, sgy = 0;
       for (int64_t i = 0; i < n; ++i) sg += psg[i * c + ch], sgy += psgy[i * c + ch];
-      if (need_affine) dgamma.data_ptr<float>()[ch] = static_cast<float>(sgy), dbeta.data_ptr<float>()[ch] = static_cast<float>(sg);
+      sgy_all += sgy;
+      if (need_affine) {
+        if (ap.gs) dgamma.data_ptr<float>()[ch] = static_cast<float>(sgy);
+        dbeta.data_ptr<float>()[ch] = static_cast<float>(sg);
+      }
       if (training) {
         const double gm = ap.gamma(ch);
         m1[ch] = static_cast<float>(gm * sg / count), m2[ch] = static_cast<float>(gm * sgy / count);
       }
     }
+    if (need_affine && !ap.gs) dgamma.data_ptr<float>()[0] = static_cast<float>(sgy_all);
   }
 
   // dst [c, hw] = d loss / d (BN input) of image i.
@@ -2212,7 +2261,8 @@ BnGrads bn_backward_affine(const Tensor& g, const Tensor& y, const Tensor& mean,
   const Tensor xh = from_out ? x_hat_from_output(y, a) : y;
   auto gs = a.scale.defined() ? g * a.scale.view({-1, 1, 1, 1}) : g;
   if (need_affine) r.beta = gs.sum({0, 2, 3}), r.gamma = (gs * xh).sum({0, 2, 3});
-  if (a.gamma.defined()) gs = gs * a.gamma.view(view);
+  if (need_affine && a.gamma.defined() && a.gamma.numel() == 1) r.gamma = r.gamma.sum().reshape_as(a.gamma);
+  if (a.gamma.defined()) gs = gs * channel_view(a.gamma, g.size(1));
   if (!training) {
     r.x = gs * invstd.view(view);
     return r;
@@ -3164,6 +3214,9 @@ Tensor chain_eval(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw, const
   return pointwise(depthwise_conv2d(x, w_dw, stride, pad, dil, /*relu_input=*/true), w_pw, false, nullptr, &eb);
 }
 
+// A one-element tensor as one dimension (no view, no autograd node, where it is one already).
+Tensor one_dim(const Tensor& t) { return t.dim() == 1 ? t : t.reshape({1}); }
+
 Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_pw,
                            torch::nn::BatchNorm2dImpl& bn, int64_t stride, int64_t pad, int64_t dilation,
                            const Tensor& scale, const Tensor& mix_weight) {
@@ -3174,7 +3227,7 @@ Tensor fused_relu_dw_pw_bn(const Tensor& x, const Tensor& w_dw, const Tensor& w_
   TORCH_CHECK(!mix_weight.defined() || (mix_weight.numel() == 1 && !affine && !scale.defined()),
               "fused chain: a mixing weight needs one element and a non-affine BN without scale");
   // The mixing weight serves as the BN's gamma, the same value in every channel.
-  const Tensor gamma = affine ? bn.weight : mix_weight.defined() ? mix_weight.reshape({1}).repeat({w_pw.size(0)}) : Tensor(),
+  const Tensor gamma = affine ? bn.weight : mix_weight.defined() ? one_dim(mix_weight) : Tensor(),
                beta = affine ? bn.bias : Tensor();
   if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) &&
       no_record({&x, &w_dw, &w_pw, &gamma, &beta, &scale}))
@@ -3271,7 +3324,7 @@ Tensor fused_pool_bn(const Tensor& x, bool max_pool, int64_t stride, torch::nn::
   TORCH_CHECK(!bn.options.affine(), "fused_pool_bn needs a non-affine BatchNorm (the search network's)");
   TORCH_CHECK(!mix_weight.defined() || mix_weight.numel() == 1, "fused_pool_bn: a mixing weight needs one element");
   const BnParams p = bn_params(bn);
-  const Tensor gamma = mix_weight.defined() ? mix_weight.reshape({1}).repeat({x.size(1)}) : Tensor();
+  const Tensor gamma = mix_weight.defined() ? one_dim(mix_weight) : Tensor();
   if (!p.training && EvalBn::applies(x, bn.running_mean, bn.running_var) && no_record({&x, &gamma})) {
     auto z = pool(x, max_pool, stride);
     EvalBn(bn.running_mean, bn.running_var, p.eps, OutAffine{gamma, Tensor(), Tensor()}).apply(z);
