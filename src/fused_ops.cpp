@@ -2183,7 +2183,13 @@ ND_CLONES void bn_grad_plane(const float* gr, const float* yr, float* orow, int6
 // then writes one image's d x, so that a consumer can compute it where it is used, in cache
 // (dw_pw_backward), instead of reading a whole tensor of it back. The saved tensor is x_hat, or
 // the node's output z when `from_out` (x_hat = (z - beta) / gamma on the fly, never a tensor).
+// g is read where it is when its planes are contiguous (a channel slice of a cell's output
+// gradient is: its images and channels are strided), not copied.
 struct BnBackwardPlan {
+  static bool planes_contiguous(const Tensor& t) {
+    return t.dim() == 4 && t.stride(3) == 1 && (t.size(2) == 1 || t.stride(2) == t.size(3));
+  }
+
   static bool applies(const Tensor& g, const Tensor& saved, const Tensor& invstd, const OutAffine& a) {
     return own_kernel(g) && own_kernel(saved) && saved.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
            invstd.scalar_type() == torch::kFloat && affine_own(saved, a);
@@ -2191,8 +2197,9 @@ struct BnBackwardPlan {
 
   BnBackwardPlan(const Tensor& g, const Tensor& saved, bool from_out, const Tensor& invstd, bool training,
                  const OutAffine& a, bool need_affine)
-      : gc(g.contiguous()), saved(saved), invstd(invstd), ap(a), from_out(from_out) {
+      : gc(planes_contiguous(g) ? g : g.contiguous()), saved(saved), invstd(invstd), ap(a), from_out(from_out) {
     n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
+    sn = gc.stride(0), sc = gc.stride(1);
     gp = gc.data_ptr<float>(), yp = saved.data_ptr<float>(), ip = invstd.data_ptr<float>();
     m1.assign(static_cast<size_t>(c), 0.f), m2.assign(static_cast<size_t>(c), 0.f);
     if (!training && !need_affine) return;
@@ -2201,9 +2208,10 @@ struct BnBackwardPlan {
     at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         float s1 = 0.f, s2 = 0.f;
-        bn_plane_sums(gp + i * hw, yp + i * hw, hw, this->from_out, 1.f / ap.gamma(i % c), ap.beta(i % c), s1, s2);
-        const float sc = ap.scale(i / c);
-        psg[i] = s1 * sc, psgy[i] = s2 * sc;
+        bn_plane_sums(g_plane(i / c, i % c), yp + i * hw, hw, this->from_out, 1.f / ap.gamma(i % c), ap.beta(i % c), s1,
+                      s2);
+        const float scl = ap.scale(i / c);
+        psg[i] = s1 * scl, psgy[i] = s2 * scl;
       }
     });
     // A one-element gamma's gradient is the sum over the channels (in double, channel order).
@@ -2228,24 +2236,24 @@ struct BnBackwardPlan {
   // dst [c, hw] = d loss / d (BN input) of image i.
   void image(int64_t i, float* dst) const {
     for (int64_t ch = 0; ch < c; ++ch) {
-      const int64_t pl = i * c + ch;
-      const float *gr = gp + pl * hw, *yr = yp + pl * hw;
+      const float *gr = g_plane(i, ch), *yr = yp + (i * c + ch) * hw;
       const float k = ap.gamma(ch) * ap.scale(i);
       bn_grad_plane(gr, yr, dst + ch * hw, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], k, m1[ch], m2[ch]);
     }
   }
 
   Tensor whole() const {
-    auto gx = torch::empty_like(gc);
+    auto gx = torch::empty(gc.sizes(), gc.options());
     float* op = gx.data_ptr<float>();
     for_images(n, [&](int64_t i) { image(i, op + i * c * hw); });
     return gx;
   }
+  const float* g_plane(int64_t img, int64_t ch) const { return gp + img * sn + ch * sc; }
 
   Tensor gc, saved, invstd, dgamma, dbeta;
   AffinePtrs ap;
   bool from_out;
-  int64_t n = 0, c = 0, hw = 0;
+  int64_t n = 0, c = 0, hw = 0, sn = 0, sc = 0;  // sn, sc: g's image and channel strides
   const float *gp = nullptr, *yp = nullptr, *ip = nullptr;
   std::vector<float> m1, m2;
 };

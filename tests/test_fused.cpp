@@ -459,6 +459,41 @@ TEST(Fused, PoolsWithBatchNormMatchTheModulesAndMaxPoolTiesGoToTheFirstTap) {
     }
 }
 
+TEST(Fused, GradientsArrivingAsChannelSlicesGiveTheSameBitsAsContiguousOnes) {
+  // A cell's output gradient reaches its states as channel slices (strided images and channels,
+  // contiguous planes): the BN backward reads them in place. The same gradients, bit for bit, as
+  // from a contiguous copy, for a separable chain and both pools, with a one-element mixing weight
+  // as gamma (whose gradient is d gamma summed over the channels) and without.
+  for (const int mode : kKernelModes)
+  for (const bool folded : {false, true}) {
+    KernelMode km(mode);
+    torch::manual_seed(23);
+    const int64_t c = 5;
+    auto bn = nn::BatchNorm2d(nn::BatchNorm2dOptions(c).affine(false));
+    auto x = torch::randn({3, c, 9, 9}).requires_grad_();
+    auto w_dw = torch::randn({c, 1, 3, 3}).requires_grad_(), w_pw = torch::randn({c, c, 1, 1}).requires_grad_();
+    auto mix = torch::rand({4}).add(0.5).requires_grad_();
+    const std::string tag = std::string(folded ? "folded" : "plain") + " mode " + std::to_string(mode);
+    auto check = [&](const std::function<torch::Tensor()>& f, const std::vector<torch::Tensor>& wrt, const std::string& what) {
+      auto y = f();
+      const auto g = torch::randn({y.size(0), 3 * c, y.size(2), y.size(3)}).narrow(1, c, c);
+      ASSERT_FALSE(g.is_contiguous());
+      auto a = torch::autograd::grad({y}, wrt, {g}, false, false, /*allow_unused=*/true);
+      auto b = torch::autograd::grad({f()}, wrt, {g.contiguous()}, false, false, true);
+      for (size_t i = 0; i < a.size(); ++i) {
+        ASSERT_EQ(a[i].defined(), b[i].defined()) << tag << " " << what << " " << i;
+        if (a[i].defined()) EXPECT_TRUE(torch::equal(a[i], b[i])) << tag << " " << what << " gradient " << i;
+      }
+      if (folded) EXPECT_TRUE(a.back().defined() && a.back().abs().sum().item<float>() > 0) << tag << " " << what;
+    };
+    const torch::Tensor none;
+    check([&] { return fused_relu_dw_pw_bn(x, w_dw, w_pw, *bn, 1, 1, 1, none, folded ? mix.narrow(0, 1, 1) : none); },
+          {x, w_dw, w_pw, mix}, "chain");
+    check([&] { return fused_pool_bn(x, true, 1, *bn, folded ? mix.narrow(0, 2, 1) : none); }, {x, mix}, "max pool");
+    check([&] { return fused_pool_bn(x, false, 2, *bn, folded ? mix.narrow(0, 3, 1) : none); }, {x, mix}, "avg pool");
+  }
+}
+
 TEST(Fused, WeightedSumValuesAndGradients) {
   torch::manual_seed(7);
   auto w = torch::softmax(torch::randn({3}), 0).detach().requires_grad_();
