@@ -6,7 +6,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <ATen/record_function.h>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -50,6 +54,7 @@ struct BenchOptions {
   bool no_fold = false;
   bool no_avx2 = false;
   std::string ab;  // a switch to alternate between timed iterations (--ab)
+  bool count_ops = false;
   std::string precision = "fp32";  // eval-step only
 };
 
@@ -93,6 +98,9 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
                   "both medians and the per-pair ratios: on a machine whose speed drifts, the change's effect measured "
                   "in one process (docs/bench.md)")
       ->check(CLI::IsMember({"grad-sinks", "weight-fold", "direct", "group"}));
+  cmd->add_flag("--count-ops", o.count_ops,
+                "After the warm-up, count one more (untimed) iteration's ATen operator calls and autograd node runs: the "
+                "per-op work on the calling thread between the parallel kernels (docs/bench.md)");
   cmd->add_flag("--no-avx2", o.no_avx2,
                 "On CPUs with AVX2 but without AVX-512: the portable loops instead of the AVX2 forms of the kernels that have "
                 "one (docs/bench.md)");
@@ -106,6 +114,61 @@ void add_common(CLI::App* cmd, BenchOptions& o) {
 double median(std::vector<double>& s) {
   std::sort(s.begin(), s.end());
   return s.size() % 2 ? s[s.size() / 2] : 0.5 * (s[s.size() / 2 - 1] + s[s.size() / 2]);
+}
+
+// --count-ops: the ATen operator calls ("aten::..." records) of one iteration, those made from
+// outside any other operator (each a dispatch from our code or autograd's) and all of them,
+// nested ones included; the autograd nodes the engine ran; and the most frequent outer calls
+// and nodes by name. A RecordFunction observer, removed afterwards.
+struct OpCounts {
+  int64_t outer = 0, all = 0, nodes = 0;
+  std::map<std::string, int64_t> by_name;
+};
+
+OpCounts count_ops(const std::function<void()>& iteration) {
+  static std::mutex mu;  // kernels on OpenMP workers may call operators too
+  static OpCounts* counts = nullptr;
+  static const std::string node_prefix = "autograd::engine::evaluate_function: ";
+  struct Depth {
+    static int& of_thread() {
+      thread_local int d = 0;
+      return d;
+    }
+  };
+  OpCounts result;
+  counts = &result;
+  const auto handle = at::addGlobalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+            const std::string name = fn.name();
+            std::lock_guard<std::mutex> lock(mu);
+            if (name.compare(0, node_prefix.size(), node_prefix) == 0) {
+              ++counts->nodes;
+              ++counts->by_name[name.substr(node_prefix.size()) + " (node)"];
+            } else if (name.compare(0, 6, "aten::") == 0) {
+              ++counts->all;
+              if (Depth::of_thread()++ == 0) ++counts->outer, ++counts->by_name[name];
+            }
+            return nullptr;
+          },
+          [](const at::RecordFunction& fn, at::ObserverContext*) {
+            if (std::strncmp(fn.name(), "aten::", 6) == 0) --Depth::of_thread();
+          })
+          .scopes({at::RecordScope::FUNCTION}));
+  struct Remove {
+    at::CallbackHandle h;
+    ~Remove() { at::removeCallback(h); }
+  } remove{handle};
+  iteration();
+  return result;
+}
+
+// The n most frequent names of `c`, most frequent first.
+std::vector<std::pair<std::string, int64_t>> most_frequent(const OpCounts& c, size_t n) {
+  std::vector<std::pair<std::string, int64_t>> v(c.by_name.begin(), c.by_name.end());
+  std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  if (v.size() > n) v.resize(n);
+  return v;
 }
 
 // The --ab switch's setter and its state as the flags set it.
@@ -122,6 +185,14 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
   for (int i = 0; i < o.warmup; ++i) {
     if (ab.first) ab.first(i % 2 ? !ab.second : ab.second);
     iteration();
+  }
+  if (ab.first) ab.first(ab.second);
+  const OpCounts ops = o.count_ops ? count_ops(iteration) : OpCounts{};
+  if (o.count_ops && !o.json) {
+    std::fprintf(stderr, "  one iteration: %lld ATen operator calls from outside other operators (%lld with nested ones), "
+                 "%lld autograd nodes run; most frequent:\n", static_cast<long long>(ops.outer),
+                 static_cast<long long>(ops.all), static_cast<long long>(ops.nodes));
+    for (const auto& [name, k] : most_frequent(ops, 12)) std::fprintf(stderr, "    %8lld  %s\n", static_cast<long long>(k), name.c_str());
   }
   std::vector<double> s, s_a, s_b;  // every iteration; with --ab, as set and flipped
   for (int i = 0; i < o.iters; ++i) {
@@ -180,6 +251,12 @@ int report(const BenchOptions& o, const std::string& what, int64_t images, const
                      {"simd", avx512_kernels_active() ? "avx512" : avx2_kernels_active() ? "avx2" : "portable"}};
     if (gflop > 0) j["gflop_per_iter"] = gflop, j["gflop_per_s"] = gflop / med;
     if (ab.first) j["ab"] = abj;
+    if (o.count_ops) {
+      nlohmann::json top = nlohmann::json::array();
+      for (const auto& [name, k] : most_frequent(ops, 20)) top.push_back({name, k});
+      j["ops"] = {{"outer", ops.outer}, {"all", ops.all}, {"autograd_nodes", ops.nodes}, {"most_frequent", top},
+                  {"by_name", ops.by_name}};
+    }
     if (what == "train-step" || what == "eval-step")  // the evaluation network's grouped 1x1s
       j["grouped_1x1"] = !o.no_group && fused_ops_enabled() && o.precision == "fp32";
     if (what == "search-step") {

@@ -11,6 +11,8 @@
 
 #include <c10/core/CPUAllocator.h>
 
+#include <nlohmann/json.hpp>
+
 #include "cli_helpers.h"
 #include "noisydarts/architect.h"
 #include "noisydarts/config.h"
@@ -418,4 +420,39 @@ TEST(Cli, ATypedFlagGivenABadValueNamesTheFlag) {
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
   EXPECT_FALSE(fs::exists("/tmp/noisydarts_never_created"));
+}
+
+TEST(Bench, CountOpsCountsOneIterationsOperatorCallsTheSameEachRunAndTheFusedBnMakesNone) {
+  // `bench search-step --count-ops`: one untimed iteration's ATen operator calls and autograd
+  // node runs. The same program makes the same calls: two runs count the same. The fused BN's
+  // running statistics and batch count are kept without ATen calls, and a folded mixing weight
+  // reaches its node without a repeat: no aten::repeat, and no aten::mul_ but the architect's
+  // Adam's; --no-fused (the modules, as the reference runs them) makes several times as many calls.
+  auto counts = [](const std::string& extra) {
+    auto r = run_cli("bench search-step --in-channels 1 --image-size 8 --channels 4 --layers 2 --batch-size 2 "
+                     "--iters 1 --warmup 1 --threads 1 --count-ops --json " + extra);
+    EXPECT_EQ(r.code, 0) << r.out;
+    const auto lines = r.std_out.substr(0, r.std_out.find_last_not_of('\n') + 1);
+    return nlohmann::json::parse(lines.substr(lines.find_last_of('\n') + 1))["ops"];
+  };
+  const auto a = counts(""), b = counts(""), modules = counts("--no-fused");
+  ASSERT_TRUE(a.is_object()) << a;
+  EXPECT_GT(a["outer"].get<int64_t>(), 100);
+  EXPECT_GE(a["all"].get<int64_t>(), a["outer"].get<int64_t>());
+  EXPECT_GT(a["autograd_nodes"].get<int64_t>(), 50);
+  EXPECT_EQ(a["outer"], b["outer"]);
+  EXPECT_EQ(a["all"], b["all"]);
+  EXPECT_EQ(a["autograd_nodes"], b["autograd_nodes"]);
+  EXPECT_EQ(a["by_name"], b["by_name"]);
+  int64_t sum = 0;
+  for (const auto& [name, k] : a["by_name"].items())
+    if (name.rfind("aten::", 0) == 0) sum += k.get<int64_t>();
+  EXPECT_EQ(sum, a["outer"].get<int64_t>());
+  // The only in-place multiplies left are Adam's two moment decays per alpha tensor (normal, reduce).
+  EXPECT_EQ(a["by_name"].value("aten::mul_", 0), 4) << a["by_name"];
+  EXPECT_FALSE(a["by_name"].contains("aten::repeat")) << a["by_name"];
+  EXPECT_GT(modules["all"].get<int64_t>(), 2 * a["all"].get<int64_t>());
+  const auto& top = a["most_frequent"];
+  ASSERT_FALSE(top.empty());
+  for (size_t i = 1; i < top.size(); ++i) EXPECT_GE(top[i - 1][1].get<int64_t>(), top[i][1].get<int64_t>());
 }
