@@ -129,12 +129,7 @@ OpCounts count_ops(const std::function<void()>& iteration) {
   static std::mutex mu;  // kernels on OpenMP workers may call operators too
   static OpCounts* counts = nullptr;
   static const std::string node_prefix = "autograd::engine::evaluate_function: ";
-  struct Depth {
-    static int& of_thread() {
-      thread_local int d = 0;
-      return d;
-    }
-  };
+  thread_local int depth = 0;  // operator records open on this thread
   OpCounts result;
   counts = &result;
   const auto handle = at::addGlobalCallback(
@@ -147,12 +142,12 @@ OpCounts count_ops(const std::function<void()>& iteration) {
               ++counts->by_name[name.substr(node_prefix.size()) + " (node)"];
             } else if (name.compare(0, 6, "aten::") == 0) {
               ++counts->all;
-              if (Depth::of_thread()++ == 0) ++counts->outer, ++counts->by_name[name];
+              if (depth++ == 0) ++counts->outer, ++counts->by_name[name];
             }
             return nullptr;
           },
           [](const at::RecordFunction& fn, at::ObserverContext*) {
-            if (std::strncmp(fn.name(), "aten::", 6) == 0) --Depth::of_thread();
+            if (std::strncmp(fn.name(), "aten::", 6) == 0) --depth;
           })
           .scopes({at::RecordScope::FUNCTION}));
   struct Remove {

@@ -1763,8 +1763,7 @@ Tensor pool(const Tensor& x, bool max_pool, int64_t s, PlaneStats* stats = nullp
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
 #ifdef ND_AVX512
     if (direct) {
-      for (int64_t i = b; i < e; ++i)
-      {
+      for (int64_t i = b; i < e; ++i) {
         pool_direct_avx512(plane_at(xp, i, c, xs, g.h * g.w), yp + i * ohw, count.data(), g, max_pool);
         if (stats) stats->take(i, yp + i * ohw, ohw);
       }
@@ -2050,21 +2049,22 @@ ND_CLONES void bn_normalize_plane(const float* src, float* dst, float* zr, int64
 // (float multiply, then a fused multiply-add: the same bits), in a loop over the channels
 // instead of five ATen calls per BN (a few microseconds each, on the main thread, between the
 // parallel kernels).
-void update_running_stats(const Tensor& rm, const Tensor& rv, const float* mean, const std::vector<double>& var_unbiased,
+void update_running_stats(const Tensor& rm, const Tensor& rv, const Tensor& mean, std::vector<double>& var_unbiased,
                           double momentum) {
   const int64_t c = static_cast<int64_t>(var_unbiased.size());
   auto fits = [c](const Tensor& t) { return own_kernel(t) && t.is_contiguous() && t.numel() == c; };
   if (!fits(rm) || !fits(rv)) {
     torch::NoGradGuard ng;
-    auto vu = torch::from_blob(const_cast<double*>(var_unbiased.data()), {c}, torch::kDouble).to(rv.dtype());
-    rm.mul_(1 - momentum).add_(torch::from_blob(const_cast<float*>(mean), {c}, torch::kFloat).to(rm.device()), momentum);
-    rv.mul_(1 - momentum).add_(vu.to(rv.device()), momentum);
+    auto vu = torch::from_blob(var_unbiased.data(), {c}, torch::kDouble).to(rv.dtype());
+    rm.mul_(1 - momentum).add_(mean, momentum);
+    rv.mul_(1 - momentum).add_(vu, momentum);
     return;
   }
   const float keep = static_cast<float>(1 - momentum), m = static_cast<float>(momentum);
+  const float* mp = mean.data_ptr<float>();
   float *rmp = rm.data_ptr<float>(), *rvp = rv.data_ptr<float>();
   for (int64_t ch = 0; ch < c; ++ch) {
-    rmp[ch] = std::fma(mean[ch], m, rmp[ch] * keep);
+    rmp[ch] = std::fma(mp[ch], m, rmp[ch] * keep);
     rvp[ch] = std::fma(static_cast<float>(var_unbiased[ch]), m, rvp[ch] * keep);
   }
 }
@@ -2139,7 +2139,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const Tensor& rm,
   });
   if (z) *z = own_z ? zt : affine_out(y, *aff);
   if (z_over_x) y = Tensor();
-  if (rm.defined()) update_running_stats(rm, rv, mp, var_unbiased, p.momentum);
+  if (rm.defined()) update_running_stats(rm, rv, mean, var_unbiased, p.momentum);
   return {y, mean, invstd};
 }
 
@@ -2183,13 +2183,9 @@ ND_CLONES void bn_grad_plane(const float* gr, const float* yr, float* orow, int6
 // then writes one image's d x, so that a consumer can compute it where it is used, in cache
 // (dw_pw_backward), instead of reading a whole tensor of it back. The saved tensor is x_hat, or
 // the node's output z when `from_out` (x_hat = (z - beta) / gamma on the fly, never a tensor).
-// g is read where it is when its planes are contiguous (a channel slice of a cell's output
-// gradient is: its images and channels are strided), not copied.
+// g is read where it is when each image of it is contiguous (image_major: a channel slice of a
+// cell's output gradient is), not copied.
 struct BnBackwardPlan {
-  static bool planes_contiguous(const Tensor& t) {
-    return t.dim() == 4 && t.stride(3) == 1 && (t.size(2) == 1 || t.stride(2) == t.size(3));
-  }
-
   static bool applies(const Tensor& g, const Tensor& saved, const Tensor& invstd, const OutAffine& a) {
     return own_kernel(g) && own_kernel(saved) && saved.is_contiguous() && g.dim() == 4 && invstd.is_contiguous() &&
            invstd.scalar_type() == torch::kFloat && affine_own(saved, a);
@@ -2197,9 +2193,8 @@ struct BnBackwardPlan {
 
   BnBackwardPlan(const Tensor& g, const Tensor& saved, bool from_out, const Tensor& invstd, bool training,
                  const OutAffine& a, bool need_affine)
-      : gc(planes_contiguous(g) ? g : g.contiguous()), saved(saved), invstd(invstd), ap(a), from_out(from_out) {
+      : gc(image_major(g, g_img)), saved(saved), invstd(invstd), ap(a), from_out(from_out) {
     n = gc.size(0), c = gc.size(1), hw = gc.size(2) * gc.size(3);
-    sn = gc.stride(0), sc = gc.stride(1);
     gp = gc.data_ptr<float>(), yp = saved.data_ptr<float>(), ip = invstd.data_ptr<float>();
     m1.assign(static_cast<size_t>(c), 0.f), m2.assign(static_cast<size_t>(c), 0.f);
     if (!training && !need_affine) return;
@@ -2208,8 +2203,8 @@ struct BnBackwardPlan {
     at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         float s1 = 0.f, s2 = 0.f;
-        bn_plane_sums(g_plane(i / c, i % c), yp + i * hw, hw, this->from_out, 1.f / ap.gamma(i % c), ap.beta(i % c), s1,
-                      s2);
+        bn_plane_sums(plane_at(gp, i, c, g_img, hw), yp + i * hw, hw, this->from_out, 1.f / ap.gamma(i % c), ap.beta(i % c),
+                      s1, s2);
         const float scl = ap.scale(i / c);
         psg[i] = s1 * scl, psgy[i] = s2 * scl;
       }
@@ -2236,7 +2231,7 @@ struct BnBackwardPlan {
   // dst [c, hw] = d loss / d (BN input) of image i.
   void image(int64_t i, float* dst) const {
     for (int64_t ch = 0; ch < c; ++ch) {
-      const float *gr = g_plane(i, ch), *yr = yp + (i * c + ch) * hw;
+      const float *gr = gp + i * g_img + ch * hw, *yr = yp + (i * c + ch) * hw;
       const float k = ap.gamma(ch) * ap.scale(i);
       bn_grad_plane(gr, yr, dst + ch * hw, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], k, m1[ch], m2[ch]);
     }
@@ -2248,12 +2243,12 @@ struct BnBackwardPlan {
     for_images(n, [&](int64_t i) { image(i, op + i * c * hw); });
     return gx;
   }
-  const float* g_plane(int64_t img, int64_t ch) const { return gp + img * sn + ch * sc; }
 
+  int64_t g_img = 0;  // g's image stride (image_major)
   Tensor gc, saved, invstd, dgamma, dbeta;
   AffinePtrs ap;
   bool from_out;
-  int64_t n = 0, c = 0, hw = 0, sn = 0, sc = 0;  // sn, sc: g's image and channel strides
+  int64_t n = 0, c = 0, hw = 0;
   const float *gp = nullptr, *yp = nullptr, *ip = nullptr;
   std::vector<float> m1, m2;
 };
