@@ -1828,7 +1828,13 @@ ND_CLONES void add_plane(float* dst, const float* src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
-Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s, GradSink* sink = nullptr) {
+// `gy_plane` (when given, with an own-kernel x): writes plane k (= image * C + channel) of the
+// output gradient into its second argument, in place of reading gy (a BN's input gradient made
+// plane by plane where it is consumed, PoolBnFn: never a tensor).
+using PlaneSource = std::function<void(int64_t, float*)>;
+Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s, GradSink* sink = nullptr,
+                     const PlaneSource& gy_plane = {}) {
+  TORCH_INTERNAL_ASSERT(!gy_plane || own_kernel(x), "pool_backward: a plane source needs the own kernels");
   if (!own_kernel(x)) {
     if (!max_pool) return at::avg_pool2d_backward(gy, x, {3, 3}, {s, s}, {1, 1}, false, false, c10::nullopt);
     auto idx = std::get<1>(at::max_pool2d_with_indices(x, {3, 3}, {s, s}, {1, 1}));
@@ -1836,16 +1842,24 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
   }
   int64_t xs = 0;
   auto xc = image_major(x, xs);
-  auto gc = gy.contiguous();
+  auto gc = gy_plane ? gy : gy.contiguous();
   const int64_t n = xc.size(0), c = xc.size(1);
   const Geom& g = make_geom(xc.size(2), xc.size(3), 3, s, 1, 1);
   const bool direct = direct_form(g);
   Tensor gx;
   bool add = false;  // into a sink that already holds terms: each plane made aside, then added
   if (!sink) gx = torch::empty(xc.sizes(), xc.options());  // contiguous
-  const float *xp = xc.data_ptr<float>(), *gp = gc.data_ptr<float>();
+  const float *xp = xc.data_ptr<float>(), *gp = gy_plane ? nullptr : gc.data_ptr<float>();
   float* gxp = sink ? sink->target(xc, add) : gx.data_ptr<float>();
   const std::vector<float> count = pool_counts(g, direct);
+  const int64_t ohw = g.oh * g.ow;
+  // Plane i of gy: read in place, or made by gy_plane into the thread's `own` scratch.
+  auto gy_at = [&](int64_t i, std::vector<float>& own) -> const float* {
+    if (!gy_plane) return gp + i * ohw;
+    own.resize(static_cast<size_t>(ohw));
+    gy_plane(i, own.data());
+    return own.data();
+  };
   const float ones[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
   at::parallel_for(0, n * c, 1, [&](int64_t b, int64_t e) {
 #ifdef ND_AVX512
@@ -1853,10 +1867,10 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
     // 3x3 all-ones correlation (its own flip) of grad_out / count, a gather.
     if (direct) {
       const int64_t hw = g.h * g.w;
-      std::vector<float> tmp(max_pool ? 0 : static_cast<size_t>((add ? 2 : 1) * hw));
+      std::vector<float> tmp(max_pool ? 0 : static_cast<size_t>((add ? 2 : 1) * hw)), own;
       for (int64_t i = b; i < e; ++i) {
         float* gxi = gxp + i * hw;
-        const float* gi = gp + i * hw;
+        const float* gi = gy_at(i, own);
         if (max_pool) {  // the scatter adds: into a sink's plane as it is
           if (!add) std::fill(gxi, gxi + hw, 0.f);
           max_pool_grad_direct_avx512(plane_at(xp, i, c, xs, hw), gi, gxi, g);
@@ -1871,9 +1885,9 @@ Tensor pool_backward(const Tensor& gy, const Tensor& x, bool max_pool, int64_t s
 #endif
     std::vector<float> buf(static_cast<size_t>(g.buf)), gbuf(static_cast<size_t>(g.buf));
     std::vector<float> ext(static_cast<size_t>(g.len)), gext(static_cast<size_t>(g.len)), tmp(static_cast<size_t>(g.len));
-    std::vector<float> aside(add ? static_cast<size_t>(g.h * g.w) : 0);
+    std::vector<float> aside(add ? static_cast<size_t>(g.h * g.w) : 0), own;
     for (int64_t i = b; i < e; ++i) {
-      extend_grad(gp + i * g.oh * g.ow, gext.data(), g);
+      extend_grad(gy_at(i, own), gext.data(), g);
       if (max_pool) {
         fill_phases(plane_at(xp, i, c, xs, g.h * g.w), buf.data(), g, false, -std::numeric_limits<float>::infinity());
         std::fill(gbuf.begin(), gbuf.end(), 0.f);
@@ -2272,11 +2286,15 @@ struct BnBackwardPlan {
 
   // dst [c, hw] = d loss / d (BN input) of image i.
   void image(int64_t i, float* dst) const {
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const float *gr = gp + i * g_img + ch * hw, *yr = yp + (i * c + ch) * hw;
-      const float k = ap.gamma(ch) * ap.scale(i);
-      bn_grad_plane(gr, yr, dst + ch * hw, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], k, m1[ch], m2[ch]);
-    }
+    for (int64_t ch = 0; ch < c; ++ch) plane(i * c + ch, dst + ch * hw);
+  }
+
+  // dst [hw] = the same of plane k = i * C + ch alone (image(i) is its C planes).
+  void plane(int64_t k, float* dst) const {
+    const int64_t i = k / c, ch = k % c;
+    const float *gr = gp + i * g_img + ch * hw, *yr = yp + k * hw;
+    const float kg = ap.gamma(ch) * ap.scale(i);
+    bn_grad_plane(gr, yr, dst, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], kg, m1[ch], m2[ch]);
   }
 
   Tensor whole() const {
@@ -2627,6 +2645,14 @@ struct PoolBnFn : torch::autograd::Function<PoolBnFn> {
     }
     if (!need_x) {
       if (need_g) out[1] = bn_affine_grads(g, y, mean, invstd, training, eps, aff, from_out).gamma;
+      return out;
+    }
+    if (own_kernel(x) && BnBackwardPlan::applies(g, y, invstd, aff)) {
+      // The BN's input gradient made plane by plane inside the pool's loop, where it is consumed
+      // (the same values as the whole tensor's, which is never written).
+      const BnBackwardPlan plan(g, y, from_out, invstd, training, aff, need_g);
+      if (need_g) out[1] = plan.dgamma;
+      out[0] = pool_backward(g, x, max_pool, s, saved_sink(ctx).get(), [&plan](int64_t k, float* dst) { plan.plane(k, dst); });
       return out;
     }
     auto bg = bn_backward_affine(g, y, mean, invstd, training, eps, aff, need_g, from_out);
@@ -3095,6 +3121,14 @@ Tensor drop_path_apply(const Tensor& x, const Tensor& mask, double keep, bool ba
   });
   return out;
 }
+}  // namespace
+
+Tensor drop_path_grad(const Tensor& g, const Tensor& mask, double keep) {
+  if (torch::GradMode::is_enabled() || !own_kernel(g)) return g / keep * mask;
+  return drop_path_apply(g, mask, keep, true);
+}
+
+namespace {
 struct DropPathFn : torch::autograd::Function<DropPathFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& mask, double keep) {
     ctx->save_for_backward({mask});
@@ -3102,12 +3136,7 @@ struct DropPathFn : torch::autograd::Function<DropPathFn> {
     return drop_path_apply(x, mask, keep, false);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor mask = ctx->get_saved_variables()[0];
-    const double keep = ctx->saved_data["keep"].toDouble();
-    const Tensor& g = grads[0];
-    if (torch::GradMode::is_enabled() || !own_kernel(g))
-      return {g / keep * mask, Tensor(), Tensor()};
-    return {drop_path_apply(g, mask, keep, true), Tensor(), Tensor()};
+    return {drop_path_grad(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["keep"].toDouble()), Tensor(), Tensor()};
   }
 };
 

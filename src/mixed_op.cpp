@@ -11,9 +11,9 @@ bool NoiseState::changes(const std::string& op, bool training) const {
 
 torch::Tensor NoiseState::perturb(const std::string& op, torch::Tensor y, bool training) const {
   if (!changes(op, training)) return y;
-  if (options.applies_to(op)) y = apply_noise(y, options, decay);
-  if (op == "skip_connect") y = drop_path(y, options.skip_drop_path);
-  return y;
+  const bool noisy = options.applies_to(op);
+  if (op != "skip_connect") return noisy ? apply_noise(y, options, decay) : y;
+  return noisy ? apply_noise_drop_path(y, options, decay, options.skip_drop_path) : drop_path(y, options.skip_drop_path);
 }
 
 MixedOpImpl::MixedOpImpl(int64_t c_in, int64_t stride, std::vector<std::string> primitives,

@@ -14,6 +14,8 @@
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include "noisydarts/error.h"
+#include "noisydarts/fused_ops.h"
+#include "noisydarts/ops.h"
 #include "noisydarts/splitmix.h"
 
 namespace noisydarts {
@@ -114,12 +116,16 @@ inline void gaussian_pair(uint64_t w, float a, float b, float& z0, float& z1) {
 }
 
 // The value of draw d (a + b z for Gaussian z, a + (b - a) u for uniform u) scaled by the decay,
-// and what it becomes at element i: itself (kValue) or y[i] plus it (kAdd).
-enum DrawMode { kValue, kAdd };
+// and what it becomes at element i: itself (kValue), y[i] plus it (kAdd), or that times the
+// image's drop-path mask m over keep (kAddDrop: drop_path's (x m) / keep of the sum, rounded as
+// the two steps round).
+enum DrawMode { kValue, kAdd, kAddDrop };
 template <DrawMode M>
-inline float place(float d, float decay, const float* y, int64_t i) {
+inline float place(float d, float decay, const float* y, int64_t i, float m, float keep) {
   const float v = d * decay;
-  return M == kAdd ? y[i] + v : v;  // y: the element's image, offset so that y[i] is element i
+  if (M == kValue) return v;
+  const float sum = y[i] + v;  // y: the element's image, offset so that y[i] is element i
+  return M == kAdd ? sum : (sum * m) / keep;
 }
 template <bool Gauss>
 inline void pair_draws(uint64_t w, float a, float b, float& d0, float& d1) {
@@ -136,19 +142,19 @@ inline void pair_draws(uint64_t w, float a, float b, float& d0, float& d1) {
 // (-ffp-contract=off): every clone, vectorised or not, gives the same bits.
 template <bool Gauss, DrawMode M>
 ND_NOISE_CLONES void draw_pairs(float* out, const float* y, uint64_t key, int64_t p0, int64_t p1, int64_t n, float a,
-                                float b, float decay) {
+                                float b, float decay, float m = 1.f, float keep = 1.f) {
   const int64_t full = std::min(p1, n / 2);
 #pragma omp simd
   for (int64_t p = p0; p < full; ++p) {
     float d0, d1;
     pair_draws<Gauss>(pair_word(key, p), a, b, d0, d1);
-    out[2 * p] = place<M>(d0, decay, y, 2 * p);
-    out[2 * p + 1] = place<M>(d1, decay, y, 2 * p + 1);
+    out[2 * p] = place<M>(d0, decay, y, 2 * p, m, keep);
+    out[2 * p + 1] = place<M>(d1, decay, y, 2 * p + 1, m, keep);
   }
   if (p1 > full && (n & 1)) {
     float d0, d1;
     pair_draws<Gauss>(pair_word(key, n / 2), a, b, d0, d1);
-    out[n - 1] = place<M>(d0, decay, y, n - 1);
+    out[n - 1] = place<M>(d0, decay, y, n - 1, m, keep);
   }
 }
 
@@ -182,8 +188,9 @@ bool as_images(const torch::Tensor& y, Images& im) {
 // runs on one thread: at a search's sizes it held up the other threads for ~5% of an
 // iteration; ATen's normal_ by blocks, as here until the eighth session, spent ~4% of one in
 // its Mersenne twister and transform.)
-void draw(float* out, const Images* y, int64_t n, bool gaussian, float a, float b, float decay) {
-  const uint64_t key = draw_key();
+// `drop` (with y): the images of y are the drop-path's images, drop[k] image k's mask (kAddDrop).
+void draw(float* out, const Images* y, int64_t n, bool gaussian, float a, float b, float decay, uint64_t key,
+          const float* drop = nullptr, float keep = 1.f) {
   const int64_t pairs = (n + 1) / 2;
   at::parallel_for(0, pairs, int64_t{1} << 14, [&](int64_t p0, int64_t p1) {
     if (!y) {
@@ -196,7 +203,9 @@ void draw(float* out, const Images* y, int64_t n, bool gaussian, float a, float 
       const int64_t k = q0 / half, q1 = std::min(p1, (k + 1) * half);
       // y[i] for this image's elements i: the image's values, offset by its first index.
       const float* yk = y->base + k * (y->stride - y->inner);
-      if (gaussian) draw_pairs<true, kAdd>(out, yk, key, q0, q1, n, a, b, decay);
+      if (drop && gaussian) draw_pairs<true, kAddDrop>(out, yk, key, q0, q1, n, a, b, decay, drop[k], keep);
+      else if (drop) draw_pairs<false, kAddDrop>(out, yk, key, q0, q1, n, a, b, decay, drop[k], keep);
+      else if (gaussian) draw_pairs<true, kAdd>(out, yk, key, q0, q1, n, a, b, decay);
       else draw_pairs<false, kAdd>(out, yk, key, q0, q1, n, a, b, decay);
       q0 = q1;
     }
@@ -273,7 +282,7 @@ torch::Tensor sample_with(const torch::Tensor& yd, const NoiseParams& p, double 
   }
   auto n = torch::empty(yd.sizes(), yd.options().memory_format(c10::MemoryFormat::Contiguous));
   draw(n.data_ptr<float>(), nullptr, n.numel(), p.gaussian, static_cast<float>(p.a), static_cast<float>(p.b),
-       static_cast<float>(decay));
+       static_cast<float>(decay), draw_key());
   return n;
 }
 }  // namespace
@@ -301,12 +310,60 @@ torch::Tensor apply_noise(const torch::Tensor& y, const NoiseOptions& opt, doubl
     } else {
       out = torch::empty(yd.sizes(), yd.options().memory_format(c10::MemoryFormat::Contiguous));
       draw(out.data_ptr<float>(), &im, out.numel(), p.gaussian, static_cast<float>(p.a), static_cast<float>(p.b),
-           static_cast<float>(decay));
+           static_cast<float>(decay), draw_key());
     }
   }
   if (n.defined()) return y + n;
   if (torch::GradMode::is_enabled() && y.requires_grad()) {
     auto node = std::shared_ptr<NoiseAddBackward>(new NoiseAddBackward(), torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(y));
+    torch::autograd::set_history(out, node);
+  }
+  return out;
+}
+
+namespace {
+// The skip connection's noise and drop-path as one node: d out / d y = mask[n] / keep.
+struct NoiseDropPathBackward : torch::autograd::Node {
+  torch::Tensor mask;  // [N, 1, 1, 1] of 0 and 1, no gradient
+  double keep = 1.0;
+  std::string name() const override { return "noisydarts::NoiseDropPathBackward"; }
+  void release_variables() override { mask.reset(); }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    return {drop_path_grad(grads[0], mask, keep)};
+  }
+};
+}  // namespace
+
+torch::Tensor apply_noise_drop_path(const torch::Tensor& y, const NoiseOptions& opt, double decay, double drop_prob) {
+  if (drop_prob <= 0.0) return apply_noise(y, opt, decay);
+  auto two_steps = [&] { return drop_path(apply_noise(y, opt, decay), drop_prob); };
+  if (!opt.enabled() || opt.mixture == NoiseMixture::kMultiplicative || !fused_ops_enabled() || y.dim() < 1) return two_steps();
+  // The drop-path's images: y's first dimension, an even number of values each (a pair of draws
+  // never spans two masks), each image contiguous.
+  const int64_t per = y.numel() / std::max<int64_t>(1, y.size(0));
+  const double keep = 1.0 - drop_prob;
+  if (!cpu_float(y) || y.numel() == 0 || per % 2 || !y.select(0, 0).is_contiguous() || !(keep > 0.0)) return two_steps();
+  torch::Tensor out, mask;
+  {
+    torch::NoGradGuard no_grad;
+    const auto yd = y.detach();
+    const NoiseParams p = noise_params(yd, opt);
+    if (own_sampler(yd, p.a, p.b)) {  // else the two steps, below (outside this guard)
+      const Images im{yd.data_ptr<float>(), per, yd.size(0) > 1 ? yd.stride(0) : per};
+      // The same random stream as the two steps: the noise's key, then drop_path's mask.
+      const uint64_t key = draw_key();
+      mask = torch::empty({yd.size(0), 1, 1, 1}, yd.options()).bernoulli_(keep);
+      out = torch::empty(yd.sizes(), yd.options().memory_format(c10::MemoryFormat::Contiguous));
+      draw(out.data_ptr<float>(), &im, out.numel(), p.gaussian, static_cast<float>(p.a), static_cast<float>(p.b),
+           static_cast<float>(decay), key, mask.data_ptr<float>(), static_cast<float>(keep));
+    }
+  }
+  if (!out.defined()) return two_steps();  // noise parameters the own sampler does not take (not finite)
+  if (torch::GradMode::is_enabled() && y.requires_grad()) {
+    auto node = std::shared_ptr<NoiseDropPathBackward>(new NoiseDropPathBackward(), torch::autograd::deleteNode);
+    node->mask = mask;
+    node->keep = keep;
     node->set_next_edges(torch::autograd::collect_next_edges(y));
     torch::autograd::set_history(out, node);
   }

@@ -237,6 +237,43 @@ TEST(Noise, AdditiveNoiseInOnePassEqualsYPlusTheSampledNoise) {
   }
 }
 
+TEST(Noise, SkipNoiseAndDropPathInOnePassEqualTheTwoSteps) {
+  // apply_noise_drop_path writes drop_path(apply_noise(y)) in one pass with one autograd node:
+  // the same output bits, the same gradient bits, and the generator left where the two steps
+  // leave it, for both noise types, with and without decay, a contiguous input and a channel
+  // slice (a cell's node), images of an even size; an odd image size and multiplicative noise
+  // run the two steps themselves. The fused node is one node, not two.
+  torch::manual_seed(40);
+  auto base = (torch::randn({8, 6, 7, 10}) * 2.0 + 0.5).requires_grad_();
+  for (const auto type : {NoiseType::kGaussian, NoiseType::kUniform})
+    for (const double decay : {1.0, 0.37})
+      for (const int form : {0, 1, 2, 3}) {
+        NoiseOptions o;
+        o.type = type;
+        o.lambda = 0.3;
+        o.mean = 0.1;
+        if (form == 3) o.mixture = NoiseMixture::kMultiplicative;
+        // 0: contiguous, 1: a channel slice, 2: odd images (7 x 7 x 1), 3: multiplicative
+        const auto x = form == 1 ? base.narrow(1, 2, 3) : form == 2 ? base.narrow(1, 0, 1).narrow(3, 0, 7) : base;
+        const std::string tag = to_string(type) + " decay " + std::to_string(decay) + " form " + std::to_string(form);
+        torch::manual_seed(41);
+        auto a = apply_noise_drop_path(x, o, decay, 0.3);
+        const auto after_a = torch::rand({4});
+        torch::manual_seed(41);
+        auto b = drop_path(apply_noise(x, o, decay), 0.3);
+        const auto after_b = torch::rand({4});
+        EXPECT_TRUE(a.equal(b)) << tag;
+        EXPECT_TRUE(after_a.equal(after_b)) << tag << ": the generator moved differently";
+        EXPECT_GT((a == 0).flatten(1).all(1).sum().item<int64_t>(), 0) << tag << ": no image dropped (seed)";
+        const auto g = torch::randn(a.sizes());
+        const auto ga = torch::autograd::grad({a}, {base}, {g})[0], gb = torch::autograd::grad({b}, {base}, {g})[0];
+        EXPECT_TRUE(ga.equal(gb)) << tag;
+        const std::string node = a.grad_fn()->name();
+        if (form < 2) EXPECT_EQ(node, "noisydarts::NoiseDropPathBackward") << tag;
+        else EXPECT_NE(node, "noisydarts::NoiseDropPathBackward") << tag;
+      }
+}
+
 TEST(Noise, GaussianSamplerHasTheNormalQuantilesAndKurtosis) {
   auto y = torch::zeros({1 << 20});
   NoiseOptions o;

@@ -150,6 +150,8 @@ class ChannelConcat {
 /// one node: one pass forward and one backward, the same roundings as ATen's mul and div
 /// (bitwise), only the mask saved. ATen's form without fused ops or off the own kernels.
 torch::Tensor fused_drop_path(const torch::Tensor& x, const torch::Tensor& mask, double keep);
+/// fused_drop_path's backward: `g / keep * mask` (differentiable when grad mode is on).
+torch::Tensor drop_path_grad(const torch::Tensor& g, const torch::Tensor& mask, double keep);
 
 /// In-place accumulation of input gradients. While a scope is alive (on its thread), wrap(x)
 /// returns x as a node of its own: the fused nodes then made from the result

@@ -50,6 +50,13 @@ torch::Tensor sample_noise(const torch::Tensor& y, const NoiseOptions& opt, doub
 /// (multiplicative); nothing flows into n or sigma.
 torch::Tensor apply_noise(const torch::Tensor& y, const NoiseOptions& opt, double decay);
 
+/// drop_path(apply_noise(y, opt, decay), drop_prob) (the skip connection's perturbation in
+/// NoisyDARTS' recipe): with additive noise, the fused ops on and y's images of an even size on
+/// the CPU in float, one pass that writes the noisy, dropped output and one autograd node (d out
+/// / d y = mask / keep); the same random draws in the same order (the noise's, then the mask)
+/// and the same bits as the two steps, which it runs otherwise.
+torch::Tensor apply_noise_drop_path(const torch::Tensor& y, const NoiseOptions& opt, double decay, double drop_prob);
+
 std::string to_string(NoiseType t);
 std::string to_string(NoiseMixture m);
 std::string to_string(NoiseScale s);
