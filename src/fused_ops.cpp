@@ -1543,8 +1543,6 @@ Tensor image_major(const Tensor& x, int64_t& img) {
   return c;
 }
 
-// (ND_CLONES here and in the BN loops below: these loops stream planes that are still in the
-// cache; compiled for the baseline they ran 4 floats at a time.)
 #ifdef ND_AVX512
 // The 16 lanes summed as a tree (8 + 8, 4 + 4, 2 + 2, 1 + 1): a fixed order, four dependent adds
 // instead of hsum's sixteen.
@@ -1584,6 +1582,8 @@ ND_AVX512_FN void plane_stats_avx512(const float* x, int64_t hw, float& mean, fl
 }
 #endif
 
+// (ND_CLONES here and in the BN loops below: these loops stream planes that are still in the
+// cache; compiled for the baseline they ran 4 floats at a time.)
 ND_CLONES void plane_stats(const float* src, int64_t hw, float& mean, float& m2) {
 #ifdef ND_AVX512
   if (use_avx512()) return plane_stats_avx512(src, hw, mean, m2);
