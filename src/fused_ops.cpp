@@ -2291,10 +2291,10 @@ struct BnBackwardPlan {
 
   // dst [hw] = the same of plane k = i * C + ch alone (image(i) is its C planes).
   void plane(int64_t k, float* dst) const {
-    const int64_t i = k / c, ch = k % c;
-    const float *gr = gp + i * g_img + ch * hw, *yr = yp + k * hw;
-    const float kg = ap.gamma(ch) * ap.scale(i);
-    bn_grad_plane(gr, yr, dst, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], kg, m1[ch], m2[ch]);
+    const int64_t ch = k % c;
+    const float kg = ap.gamma(ch) * ap.scale(k / c);
+    bn_grad_plane(plane_at(gp, k, c, g_img, hw), yp + k * hw, dst, hw, from_out, 1.f / ap.gamma(ch), ap.beta(ch), ip[ch], kg,
+                  m1[ch], m2[ch]);
   }
 
   Tensor whole() const {
